@@ -110,7 +110,9 @@ class FactoredAction:
         cls, op: int, slot: int, blueprint: int, blend: int, space: ActionSpace
     ) -> FactoredAction:
         for head, value, size in zip(
-            ("op", "slot", "blueprint", "blend"), (op, slot, blueprint, blend), space.head_sizes,
+            ("op", "slot", "blueprint", "blend"),
+            (op, slot, blueprint, blend),
+            space.head_sizes,
             strict=True,
         ):
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < size:
@@ -132,7 +134,9 @@ class FactoredAction:
             return "WAIT"
         slot_id = space.slot_config.slot_id_for_index(self.slot)
         if op == LifecycleOp.GERMINATE:
-            return f"GERMINATE {slot_id} {space.blueprints[self.blueprint]} {space.blends[self.blend]}"
+            return (
+                f"GERMINATE {slot_id} {space.blueprints[self.blueprint]} {space.blends[self.blend]}"
+            )
         return f"{op.name} {slot_id}"
 
 

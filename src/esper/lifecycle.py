@@ -1,8 +1,8 @@
 """Seed lifecycle stages and the legal transitions between them (DESIGN.md, Lifecycle).
 
-    DORMANT → GERMINATED → TRAINING → BLENDING → HOLDING → FOSSILIZED
-       ↑                      │           │          │
-       └── EMBARGOED ← PRUNED ←───────────┴──────────┘
+DORMANT → GERMINATED → TRAINING → BLENDING → HOLDING → FOSSILIZED
+   ↑                      │           │          │
+   └── EMBARGOED ← PRUNED ←───────────┴──────────┘
 """
 
 from __future__ import annotations

@@ -41,7 +41,9 @@ def parse_slot_id(slot_id: str) -> tuple[int, int]:
 
 def format_slot_id(row: int, col: int) -> str:
     if not (isinstance(row, int) and isinstance(col, int)) or row < 0 or col < 0:
-        raise SlotIdError(f"slot row and column must be integers >= 0, got row={row!r}, col={col!r}")
+        raise SlotIdError(
+            f"slot row and column must be integers >= 0, got row={row!r}, col={col!r}"
+        )
     return f"r{row}c{col}"
 
 
@@ -75,7 +77,8 @@ class InjectionSpec:
         parse_slot_id(self.slot_id)
         if not isinstance(self.channels, int) or self.channels <= 0:
             raise ValueError(
-                f"InjectionSpec {self.slot_id}: channels must be a positive int, got {self.channels!r}"
+                f"InjectionSpec {self.slot_id}: channels must be a positive int, "
+                f"got {self.channels!r}"
             )
         if self.topology not in TOPOLOGIES:
             raise ValueError(
