@@ -1,0 +1,108 @@
+"""Where telemetry goes: an object passed in, never a process-wide singleton.
+
+`Telemetry` fans events out to sinks: a JSONL event log, a CSV of finished episodes
+(``metrics.csv``), optionally TensorBoard, and in-memory counters that tests and the
+console read.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from esper.telemetry.events import EpisodeEnded, Event, PPOUpdate
+
+METRIC_COLUMNS = [f.name for f in EpisodeEnded.__dataclass_fields__.values()]
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+class Telemetry:
+    """Collects events; writes them under ``run_dir`` when one is given."""
+
+    def __init__(self, run_dir: str | Path | None = None, tensorboard: bool = False):
+        self.counts: Counter[str] = Counter()
+        self.episodes: list[EpisodeEnded] = []
+        self._events = self._metrics = self._csv = self._tb = None
+        if run_dir is not None:
+            run_dir = Path(run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self._events = (run_dir / "events.jsonl").open("a", encoding="utf-8")
+            metrics_path = run_dir / "metrics.csv"
+            new = not metrics_path.exists() or metrics_path.stat().st_size == 0
+            self._metrics = metrics_path.open("a", newline="", encoding="utf-8")
+            self._csv = csv.DictWriter(self._metrics, fieldnames=METRIC_COLUMNS)
+            if new:
+                self._csv.writeheader()
+            if tensorboard:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+                except ImportError as exc:
+                    raise ValueError(
+                        "TensorBoard logging needs the optional extra: "
+                        "pip install 'esper[tensorboard]'"
+                    ) from exc
+                self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def emit(self, event: Event) -> None:
+        self.counts[event.kind] += 1
+        if self._events is not None:
+            self._events.write(json.dumps(_jsonable(event.to_record())) + "\n")
+        if isinstance(event, EpisodeEnded):
+            self.episodes.append(event)
+            if self._csv is not None:
+                self._csv.writerow({k: getattr(event, k) for k in METRIC_COLUMNS})
+            if self._tb is not None:
+                n = len(self.episodes)
+                self._tb.add_scalar("episode/return", event.episode_return, n)
+                self._tb.add_scalar("episode/quality", event.quality, n)
+                self._tb.add_scalar("episode/objective", event.objective, n)
+        elif isinstance(event, PPOUpdate) and self._tb is not None:
+            for key, value in event.diagnostics.items():
+                self._tb.add_scalar(f"ppo/{key}", value, event.update)
+
+    def flush(self) -> None:
+        for f in (self._events, self._metrics):
+            if f is not None:
+                f.flush()
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        self.flush()
+        for f in (self._events, self._metrics):
+            if f is not None:
+                f.close()
+        if self._tb is not None:
+            self._tb.close()
+        self._events = self._metrics = self._csv = self._tb = None
+
+    def __enter__(self) -> Telemetry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_events(path: str | Path) -> list[dict[str, Any]]:
+    """Events of a run; a torn last line (killed process) is skipped."""
+    records = []
+    with Path(path).open(encoding="utf-8") as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records

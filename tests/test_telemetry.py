@@ -1,0 +1,72 @@
+import csv
+import random
+
+from esper.telemetry import (
+    EpisodeEnded,
+    EpisodeStep,
+    PPOUpdate,
+    RunStarted,
+    Telemetry,
+    read_events,
+    seed_event,
+)
+from esper.telemetry.report import build_report
+
+SLOTS = ["r0c0", "r0c1", "r0c2"]
+STAGES = ["DORMANT", "TRAINING", "BLENDING", "HOLDING", "FOSSILIZED", "EMBARGOED"]
+
+
+def _fake_run(run_dir, episodes=6, envs=2, steps=5):
+    rng = random.Random(0)
+    with Telemetry(run_dir) as tel:
+        tel.emit(RunStarted("t", "ppo", "digits", SLOTS, envs, 0))
+        for ep in range(episodes):
+            for env in range(envs):
+                for step in range(steps):
+                    stages = [rng.choice(STAGES) for _ in SLOTS]
+                    op = rng.choice(["WAIT", "GERMINATE", "FOSSILIZE", "PRUNE"])
+                    tel.emit(EpisodeStep(ep, env, step, op, op, 0.1, 0.8, 0.05, stages))
+                tel.emit(
+                    seed_event(
+                        episode=ep,
+                        env=env,
+                        step=1,
+                        slot_id="r0c1",
+                        source="DORMANT",
+                        target="GERMINATED",
+                        reason="policy",
+                    )
+                )
+                tel.emit(EpisodeEnded(ep, env, 0.5 + 0.01 * ep, 0.8, 0.05, 0.79, 40, 1, 1, 0, 0, 0))
+            tel.emit(PPOUpdate(ep, (ep + 1) * envs, {"approx_kl": 0.01 * ep, "clip_frac": 0.1}))
+        return tel.counts
+
+
+def test_events_metrics_and_report(tmp_path):
+    counts = _fake_run(tmp_path)
+    assert counts["seed_germinated"] == 12 and counts["episode_ended"] == 12
+    records = read_events(tmp_path / "events.jsonl")
+    assert records[0]["kind"] == "run_started" and records[0]["slot_ids"] == SLOTS
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
+    assert len(rows) == 12 and float(rows[-1]["episode_return"]) == 0.55
+    written = build_report(tmp_path)
+    names = {p.name for p in written}
+    assert names == {
+        "learning_curves.png",
+        "lifecycle.png",
+        "action_mix.png",
+        "ppo.png",
+        "summary.md",
+    }
+    for p in written:
+        if p.suffix == ".png":
+            assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5_000
+    summary = (tmp_path / "summary.md").read_text()
+    assert "controller: **ppo**" in summary and "| germinated | 12 |" in summary
+
+
+def test_torn_last_line_is_skipped(tmp_path):
+    _fake_run(tmp_path, episodes=1, envs=1)
+    with (tmp_path / "events.jsonl").open("a") as f:
+        f.write('{"kind": "episode_st')
+    assert read_events(tmp_path / "events.jsonl")[-1]["kind"] == "ppo_update"
