@@ -1,0 +1,40 @@
+"""Host models, seed blueprints, seed slots and the morphogenetic model (Kasmina)."""
+
+from esper.model.blueprints import (
+    BLUEPRINTS,
+    Blueprint,
+    UnknownBlueprintError,
+    blueprints_for,
+    get_blueprint,
+)
+from esper.model.hosts import CNNHost, Host, MLPHost, TransformerHost, count_parameters
+from esper.model.morphogenetic import MorphogeneticModel, ParamCounts
+from esper.model.slot import (
+    LifecycleConfig,
+    SeedSlot,
+    SlotState,
+    SlotStateError,
+    StageChange,
+    blend_alpha,
+)
+
+__all__ = [
+    "BLUEPRINTS",
+    "Blueprint",
+    "CNNHost",
+    "Host",
+    "LifecycleConfig",
+    "MLPHost",
+    "MorphogeneticModel",
+    "ParamCounts",
+    "SeedSlot",
+    "SlotState",
+    "SlotStateError",
+    "StageChange",
+    "TransformerHost",
+    "UnknownBlueprintError",
+    "blend_alpha",
+    "blueprints_for",
+    "count_parameters",
+    "get_blueprint",
+]

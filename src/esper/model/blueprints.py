@@ -1,0 +1,208 @@
+"""Blueprints: the seed modules a controller can germinate, keyed by host topology.
+
+Every blueprint builds a module ``f`` with ``f(h).shape == h.shape`` whose last layer is
+zero-initialised, so ``f(h) == 0`` exactly at birth and the residual ``h + α·f(h)``
+starts as the identity. No blueprint uses BatchNorm: its batch statistics would make a
+seed's output depend on the rest of the batch and its running stats would change in
+counterfactual passes; GroupNorm/LayerNorm do neither.
+
+The order of ``blueprints_for(topology)`` is the order of the blueprint action head.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from esper.slots import TOPOLOGIES
+
+
+class UnknownBlueprintError(ValueError):
+    """A blueprint name is unknown, or does not fit the slot's topology."""
+
+
+@dataclass(frozen=True)
+class Blueprint:
+    name: str
+    topology: str
+    factory: Callable[[int], nn.Module]  # channels -> module with f(h).shape == h.shape
+    param_count: Callable[[int], int]  # channels -> exact number of parameters of factory(c)
+
+
+def _zero(layer: nn.Module) -> nn.Module:
+    for p in layer.parameters():
+        nn.init.zeros_(p)
+    return layer
+
+
+def lora_rank(channels: int) -> int:
+    return max(1, min(8, channels // 4))
+
+
+def attention_heads(channels: int) -> int:
+    """Up to 4 heads, each at least 4 wide."""
+    for heads in (4, 2):
+        if channels % heads == 0 and channels // heads >= 4:
+            return heads
+    return 1
+
+
+def squeeze_width(channels: int) -> int:
+    return max(1, channels // 4)
+
+
+# --------------------------------------------------------------------------------------
+# Modules
+
+
+class SqueezeExcite(nn.Module):
+    """f(h) = h · tanh(W2 relu(W1 mean_hw(h))); W2 = 0 at init, so f = 0 exactly."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        hidden = squeeze_width(channels)
+        self.fc1 = nn.Linear(channels, hidden)
+        self.fc2 = _zero(nn.Linear(hidden, channels))
+
+    def forward(self, h: Tensor) -> Tensor:
+        s = self.fc2(F.relu(self.fc1(h.mean(dim=(-2, -1)))))
+        return h * s.tanh()[..., None, None]
+
+
+class LowRankAdapter(nn.Module):
+    """LoRA-style ``B(A h)`` on the last dim; B = 0 at init."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        rank = lora_rank(channels)
+        self.down = nn.Linear(channels, rank, bias=False)
+        self.up = _zero(nn.Linear(rank, channels, bias=False))
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.up(self.down(h))
+
+
+class CausalAttentionSeed(nn.Module):
+    """Pre-norm causal self-attention; output projection zero at init."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.n_heads = attention_heads(channels)
+        self.norm = nn.LayerNorm(channels)
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.proj = _zero(nn.Linear(channels, channels))
+
+    def forward(self, h: Tensor) -> Tensor:
+        b, t, d = h.shape
+        q, k, v = self.qkv(self.norm(h)).split(d, dim=-1)
+        shape = (b, t, self.n_heads, d // self.n_heads)
+        q, k, v = (z.view(shape).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+def _norm_cnn(c: int) -> nn.Module:
+    return _zero(nn.GroupNorm(1, c))
+
+
+def _depthwise(c: int) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False),
+        nn.ReLU(),
+        _zero(nn.Conv2d(c, c, 1)),
+    )
+
+
+def _conv_light(c: int) -> nn.Module:
+    return _zero(nn.Conv2d(c, c, 3, padding=1))
+
+
+def _conv_heavy(c: int) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(c, c, 3, padding=1, bias=False),
+        nn.GroupNorm(1, c),
+        nn.ReLU(),
+        _zero(nn.Conv2d(c, c, 3, padding=1)),
+    )
+
+
+def _layer_norm(c: int) -> nn.Module:
+    return _zero(nn.LayerNorm(c))
+
+
+def _transformer_mlp(c: int) -> nn.Module:
+    return nn.Sequential(
+        nn.LayerNorm(c), nn.Linear(c, 2 * c), nn.GELU(), _zero(nn.Linear(2 * c, c))
+    )
+
+
+def _hidden_mlp(c: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(c, c), nn.ReLU(), _zero(nn.Linear(c, c)))
+
+
+def _registry() -> dict[str, dict[str, Blueprint]]:
+    def bp(topology: str, name: str, factory, count) -> tuple[str, Blueprint]:
+        return name, Blueprint(name, topology, factory, count)
+
+    cnn = dict(
+        [
+            bp("cnn", "norm", _norm_cnn, lambda c: 2 * c),
+            bp(
+                "cnn",
+                "attention",
+                SqueezeExcite,
+                lambda c: 2 * c * squeeze_width(c) + squeeze_width(c) + c,
+            ),
+            bp("cnn", "depthwise", _depthwise, lambda c: 9 * c + c * c + c),
+            bp("cnn", "conv_light", _conv_light, lambda c: 9 * c * c + c),
+            bp("cnn", "conv_heavy", _conv_heavy, lambda c: 18 * c * c + 3 * c),
+        ]
+    )
+    transformer = dict(
+        [
+            bp("transformer", "norm", _layer_norm, lambda c: 2 * c),
+            bp("transformer", "lora", LowRankAdapter, lambda c: 2 * c * lora_rank(c)),
+            bp("transformer", "attention", CausalAttentionSeed, lambda c: 4 * c * c + 6 * c),
+            bp("transformer", "mlp", _transformer_mlp, lambda c: 4 * c * c + 5 * c),
+        ]
+    )
+    mlp = dict(
+        [
+            bp("mlp", "lora", LowRankAdapter, lambda c: 2 * c * lora_rank(c)),
+            bp("mlp", "mlp", _hidden_mlp, lambda c: 2 * c * c + 2 * c),
+        ]
+    )
+    return {"cnn": cnn, "transformer": transformer, "mlp": mlp}
+
+
+# A constant table built once; nothing mutates it after import.
+BLUEPRINTS: dict[str, dict[str, Blueprint]] = _registry()
+
+
+def _check_topology(topology: str) -> None:
+    if topology not in BLUEPRINTS:
+        raise UnknownBlueprintError(
+            f"unknown topology {topology!r}; allowed: {', '.join(TOPOLOGIES)}"
+        )
+
+
+def blueprints_for(topology: str) -> tuple[str, ...]:
+    """Blueprint names for a topology, in action-head order."""
+    _check_topology(topology)
+    return tuple(BLUEPRINTS[topology])
+
+
+def get_blueprint(topology: str, name: str) -> Blueprint:
+    _check_topology(topology)
+    table = BLUEPRINTS[topology]
+    if name not in table:
+        elsewhere = [t for t, names in BLUEPRINTS.items() if name in names]
+        hint = f" ({name!r} exists for {', '.join(elsewhere)})" if elsewhere else ""
+        raise UnknownBlueprintError(
+            f"unknown blueprint {name!r} for topology {topology!r}{hint}; "
+            f"allowed: {', '.join(table)}"
+        )
+    return table[name]

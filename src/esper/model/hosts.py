@@ -1,0 +1,285 @@
+"""Host networks: the models that seeds grow into.
+
+A host is split into ``embed -> blocks[0] -> ... -> blocks[k-1] -> head``. The output of
+``blocks[i]`` is where slot ``r0c{i}`` sits, so `MorphogeneticModel` can run the blocks
+itself and insert seeds between them without knowing anything host-specific.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from esper.slots import InjectionSpec, Topology, format_slot_id
+
+
+class Host(nn.Module):
+    """Base class: ``forward(x) == head(blocks[k-1](... blocks[0](embed(x))))``."""
+
+    topology: Topology
+    blocks: nn.ModuleList
+
+    def embed(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def head(self, h: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def block_channels(self) -> list[int]:
+        """Width of each block's output (the channels a seed at that slot sees)."""
+        raise NotImplementedError
+
+    def injection_specs(self) -> list[InjectionSpec]:
+        widths = self.block_channels()
+        k = len(widths)
+        return [
+            InjectionSpec(format_slot_id(0, i), c, self.topology, (i + 1) / k)
+            for i, c in enumerate(widths)
+        ]
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.embed(x)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(h)
+
+
+def _check_positive_int(name: str, value: object, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+# --------------------------------------------------------------------------------------
+# CNN
+
+
+class CNNHost(Host):
+    """conv3x3-BN-ReLU blocks with widths w, 2w, 4w, 8w, 8w, ... and 2x2 max-pools.
+
+    Pooling: by default after every block from the second on, while the spatial size
+    before the pool is >= 4 (for 8x8 digits and depth 3: after blocks 1 and 2, as in
+    DESIGN.md). ``pool_at`` overrides the block indices; a pool that would shrink the
+    map below 2x2 is refused. Global average pooling before the linear head lets one
+    host accept any image size >= 8x8.
+    """
+
+    topology: Topology = "cnn"
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 10,
+        width: int = 2,
+        depth: int = 3,
+        image_size: int | tuple[int, int] = 8,
+        pool_at: tuple[int, ...] | list[int] | None = None,
+    ) -> None:
+        super().__init__()
+        if in_channels not in (1, 3):
+            raise ValueError(f"in_channels must be 1 or 3, got {in_channels!r}")
+        _check_positive_int("num_classes", num_classes, 2)
+        _check_positive_int("width", width)
+        _check_positive_int("depth", depth)
+        size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        if len(size) != 2 or min(size) < 8:
+            raise ValueError(f"image_size must be >= 8 (or (H, W) both >= 8), got {image_size!r}")
+        self.in_channels, self.image_size = in_channels, (int(size[0]), int(size[1]))
+        spatial = min(size)
+        if pool_at is None:
+            pools: set[int] = set()
+            for i in range(1, depth):
+                if spatial >= 4:
+                    pools.add(i)
+                    spatial //= 2
+        else:
+            pools = set(pool_at)
+            bad = [i for i in pools if not (isinstance(i, int) and 0 <= i < depth)]
+            if bad:
+                raise ValueError(
+                    f"pool_at index {bad[0]!r} out of range: blocks are 0..{depth - 1}"
+                )
+            for i in sorted(pools):
+                if spatial < 4:
+                    raise ValueError(
+                        f"pool_at={sorted(pools)}: pooling after block {i} would shrink a "
+                        f"{spatial}x{spatial} map below 2x2"
+                    )
+                spatial //= 2
+        self.pool_at = tuple(sorted(pools))
+        self.widths = [width * 2 ** min(i, 3) for i in range(depth)]
+        blocks, c_in = [], in_channels
+        for i, c_out in enumerate(self.widths):
+            layers: list[nn.Module] = [
+                nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+                nn.BatchNorm2d(c_out),
+                nn.ReLU(),
+            ]
+            if i in pools:
+                layers.append(nn.MaxPool2d(2))
+            blocks.append(nn.Sequential(*layers))
+            c_in = c_out
+        self.blocks = nn.ModuleList(blocks)
+        self.classifier = nn.Linear(c_in, num_classes)
+
+    def block_channels(self) -> list[int]:
+        return list(self.widths)
+
+    def embed(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels or min(x.shape[-2:]) < 8:
+            raise ValueError(
+                f"CNNHost expects images [N, {self.in_channels}, H>=8, W>=8], got {tuple(x.shape)}"
+            )
+        return x
+
+    def head(self, h: Tensor) -> Tensor:
+        return self.classifier(h.mean(dim=(-2, -1)))
+
+
+# --------------------------------------------------------------------------------------
+# Transformer
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int) -> None:
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
+        self.n_heads = n_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).split(d, dim=-1)
+        shape = (b, t, self.n_heads, d // self.n_heads)
+        q, k, v = (z.view(shape).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm GPT layer: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, d_model: int, n_heads: int) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d_model)
+        self.attn = CausalSelfAttention(d_model, n_heads)
+        self.ln2 = nn.LayerNorm(d_model)
+        self.mlp = nn.Sequential(
+            nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class TransformerHost(Host):
+    """Small GPT-style decoder; a slot after each segment of ``layers_per_slot`` layers.
+
+    Input: token ids ``[N, T]`` with T <= max_seq_len; output: logits ``[N, T, vocab]``.
+    The output projection is tied to the token embedding.
+    """
+
+    topology: Topology = "transformer"
+
+    def __init__(
+        self,
+        vocab_size: int,
+        d_model: int = 64,
+        n_heads: int = 4,
+        n_layers: int = 2,
+        layers_per_slot: int = 1,
+        max_seq_len: int = 64,
+    ) -> None:
+        super().__init__()
+        _check_positive_int("vocab_size", vocab_size, 2)
+        _check_positive_int("d_model", d_model)
+        _check_positive_int("n_heads", n_heads)
+        _check_positive_int("n_layers", n_layers)
+        _check_positive_int("layers_per_slot", layers_per_slot)
+        _check_positive_int("max_seq_len", max_seq_len)
+        if n_layers % layers_per_slot:
+            raise ValueError(
+                f"n_layers={n_layers} must be a multiple of layers_per_slot={layers_per_slot}"
+            )
+        self.d_model, self.max_seq_len = d_model, max_seq_len
+        self.token_embedding = nn.Embedding(vocab_size, d_model)
+        self.position_embedding = nn.Embedding(max_seq_len, d_model)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(*(DecoderLayer(d_model, n_heads) for _ in range(layers_per_slot)))
+            for _ in range(n_layers // layers_per_slot)
+        )
+        self.ln_f = nn.LayerNorm(d_model)
+        # GPT-2 style init: small embeddings keep the tied logits near uniform at start.
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.position_embedding.weight, std=0.02)
+
+    def block_channels(self) -> list[int]:
+        return [self.d_model] * len(self.blocks)
+
+    def embed(self, x: Tensor) -> Tensor:
+        if x.dim() != 2 or x.dtype not in (torch.int64, torch.int32):
+            raise ValueError(
+                f"TransformerHost expects token ids [N, T] (int), got {x.dtype} {tuple(x.shape)}"
+            )
+        t = x.shape[1]
+        if not 1 <= t <= self.max_seq_len:
+            raise ValueError(f"sequence length {t} outside 1..max_seq_len={self.max_seq_len}")
+        positions = torch.arange(t, device=x.device)
+        return self.token_embedding(x) + self.position_embedding(positions)
+
+    def head(self, h: Tensor) -> Tensor:
+        return F.linear(self.ln_f(h), self.token_embedding.weight)
+
+
+# --------------------------------------------------------------------------------------
+# MLP
+
+
+class MLPHost(Host):
+    """Flat/tabular inputs: ``depth`` Linear-ReLU hidden layers, a slot after each."""
+
+    topology: Topology = "mlp"
+
+    def __init__(self, in_features: int, num_classes: int, hidden: int = 32, depth: int = 3):
+        super().__init__()
+        _check_positive_int("in_features", in_features)
+        _check_positive_int("num_classes", num_classes, 2)
+        _check_positive_int("hidden", hidden)
+        _check_positive_int("depth", depth)
+        self.in_features, self.hidden = in_features, hidden
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(in_features if i == 0 else hidden, hidden), nn.ReLU())
+            for i in range(depth)
+        )
+        self.classifier = nn.Linear(hidden, num_classes)
+
+    def block_channels(self) -> list[int]:
+        return [self.hidden] * len(self.blocks)
+
+    def embed(self, x: Tensor) -> Tensor:
+        h = x.flatten(1)
+        if h.shape[1] != self.in_features:
+            raise ValueError(
+                f"MLPHost expects {self.in_features} features per sample, got {tuple(x.shape)}"
+            )
+        return h
+
+    def head(self, h: Tensor) -> Tensor:
+        return self.classifier(h)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+__all__ = [
+    "CNNHost",
+    "Host",
+    "MLPHost",
+    "TransformerHost",
+    "count_parameters",
+]

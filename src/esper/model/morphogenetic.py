@@ -1,0 +1,192 @@
+"""`MorphogeneticModel`: a host plus one `SeedSlot` per enabled injection point."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from esper.lifecycle import SeedStage, is_live
+from esper.model.hosts import Host
+from esper.model.slot import LifecycleConfig, SeedSlot, SlotState, StageChange
+from esper.slots import SlotConfig, SlotIdError
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    host: int
+    live_seeds: int  # GERMINATED/TRAINING/BLENDING/HOLDING seeds, gates included
+    fossils: int
+
+    @property
+    def total(self) -> int:
+        return self.host + self.live_seeds + self.fossils
+
+
+class MorphogeneticModel(nn.Module):
+    """A host whose blocks are each followed by a seed slot (if that slot is enabled).
+
+    ``slot_config`` selects a subset of the host's injection points (default: all); the
+    stored config carries the host's specs. Lifecycle operations raise `SlotStateError`
+    for a stage that does not allow them, `UnknownBlueprintError` for a blueprint the
+    slot's topology does not offer, and `SlotIdError` for an unknown slot id.
+    """
+
+    def __init__(
+        self,
+        host: Host,
+        slot_config: SlotConfig | Iterable[str] | None = None,
+        lifecycle: LifecycleConfig | None = None,
+    ) -> None:
+        super().__init__()
+        specs = host.injection_specs()
+        if len(specs) != len(host.blocks):
+            raise ValueError(
+                f"host offers {len(specs)} injection specs for {len(host.blocks)} blocks"
+            )
+        enabled = None
+        if slot_config is not None:
+            enabled = (
+                slot_config.slot_ids if isinstance(slot_config, SlotConfig) else list(slot_config)
+            )
+        self.host = host
+        self.slot_config = SlotConfig.from_specs(specs, enabled)
+        self.lifecycle = lifecycle if lifecycle is not None else LifecycleConfig()
+        self.slots = nn.ModuleDict(
+            {s.slot_id: SeedSlot(s, self.lifecycle) for s in self.slot_config.specs}
+        )
+        # Block i feeds the slot with the i-th offered id (None: slot not enabled).
+        self._block_slots: tuple[str | None, ...] = tuple(
+            s.slot_id if s.slot_id in self.slots else None for s in specs
+        )
+
+    @property
+    def topology(self) -> str:
+        return self.host.topology
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.host.blocks)
+
+    # -- forward ---------------------------------------------------------------------
+    def forward(self, x: Tensor, alpha_override: Mapping[str, float] | None = None) -> Tensor:
+        """Host forward with seeds. ``alpha_override`` maps slot ids to the alpha used
+        for this call only (``0.0`` = seed off, ``1.0`` = fully on)."""
+        h = self.host.embed(x)
+        h = self.run_blocks(h, 0, self.num_blocks, alpha_override)
+        return self.host.head(h)
+
+    def run_blocks(
+        self,
+        h: Tensor,
+        start: int,
+        stop: int,
+        alpha_override: Mapping[str, float] | None = None,
+    ) -> Tensor:
+        """Run ``blocks[start:stop]``, each followed by its slot: lets callers share a
+        prefix between several counterfactual passes."""
+        if not 0 <= start <= stop <= self.num_blocks:
+            raise ValueError(
+                f"block range [{start}, {stop}) invalid: need 0 <= start <= stop <= "
+                f"{self.num_blocks}"
+            )
+        overrides = self._check_overrides(alpha_override)
+        for i in range(start, stop):
+            h = self.host.blocks[i](h)
+            slot_id = self._block_slots[i]
+            if slot_id is not None:
+                h = self.slots[slot_id](h, overrides.get(slot_id))
+        return h
+
+    def block_index(self, slot_id: str) -> int:
+        """Index of the host block whose output the slot transforms."""
+        self._slot(slot_id)
+        return self._block_slots.index(slot_id)
+
+    def _check_overrides(self, overrides: Mapping[str, float] | None) -> dict[str, float]:
+        if not overrides:
+            return {}
+        checked = {}
+        for slot_id, value in overrides.items():
+            self._slot(slot_id)
+            alpha = float(value)
+            if not 0.0 <= alpha <= 1.0:
+                raise ValueError(f"alpha override for {slot_id} must be in [0, 1], got {value!r}")
+            checked[slot_id] = alpha
+        return checked
+
+    # -- lifecycle -------------------------------------------------------------------
+    def _slot(self, slot_id: str) -> SeedSlot:
+        if slot_id not in self.slots:
+            raise SlotIdError(
+                f"unknown slot {slot_id!r}; this model's slots: {', '.join(self.slot_config)}"
+            )
+        return self.slots[slot_id]  # type: ignore[return-value]
+
+    def germinate(self, slot_id: str, blueprint: str, blend: str = "linear") -> None:
+        """Plant a seed; the slot goes DORMANT -> GERMINATED -> TRAINING at once."""
+        self._slot(slot_id).germinate(blueprint, blend)
+
+    def prune(self, slot_id: str, reason: str = "policy") -> None:
+        self._slot(slot_id).prune(reason)
+
+    def fossilize(self, slot_id: str) -> None:
+        self._slot(slot_id).fossilize()
+
+    def record_contribution(self, slot_id: str, value: float) -> None:
+        """Latest counterfactual (BLENDING/HOLDING/FOSSILIZED) or prospective (TRAINING)
+        contribution; `step_epoch` reads it."""
+        self._slot(slot_id).contribution = float(value)
+
+    def step_epoch(self) -> list[StageChange]:
+        """Apply the mechanical transitions once per env step, in slot order.
+
+        TRAINING -> BLENDING after ``min_train_epochs`` if contribution >=
+        ``blend_threshold``, else PRUNED after ``max_train_epochs``; BLENDING ramps alpha
+        (k/blend_epochs in its k-th epoch, then HOLDING at alpha 1); BLENDING/HOLDING
+        with contribution < ``prune_threshold`` or HOLDING beyond ``max_hold_epochs`` is
+        pruned; PRUNED -> EMBARGOED for ``embargo_epochs`` -> DORMANT.
+        """
+        changes: list[StageChange] = []
+        for slot in self.slots.values():
+            changes.extend(slot.step_epoch())
+        return changes
+
+    def can_germinate(self, slot_id: str) -> bool:
+        return self._slot(slot_id).can_germinate()
+
+    def can_fossilize(self, slot_id: str) -> bool:
+        return self._slot(slot_id).can_fossilize()
+
+    def can_prune(self, slot_id: str) -> bool:
+        return self._slot(slot_id).can_prune()
+
+    def slot_state(self, slot_id: str) -> SlotState:
+        return self._slot(slot_id).state()
+
+    def slot_states(self) -> list[SlotState]:
+        return [slot.state() for slot in self.slots.values()]
+
+    # -- parameters ------------------------------------------------------------------
+    def host_parameters(self) -> list[nn.Parameter]:
+        return list(self.host.parameters())
+
+    def seed_parameters(self, slot_id: str) -> list[nn.Parameter]:
+        """The seed's parameters (gate logits included); empty when the slot is empty."""
+        return list(self._slot(slot_id).parameters())
+
+    def param_counts(self) -> ParamCounts:
+        live = fossils = 0
+        for slot in self.slots.values():
+            n = slot.num_seed_params()
+            if is_live(slot.stage):
+                live += n
+            elif slot.stage == SeedStage.FOSSILIZED:
+                fossils += n
+        host = sum(p.numel() for p in self.host.parameters())
+        return ParamCounts(host=host, live_seeds=live, fossils=fossils)
+
+    def growth_ratio(self) -> float:
+        counts = self.param_counts()
+        return (counts.live_seeds + counts.fossils) / counts.host

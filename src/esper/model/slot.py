@@ -1,0 +1,352 @@
+"""`SeedSlot`: one injection point, the seed living in it, and its lifecycle mechanics.
+
+Forward rule (``h`` is the host activation at the slot, ``f`` the seed module):
+
+- DORMANT / PRUNED / EMBARGOED: ``h``.
+- GERMINATED / TRAINING: the seed learns *behind* the host. It reads ``h.detach()``
+  and the output is ``h + (f - f.detach())``: the value is exactly ``h`` (so the host's
+  function and its gradients are untouched) while the seed receives the task gradient
+  as if it were fully switched on (straight-through). Outside autograd training the
+  seed is not even run.
+- BLENDING / HOLDING: ``h + α·f(h.detach())``. The identity path keeps every host layer
+  learning; the detached input keeps a seed on probation from reshaping the host
+  before it. ``gated`` blends multiply ``α`` by a learned per-channel gate
+  ``sigmoid(logit)`` whose logits are seed parameters.
+- FOSSILIZED: ``h + α·f(h)`` with ``α = 1``: the seed is part of the host and gradient
+  flows through both paths.
+
+An alpha override (a float per call, from `MorphogeneticModel.forward`) replaces the
+whole multiplier, gate included: ``0.0`` switches the seed off, ``1.0`` fully on. It is
+an argument, never stored, so concurrent evaluations cannot see each other's overrides.
+
+All lifecycle state is kept as Python primitives and serialised through
+``get_extra_state``; loading rebuilds the seed module from its blueprint id before the
+seed's parameters are read (PyTorch loads a module's extra state before its children).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from esper.actions import BLEND_ALGORITHMS
+from esper.lifecycle import SeedStage, check_transition, is_live
+from esper.model.blueprints import get_blueprint
+from esper.slots import InjectionSpec
+
+GATE_INIT_LOGIT = 2.0  # sigmoid(2) ≈ 0.88: a gated seed starts nearly fully open.
+_SIGMOID_STEEPNESS = 10.0
+_HAS_MODULE = frozenset(
+    {
+        SeedStage.GERMINATED,
+        SeedStage.TRAINING,
+        SeedStage.BLENDING,
+        SeedStage.HOLDING,
+        SeedStage.FOSSILIZED,
+    }
+)
+
+
+class SlotStateError(ValueError):
+    """A lifecycle operation is not allowed in the slot's current stage."""
+
+
+@dataclass(frozen=True)
+class LifecycleConfig:
+    min_train_epochs: int = 2  # TRAINING epochs before the blend gate is checked
+    max_train_epochs: int = 6  # still not passed the gate after this many -> auto prune
+    blend_epochs: int = 3  # BLENDING epochs; alpha = k/blend_epochs in the k-th
+    max_hold_epochs: int = 5  # HOLDING longer than this without FOSSILIZE -> auto prune
+    embargo_epochs: int = 2  # epochs EMBARGOED before the slot is DORMANT again
+    blend_threshold: float = 0.0  # prospective contribution >= this: TRAINING -> BLENDING
+    fossilize_threshold: float = 0.0  # FOSSILIZE legal only while contribution >= this
+    prune_threshold: float = 0.0  # BLENDING/HOLDING with contribution < this -> auto prune
+
+    def __post_init__(self) -> None:
+        for name in ("min_train_epochs", "max_train_epochs", "blend_epochs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"LifecycleConfig.{name} must be an int >= 1, got {value!r}")
+        for name in ("max_hold_epochs", "embargo_epochs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"LifecycleConfig.{name} must be an int >= 0, got {value!r}")
+        if self.max_train_epochs < self.min_train_epochs:
+            raise ValueError(
+                f"LifecycleConfig.max_train_epochs={self.max_train_epochs} must be >= "
+                f"min_train_epochs={self.min_train_epochs}"
+            )
+
+
+@dataclass(frozen=True)
+class StageChange:
+    slot_id: str
+    source: SeedStage
+    target: SeedStage
+    reason: str
+
+
+@dataclass(frozen=True)
+class SlotState:
+    slot_id: str
+    stage: SeedStage
+    alpha: float  # schedule alpha (a gated seed is further scaled by its learned gate)
+    epochs_in_stage: int
+    blueprint: str | None
+    blend: str | None
+    seed_params: int
+    contribution: float | None  # last recorded counterfactual / prospective value
+    embargo_left: int  # epochs until DORMANT (0 unless PRUNED/EMBARGOED)
+    topology: str
+    channels: int
+    position: float
+
+
+def blend_alpha(blend: str, progress: float) -> float:
+    """Schedule value in [0, 1] at ``progress`` in [0, 1]; exactly 0 at 0 and 1 at 1."""
+    progress = min(max(progress, 0.0), 1.0)
+    if blend == "sigmoid":
+        k = _SIGMOID_STEEPNESS
+
+        def s(x: float) -> float:
+            return 1.0 / (1.0 + math.exp(-k * (x - 0.5)))
+
+        return (s(progress) - s(0.0)) / (s(1.0) - s(0.0))
+    return progress  # linear; gated uses the linear ramp times its learned gate
+
+
+class LearnedGate(nn.Module):
+    """Per-channel gate ``sigmoid(logit)``; channels are dim 1 for CNN maps, else last."""
+
+    def __init__(self, channels: int, channel_dim_last: bool) -> None:
+        super().__init__()
+        self.logit = nn.Parameter(torch.full((channels,), GATE_INIT_LOGIT))
+        self.channel_dim_last = channel_dim_last
+
+    def forward(self, f: Tensor) -> Tensor:
+        g = torch.sigmoid(self.logit)
+        return f * (g if self.channel_dim_last else g.view(-1, 1, 1))
+
+
+class SeedSlot(nn.Module):
+    def __init__(self, spec: InjectionSpec, lifecycle: LifecycleConfig) -> None:
+        super().__init__()
+        self.spec, self.lifecycle = spec, lifecycle
+        self.seed: nn.Module | None = None
+        self.gate: LearnedGate | None = None
+        # Follows .to(device/dtype) so rebuilt seeds land where the model lives.
+        self.register_buffer("_anchor", torch.zeros(0), persistent=False)
+        self._reset(SeedStage.DORMANT)
+
+    @property
+    def slot_id(self) -> str:
+        return self.spec.slot_id
+
+    def _reset(self, stage: SeedStage) -> None:
+        self.stage = stage
+        self.alpha = 0.0
+        self.epochs_in_stage = 0
+        self.blend_step = 0
+        self.blueprint: str | None = None
+        self.blend: str | None = None
+        self.contribution: float | None = None
+        self.embargo_left = 0
+        self.seed, self.gate = None, None
+
+    # -- forward ---------------------------------------------------------------------
+    def forward(self, h: Tensor, alpha: float | None = None) -> Tensor:
+        seed, stage = self.seed, self.stage
+        if seed is None or stage not in _HAS_MODULE:
+            return h
+        h_in = h if stage == SeedStage.FOSSILIZED else h.detach()
+        if alpha is not None:
+            return h if alpha == 0.0 else h + alpha * seed(h_in)
+        if stage in (SeedStage.GERMINATED, SeedStage.TRAINING):
+            if not (self.training and torch.is_grad_enabled()):
+                return h
+            f = seed(h_in)
+            return h + (f - f.detach())
+        f = seed(h_in)
+        if self.gate is not None:
+            f = self.gate(f)
+        return h + self.alpha * f
+
+    # -- queries ---------------------------------------------------------------------
+    def num_seed_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def can_germinate(self) -> bool:
+        return self.stage == SeedStage.DORMANT
+
+    def can_prune(self) -> bool:
+        return is_live(self.stage)
+
+    def can_fossilize(self) -> bool:
+        return (
+            self.stage == SeedStage.HOLDING
+            and self.contribution is not None
+            and self.contribution >= self.lifecycle.fossilize_threshold
+        )
+
+    def state(self) -> SlotState:
+        return SlotState(
+            slot_id=self.slot_id,
+            stage=self.stage,
+            alpha=self.alpha,
+            epochs_in_stage=self.epochs_in_stage,
+            blueprint=self.blueprint,
+            blend=self.blend,
+            seed_params=self.num_seed_params(),
+            contribution=self.contribution,
+            embargo_left=self.embargo_left,
+            topology=self.spec.topology,
+            channels=self.spec.channels,
+            position=self.spec.position,
+        )
+
+    def _error(self, op: str, allowed: str) -> SlotStateError:
+        extra = f" ({self.embargo_left} epochs of embargo left)" if self.embargo_left else ""
+        return SlotStateError(
+            f"cannot {op} slot {self.slot_id}: it is {self.stage.name}{extra}; "
+            f"{op} is allowed only {allowed}"
+        )
+
+    # -- transitions -----------------------------------------------------------------
+    def _move(self, target: SeedStage, reason: str) -> StageChange:
+        source = self.stage
+        check_transition(source, target, self.slot_id)
+        self.stage, self.epochs_in_stage = target, 0
+        return StageChange(self.slot_id, source, target, reason)
+
+    def _build(self, blueprint: str, blend: str) -> None:
+        module = get_blueprint(self.spec.topology, blueprint).factory(self.spec.channels)
+        gate = None
+        if blend == "gated":
+            gate = LearnedGate(self.spec.channels, self.spec.topology != "cnn")
+        like = {"device": self._anchor.device, "dtype": self._anchor.dtype}
+        self.seed = module.to(**like)
+        self.gate = gate.to(**like) if gate is not None else None
+
+    def germinate(self, blueprint: str, blend: str = "linear") -> list[StageChange]:
+        """DORMANT -> GERMINATED -> TRAINING in one call (GERMINATED is transient)."""
+        if not self.can_germinate():
+            raise self._error("germinate", "while DORMANT")
+        if blend not in BLEND_ALGORITHMS:
+            raise ValueError(
+                f"unknown blend {blend!r} for slot {self.slot_id}; "
+                f"allowed: {', '.join(BLEND_ALGORITHMS)}"
+            )
+        get_blueprint(self.spec.topology, blueprint)  # validate before any state changes
+        changes = [self._move(SeedStage.GERMINATED, "germinate")]
+        self._build(blueprint, blend)
+        self.blueprint, self.blend = blueprint, blend
+        changes.append(self._move(SeedStage.TRAINING, "germinated"))
+        return changes
+
+    def prune(self, reason: str = "policy") -> StageChange:
+        if not self.can_prune():
+            raise self._error("prune", "while GERMINATED, TRAINING, BLENDING or HOLDING")
+        change = self._move(SeedStage.PRUNED, reason)
+        self._reset(SeedStage.PRUNED)
+        self.embargo_left = self.lifecycle.embargo_epochs
+        return change
+
+    def fossilize(self) -> StageChange:
+        if not self.can_fossilize():
+            if self.stage != SeedStage.HOLDING:
+                raise self._error("fossilize", "while HOLDING")
+            raise SlotStateError(
+                f"cannot fossilize slot {self.slot_id}: contribution {self.contribution!r} is "
+                f"below fossilize_threshold={self.lifecycle.fossilize_threshold} (or unrecorded)"
+            )
+        return self._move(SeedStage.FOSSILIZED, "fossilize")
+
+    def step_epoch(self) -> list[StageChange]:
+        """Mechanical transitions after one epoch; see `MorphogeneticModel.step_epoch`."""
+        cfg, stage, c = self.lifecycle, self.stage, self.contribution
+        if stage == SeedStage.DORMANT:
+            return []
+        if stage == SeedStage.PRUNED:
+            changes = [self._move(SeedStage.EMBARGOED, "embargo")]
+            self.embargo_left = cfg.embargo_epochs
+            if self.embargo_left == 0:
+                changes.append(self._move(SeedStage.DORMANT, "embargo_over"))
+            return changes
+        if stage == SeedStage.EMBARGOED:
+            self.embargo_left = max(self.embargo_left - 1, 0)
+            if self.embargo_left == 0:
+                return [self._move(SeedStage.DORMANT, "embargo_over")]
+            self.epochs_in_stage += 1
+            return []
+        self.epochs_in_stage += 1
+        if stage == SeedStage.GERMINATED:
+            return [self._move(SeedStage.TRAINING, "germinated")]
+        if stage == SeedStage.TRAINING:
+            if (
+                self.epochs_in_stage >= cfg.min_train_epochs
+                and c is not None
+                and c >= cfg.blend_threshold
+            ):
+                change = self._move(SeedStage.BLENDING, "blend_gate_passed")
+                self._set_blend_step(1)
+                return [change]
+            if self.epochs_in_stage >= cfg.max_train_epochs:
+                return [self.prune("train_timeout")]
+            return []
+        if stage in (SeedStage.BLENDING, SeedStage.HOLDING):
+            if c is not None and c < cfg.prune_threshold:
+                return [self.prune("negative_contribution")]
+            if stage == SeedStage.BLENDING:
+                if self.blend_step >= cfg.blend_epochs:
+                    change = self._move(SeedStage.HOLDING, "blend_done")
+                    self.alpha = 1.0
+                    return [change]
+                self._set_blend_step(self.blend_step + 1)
+                return []
+            if self.epochs_in_stage > cfg.max_hold_epochs:
+                return [self.prune("hold_timeout")]
+        return []  # FOSSILIZED: terminal, only counts epochs
+
+    def _set_blend_step(self, step: int) -> None:
+        self.blend_step = step
+        self.alpha = blend_alpha(self.blend or "linear", step / self.lifecycle.blend_epochs)
+
+    # -- serialisation ---------------------------------------------------------------
+    def get_extra_state(self) -> dict[str, Any]:
+        return {
+            "slot_id": self.slot_id,
+            "topology": self.spec.topology,
+            "channels": self.spec.channels,
+            "stage": int(self.stage),
+            "alpha": float(self.alpha),
+            "epochs_in_stage": int(self.epochs_in_stage),
+            "blend_step": int(self.blend_step),
+            "blueprint": self.blueprint,
+            "blend": self.blend,
+            "contribution": None if self.contribution is None else float(self.contribution),
+            "embargo_left": int(self.embargo_left),
+        }
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        mine = (self.slot_id, self.spec.topology, self.spec.channels)
+        theirs = (state.get("slot_id"), state.get("topology"), state.get("channels"))
+        if mine != theirs:
+            raise SlotStateError(
+                f"checkpoint slot (id, topology, channels)={theirs} does not match this "
+                f"model's slot {mine}"
+            )
+        stage = SeedStage(int(state["stage"]))
+        self._reset(stage)
+        if stage in _HAS_MODULE:
+            self._build(state["blueprint"], state["blend"])
+            self.blueprint, self.blend = state["blueprint"], state["blend"]
+        self.alpha = float(state["alpha"])
+        self.epochs_in_stage = int(state["epochs_in_stage"])
+        self.blend_step = int(state["blend_step"])
+        contribution = state["contribution"]
+        self.contribution = None if contribution is None else float(contribution)
+        self.embargo_left = int(state["embargo_left"])
