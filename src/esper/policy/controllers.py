@@ -1,0 +1,199 @@
+"""Hand-written and baseline controllers.
+
+Every controller has one interface, for one env::
+
+    state = controller.initial_state()
+    action, state = controller.act(observation, masks, state)
+
+``observation`` is the env's ``{"global": [G], "slots": [S, F]}`` (NumPy arrays or
+tensors, schema `esper.env.observations.DEFAULT_SCHEMA`), ``masks`` the env's
+conditional `ActionMasks` (``env.conditional_masks()``), ``state`` whatever the
+controller carries between steps (a frozen dataclass, or None). Start a new episode
+with a fresh ``initial_state()``. The returned `FactoredAction` is always legal under
+``masks``. Controllers read only the observation and the masks, so they drive any env
+that produces them (single env, vector runner, an outside harness).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from esper.actions import ActionMasks, FactoredAction, LifecycleOp
+from esper.env.observations import COUNTER_SCALE, DEFAULT_SCHEMA, DELTA_GAIN
+from esper.lifecycle import LIVE_STAGES, SeedStage
+
+Observation = Mapping[str, "np.ndarray | torch.Tensor"]
+
+
+class Controller(Protocol):
+    def initial_state(self) -> Any: ...
+
+    def act(
+        self, observation: Observation, masks: ActionMasks, state: Any
+    ) -> tuple[FactoredAction, Any]: ...
+
+
+def _legal(mask: torch.Tensor) -> list[int]:
+    return torch.nonzero(mask.reshape(-1)).reshape(-1).tolist()
+
+
+class StaticController:
+    """Never grows the host: always WAIT (the no-growth baseline)."""
+
+    def initial_state(self) -> None:
+        return None
+
+    def act(
+        self, observation: Observation, masks: ActionMasks, state: None
+    ) -> tuple[FactoredAction, None]:
+        return FactoredAction.wait(), state
+
+
+class RandomController:
+    """Uniform at each head over what the conditional masks allow.
+
+    The op is drawn uniformly among legal ops, then the slot among the slots legal for
+    it, then blueprint and blend for that slot. (Uniform over the joint combinations
+    would pick GERMINATE almost always, since it has S·B·L variants.)
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def initial_state(self) -> None:
+        return None
+
+    def _pick(self, mask: torch.Tensor) -> int:
+        options = _legal(mask)
+        if not options:
+            raise ValueError("RandomController got a mask row that allows nothing")
+        return options[int(torch.randint(len(options), (1,), generator=self._generator))]
+
+    def act(
+        self, observation: Observation, masks: ActionMasks, state: None
+    ) -> tuple[FactoredAction, None]:
+        op = self._pick(masks.op)
+        if op == LifecycleOp.WAIT:
+            return FactoredAction.wait(), state
+        slot = self._pick(masks.slot[op])
+        if op != LifecycleOp.GERMINATE:
+            return FactoredAction(LifecycleOp(op), slot), state
+        blueprint = self._pick(masks.blueprint[slot])
+        blend = self._pick(masks.blend)
+        return FactoredAction(LifecycleOp.GERMINATE, slot, blueprint, blend), state
+
+
+@dataclass(frozen=True)
+class HeuristicConfig:
+    # Germinate once validation quality has not improved for this many steps.
+    plateau_patience: int = 1
+    # No germination in the first steps: the host's own early progress is not a plateau.
+    warmup_steps: int = 1
+    # At most this many seeds alive at once, so each seed's effect can be read cleanly.
+    max_live_seeds: int = 1
+    # Prune a live seed whose contribution is below this (raw accuracy units)...
+    prune_below: float = -0.01
+    # ...once it has spent this many steps in its stage (early estimates are noisy).
+    prune_min_epochs: int = 2
+    # Steps without germinating after a prune (the heuristic's own embargo).
+    embargo_steps: int = 2
+    # Blend algorithm index used for every germination.
+    blend: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("plateau_patience", "warmup_steps", "prune_min_epochs", "embargo_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_live_seeds < 1:
+            raise ValueError(f"max_live_seeds must be >= 1, got {self.max_live_seeds}")
+
+
+@dataclass(frozen=True)
+class HeuristicState:
+    steps: int = 0
+    cooldown: int = 0
+    blueprint_cursor: int = 0  # next blueprint of the rotation
+
+
+class HeuristicController:
+    """Germinate on plateau (blueprint rotation), fossilize helpful seeds, prune harmful.
+
+    Each step, in this order:
+    1. FOSSILIZE the first slot where the masks allow it (a HOLDING seed whose
+       contribution is above the fossilize threshold).
+    2. PRUNE the first live seed whose known contribution is below ``prune_below`` after
+       ``prune_min_epochs`` in its stage; then hold germination for ``embargo_steps``.
+    3. GERMINATE when quality has plateaued for ``plateau_patience`` steps, fewer than
+       ``max_live_seeds`` seeds are alive and the cooldown is over: the shallowest legal
+       slot, the next blueprint of the rotation that fits it.
+    4. Otherwise WAIT.
+    """
+
+    def __init__(self, config: HeuristicConfig | None = None) -> None:
+        self.config = config or HeuristicConfig()
+        s = DEFAULT_SCHEMA
+        self._plateau = s.global_index("plateau_epochs")
+        self._stage0 = s.slot_index("stage_dormant")
+        self._contribution = s.slot_index("contribution")
+        self._known = s.slot_index("contribution_known")
+        self._epochs = s.slot_index("epochs_in_stage")
+
+    def initial_state(self) -> HeuristicState:
+        return HeuristicState()
+
+    def act(
+        self, observation: Observation, masks: ActionMasks, state: HeuristicState
+    ) -> tuple[FactoredAction, HeuristicState]:
+        cfg = self.config
+        slots = torch.as_tensor(observation["slots"], dtype=torch.float32)
+        glob = torch.as_tensor(observation["global"], dtype=torch.float32)
+        stages = slots[:, self._stage0 : self._stage0 + len(SeedStage)].argmax(dim=1)
+        state = replace(state, steps=state.steps + 1, cooldown=max(state.cooldown - 1, 0))
+
+        fossilizable = _legal(masks.slot[LifecycleOp.FOSSILIZE])
+        if bool(masks.op[LifecycleOp.FOSSILIZE]) and fossilizable:
+            return FactoredAction(LifecycleOp.FOSSILIZE, fossilizable[0]), state
+
+        # Contribution is stored as tanh(gain * c); compare on the same scale.
+        threshold = math.tanh(DELTA_GAIN * cfg.prune_below)
+        epochs_needed = min(cfg.prune_min_epochs, COUNTER_SCALE) / COUNTER_SCALE - 1e-6
+        harmful = (
+            (slots[:, self._known] > 0.5)
+            & (slots[:, self._contribution] < threshold)
+            & (slots[:, self._epochs] >= epochs_needed)
+            & masks.slot[LifecycleOp.PRUNE]
+        )
+        if bool(harmful.any()):
+            slot = _legal(harmful)[0]
+            return FactoredAction(LifecycleOp.PRUNE, slot), replace(
+                state, cooldown=cfg.embargo_steps
+            )
+
+        live = sum(SeedStage(s) in LIVE_STAGES for s in stages.tolist())
+        plateau_steps = round(float(glob[self._plateau]) * COUNTER_SCALE)
+        ready = (
+            state.steps > cfg.warmup_steps
+            and state.cooldown == 0
+            and live < cfg.max_live_seeds
+            and plateau_steps >= cfg.plateau_patience
+        )
+        germinable = _legal(masks.slot[LifecycleOp.GERMINATE])
+        if ready and bool(masks.op[LifecycleOp.GERMINATE]) and germinable:
+            slot = germinable[0]
+            legal_bps = masks.blueprint[slot]
+            num_bps = legal_bps.numel()
+            for k in range(num_bps):
+                bp = (state.blueprint_cursor + k) % num_bps
+                if bool(legal_bps[bp]):
+                    break
+            blends = _legal(masks.blend)
+            blend = cfg.blend if cfg.blend in blends else blends[0]
+            action = FactoredAction(LifecycleOp.GERMINATE, slot, bp, blend)
+            return action, replace(state, blueprint_cursor=(bp + 1) % num_bps)
+        return FactoredAction.wait(), state
