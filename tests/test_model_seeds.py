@@ -83,23 +83,24 @@ def test_germination_leaves_output_unchanged(topology: str) -> None:
 
 @pytest.mark.parametrize("topology", list(MAKERS))
 def test_training_seed_is_isolated_but_learns(topology: str) -> None:
-    model, x, y = MAKERS[topology]()
-    reference = copy.deepcopy(model)
-    sid = model.slot_config.slot_ids[1]
-    model.germinate(sid, blueprints_for(topology)[-1])
-    _randomise_seed(model, sid)
-    model.train(), reference.train()
-    out = model(x)
-    assert torch.equal(out, reference(x))  # value unchanged even in train mode
-    _loss(model, x, y).backward()
-    _loss(reference, x, y).backward()
-    for (name, p), q in zip(
-        model.host.named_parameters(), reference.host.parameters(), strict=True
-    ):
-        assert torch.equal(p.grad, q.grad), name
-    seed_grads = [p.grad for p in model.seed_parameters(sid)]
-    assert all(g is not None for g in seed_grads)
-    assert sum(g.abs().sum() for g in seed_grads) > 0
+    for blueprint in blueprints_for(topology):
+        model, x, y = MAKERS[topology]()
+        reference = copy.deepcopy(model)
+        sid = model.slot_config.slot_ids[1]
+        model.germinate(sid, blueprint)
+        _randomise_seed(model, sid)
+        model.train(), reference.train()
+        out = model(x)
+        assert torch.equal(out, reference(x))  # value unchanged even in train mode
+        _loss(model, x, y).backward()
+        _loss(reference, x, y).backward()
+        for (name, p), q in zip(
+            model.host.named_parameters(), reference.host.parameters(), strict=True
+        ):
+            assert torch.equal(p.grad, q.grad), (blueprint, name)
+        seed_grads = [p.grad for p in model.seed_parameters(sid)]
+        assert all(g is not None for g in seed_grads), blueprint
+        assert sum(g.abs().sum() for g in seed_grads) > 0, blueprint
 
 
 @pytest.mark.parametrize("topology", ["cnn", "transformer"])
@@ -214,3 +215,14 @@ def test_bad_overrides() -> None:
         model(x, alpha_override={"r0c0": 1.5})
     with pytest.raises(ValueError, match="block range"):
         model.run_blocks(torch.zeros(1, 8), 2, 1)
+
+
+def test_seeds_follow_model_dtype_and_features_match_head() -> None:
+    model, x, _ = _mlp()
+    model = model.double().eval()
+    model.germinate("r0c1", "mlp", "gated")
+    assert all(p.dtype == torch.float64 for p in model.seed_parameters("r0c1"))
+    _randomise_seed(model, "r0c1")
+    _to_holding(model, "r0c1")
+    xd = x.double()
+    assert torch.equal(model.host.head(model.forward_features(xd)), model(xd))

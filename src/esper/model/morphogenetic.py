@@ -73,9 +73,13 @@ class MorphogeneticModel(nn.Module):
     def forward(self, x: Tensor, alpha_override: Mapping[str, float] | None = None) -> Tensor:
         """Host forward with seeds. ``alpha_override`` maps slot ids to the alpha used
         for this call only (``0.0`` = seed off, ``1.0`` = fully on)."""
-        h = self.host.embed(x)
-        h = self.run_blocks(h, 0, self.num_blocks, alpha_override)
-        return self.host.head(h)
+        return self.host.head(self.forward_features(x, alpha_override))
+
+    def forward_features(
+        self, x: Tensor, alpha_override: Mapping[str, float] | None = None
+    ) -> Tensor:
+        """Activations after the last block and its slot, before the head."""
+        return self.run_blocks(self.host.embed(x), 0, self.num_blocks, alpha_override)
 
     def run_blocks(
         self,
@@ -136,7 +140,7 @@ class MorphogeneticModel(nn.Module):
 
     def record_contribution(self, slot_id: str, value: float) -> None:
         """Latest counterfactual (BLENDING/HOLDING/FOSSILIZED) or prospective (TRAINING)
-        contribution; `step_epoch` reads it."""
+        contribution; `step_epoch` reads it. A NaN passes no gate and triggers no prune."""
         self._slot(slot_id).contribution = float(value)
 
     def step_epoch(self) -> list[StageChange]:
