@@ -1,0 +1,89 @@
+"""Configuration of host training and of the safety governor."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw")
+
+
+class TrainConfigError(ValueError):
+    """A training or governor setting is out of its allowed range."""
+
+
+@dataclass(frozen=True)
+class GovernorConfig:
+    """When the governor rolls an env back, and what that costs the controller."""
+
+    enabled: bool = True
+    # Spike test: the monitored loss is compared with the mean and std of the last
+    # `window` good steps; it needs `min_history` of them before spikes are judged,
+    # so the steep early part of training is never mistaken for instability.
+    window: int = 10
+    min_history: int = 3
+    k_sigma: float = 3.0
+    # Floor on sigma, relative to the mean: a flat loss history must not turn every
+    # tiny wobble into a "spike".
+    min_relative_sigma: float = 0.05
+    consecutive: int = 2  # spiking steps in a row before a rollback; NaN/Inf acts at once
+    monitor: Literal["train_loss", "val_loss"] = "val_loss"
+    penalty: float = 1.0  # reported in StepResult.penalty; the env subtracts it
+
+    def __post_init__(self) -> None:
+        if self.window < 2 or not 2 <= self.min_history <= self.window:
+            raise TrainConfigError(
+                f"governor needs window >= 2 and 2 <= min_history <= window, got "
+                f"window={self.window}, min_history={self.min_history}"
+            )
+        if self.k_sigma <= 0 or self.consecutive < 1 or self.min_relative_sigma < 0:
+            raise TrainConfigError(
+                f"governor needs k_sigma > 0, consecutive >= 1, min_relative_sigma >= 0; got "
+                f"{self.k_sigma}, {self.consecutive}, {self.min_relative_sigma}"
+            )
+        if self.monitor not in ("train_loss", "val_loss"):
+            raise TrainConfigError(
+                f"governor monitor {self.monitor!r} unknown; allowed: train_loss, val_loss"
+            )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Host and seed optimisation for one env step (= one epoch or `batches_per_step`)."""
+
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9  # SGD only
+    weight_decay: float = 0.0
+    seed_lr: float | None = None  # seeds' learning rate; None = same as the host
+    batch_size: int = 64
+    batches_per_step: int | None = None  # None: one env step is one full epoch
+    eval_batch_size: int = 1024
+    grad_clip: float | None = None  # global norm over host and seed parameters
+    max_epochs: int = 20  # default episode length for this task (the env reads it)
+    measure_fossils: bool = True  # counterfactual credit for fossils too (alpha = 1)
+    plateau_tolerance: float = 1e-3  # quality gains below this count as a plateau
+    history: int = 20  # how many past losses TrainingSignals keeps
+    governor: GovernorConfig = field(default_factory=GovernorConfig)
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise TrainConfigError(
+                f"optimizer {self.optimizer!r} unknown; allowed: {', '.join(OPTIMIZERS)}"
+            )
+        if self.lr <= 0 or (self.seed_lr is not None and self.seed_lr <= 0):
+            raise TrainConfigError(f"learning rates must be > 0, got {self.lr}, {self.seed_lr}")
+        if self.batch_size < 1 or self.eval_batch_size < 1:
+            raise TrainConfigError(
+                f"batch sizes must be >= 1, got {self.batch_size}, {self.eval_batch_size}"
+            )
+        if self.batches_per_step is not None and self.batches_per_step < 1:
+            raise TrainConfigError(
+                f"batches_per_step must be >= 1 or None (a full epoch), got {self.batches_per_step}"
+            )
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise TrainConfigError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
+        if self.max_epochs < 1 or self.history < 1:
+            raise TrainConfigError(
+                f"max_epochs and history must be >= 1, got {self.max_epochs}, {self.history}"
+            )

@@ -1,0 +1,73 @@
+"""Loss and quality per task kind, in one place so training, validation and the
+counterfactual passes can never disagree on what "quality" means.
+
+quality = validation accuracy (classification) or -validation loss in nats (lm).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from esper.training.data import TaskKind
+
+
+def flat_logits(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """``[N, C]`` / ``[N]`` for classification, ``[N*T, V]`` / ``[N*T]`` for lm."""
+    return logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+
+
+def task_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean cross-entropy per prediction (per image, or per character)."""
+    return F.cross_entropy(*flat_logits(logits, targets))
+
+
+@dataclass
+class EvalTotals:
+    """Running sums over the predictions of one pass; no device sync until read."""
+
+    loss_sum: Tensor | float = 0.0
+    correct: Tensor | float = 0.0
+    count: int = 0
+
+    def add(self, logits: Tensor, targets: Tensor) -> None:
+        flat, tgt = flat_logits(logits, targets)
+        self.loss_sum = self.loss_sum + F.cross_entropy(flat, tgt, reduction="sum").detach()
+        self.correct = self.correct + (flat.argmax(dim=-1) == tgt).sum()
+        self.count += int(tgt.numel())
+
+    @property
+    def loss(self) -> float:
+        return float(self.loss_sum) / max(self.count, 1)
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.correct) / max(self.count, 1)
+
+
+def quality(kind: TaskKind, loss: float, accuracy: float) -> float:
+    """Higher is better. A non-finite loss gives -inf quality for lm tasks."""
+    if kind == "lm":
+        return -loss if math.isfinite(loss) else -math.inf
+    return accuracy
+
+
+def bits_per_char(loss_nats: float) -> float:
+    return loss_nats / math.log(2.0)
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, x: Tensor, y: Tensor, batch_size: int, **forward_kw
+) -> EvalTotals:
+    """One plain pass over ``(x, y)`` in eval mode (the caller restores train mode)."""
+    totals = EvalTotals()
+    for start in range(0, x.shape[0], batch_size):
+        totals.add(
+            model(x[start : start + batch_size], **forward_kw), y[start : start + batch_size]
+        )
+    return totals

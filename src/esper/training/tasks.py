@@ -1,0 +1,231 @@
+"""The task registry: a task is data + host factory + default slots + hyperparameters.
+
+``get_task("digits")`` returns a `Task`; options tune it (``get_task("synthetic",
+shape=(3, 32, 32), n_train=4096)``). Loss and metric follow from `Task.kind` (see
+`esper.training.objective`). Hosts are imported inside the factories, so importing this
+module builds nothing.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+from esper.training import datasets
+from esper.training.config import TrainConfig
+from esper.training.data import TaskData, TaskKind
+
+if TYPE_CHECKING:
+    from torch import nn
+
+
+class TaskError(ValueError):
+    """Unknown task name or option."""
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    kind: TaskKind
+    # seed picks the realisation of the data set (split, synthetic draws), not the data
+    # order: every env of a run uses the same value; the order comes from the env seed.
+    make_data: Callable[..., TaskData]  # (seed: int = 0, root: str | Path | None = None)
+    make_host: Callable[[TaskData], nn.Module]
+    default_slots: tuple[str, ...]
+    hparams: TrainConfig
+    description: str = ""
+
+
+def _digits(width: int = 2, depth: int = 3, val_fraction: float = 0.2, **hp: Any) -> Task:
+    def make_data(seed: int = 0, root: str | Path | None = None) -> TaskData:
+        return datasets.load_digits_data(val_fraction=val_fraction, split_seed=seed)
+
+    def make_host(data: TaskData) -> nn.Module:
+        from esper.model import CNNHost
+
+        return CNNHost(in_channels=1, num_classes=10, width=width, depth=depth, image_size=8)
+
+    return Task(
+        "digits",
+        "classification",
+        make_data,
+        make_host,
+        tuple(f"r0c{i}" for i in range(depth)),
+        TrainConfig(**{"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "batch_size": 64, **hp}),
+        "scikit-learn's 8x8 digits, narrow CNN host (w=2 leaves ~9 points for seeds)",
+    )
+
+
+def _fashion_mnist(
+    width: int = 4, depth: int = 3, max_train: int | None = None, max_val: int | None = None, **hp
+) -> Task:
+    def make_data(seed: int = 0, root: str | Path | None = None) -> TaskData:
+        return datasets.load_fashion_mnist(root, max_train=max_train, max_val=max_val)
+
+    def make_host(data: TaskData) -> nn.Module:
+        from esper.model import CNNHost
+
+        return CNNHost(in_channels=1, num_classes=10, width=width, depth=depth, image_size=28)
+
+    defaults = {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "batch_size": 128}
+    return Task(
+        "fashion-mnist",
+        "classification",
+        make_data,
+        make_host,
+        tuple(f"r0c{i}" for i in range(depth)),
+        TrainConfig(**{**defaults, "batches_per_step": 100, **hp}),
+        f"Fashion-MNIST IDX files (default {datasets.FASHION_MNIST_ROOT})",
+    )
+
+
+def _cifar10(
+    width: int = 8, depth: int = 4, max_train: int | None = None, max_val: int | None = None, **hp
+) -> Task:
+    def make_data(seed: int = 0, root: str | Path | None = None) -> TaskData:
+        return datasets.load_cifar10(root, max_train=max_train, max_val=max_val)
+
+    def make_host(data: TaskData) -> nn.Module:
+        from esper.model import CNNHost
+
+        return CNNHost(in_channels=3, num_classes=10, width=width, depth=depth, image_size=32)
+
+    defaults = {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "batch_size": 128}
+    return Task(
+        "cifar10",
+        "classification",
+        make_data,
+        make_host,
+        tuple(f"r0c{i}" for i in range(depth)),
+        TrainConfig(**{**defaults, "batches_per_step": 100, **hp}),
+        "CIFAR-10 python batches from a local folder (root=...)",
+    )
+
+
+def _text(
+    path: str | Path | None = None,
+    seq_len: int = 64,
+    max_chars: int | None = 1_000_000,
+    max_val_sequences: int | None = 512,
+    d_model: int = 64,
+    n_heads: int = 4,
+    n_layers: int = 2,
+    **hp: Any,
+) -> Task:
+    def make_data(seed: int = 0, root: str | Path | None = None) -> TaskData:
+        return datasets.load_text(
+            root if root is not None else path,
+            seq_len=seq_len,
+            max_chars=max_chars,
+            max_val_sequences=max_val_sequences,
+        )
+
+    def make_host(data: TaskData) -> nn.Module:
+        from esper.model import TransformerHost
+
+        return TransformerHost(
+            vocab_size=data.num_classes,
+            d_model=d_model,
+            n_heads=n_heads,
+            n_layers=n_layers,
+            max_seq_len=seq_len,
+        )
+
+    defaults = {"optimizer": "adamw", "lr": 3e-3, "batch_size": 32, "batches_per_step": 50}
+    return Task(
+        "text",
+        "lm",
+        make_data,
+        make_host,
+        tuple(f"r0c{i}" for i in range(n_layers)),
+        TrainConfig(**{**defaults, **hp}),
+        "character-level language model on a UTF-8 file (path=...); quality = -val loss",
+    )
+
+
+def _synthetic(
+    shape: tuple[int, ...] = (3, 32, 32),
+    n_train: int = 4096,
+    n_val: int = 1024,
+    num_classes: int = 10,
+    noise: float = 1.0,
+    width: int = 2,
+    depth: int = 3,
+    **hp: Any,
+) -> Task:
+    shape = tuple(int(s) for s in shape)
+
+    def make_data(seed: int = 0, root: str | Path | None = None) -> TaskData:
+        return datasets.make_synthetic(shape, n_train, n_val, num_classes, noise, seed)
+
+    def make_host(data: TaskData) -> nn.Module:
+        if len(shape) == 1:
+            from esper.model import MLPHost
+
+            return MLPHost(shape[0], num_classes, hidden=8 * width, depth=depth)
+        if len(shape) != 3 or shape[1] != shape[2]:
+            raise TaskError(f"synthetic host needs shape (F,) or (C, S, S), got {shape}")
+        from esper.model import CNNHost
+
+        return CNNHost(shape[0], num_classes, width=width, depth=depth, image_size=shape[1])
+
+    return Task(
+        "synthetic",
+        "classification",
+        make_data,
+        make_host,
+        tuple(f"r0c{i}" for i in range(depth)),
+        TrainConfig(**{"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, **hp}),
+        "class-conditional random images of any shape, for tests and throughput",
+    )
+
+
+TASKS: Mapping[str, Callable[..., Task]] = MappingProxyType(
+    {
+        "digits": _digits,
+        "fashion-mnist": _fashion_mnist,
+        "cifar10": _cifar10,
+        "text": _text,
+        "synthetic": _synthetic,
+    }
+)
+
+
+def list_tasks() -> tuple[str, ...]:
+    return tuple(TASKS)
+
+
+def task_options(name: str) -> tuple[str, ...]:
+    """Options a task takes besides the `TrainConfig` fields (which override its hparams)."""
+    params = inspect.signature(_factory(name)).parameters.values()
+    return tuple(p.name for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD)
+
+
+def _factory(name: str) -> Callable[..., Task]:
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise TaskError(f"unknown task {name!r}; available: {', '.join(TASKS)}") from None
+
+
+def get_task(name: str, **options: Any) -> Task:
+    """The task ``name``; options are task options or `TrainConfig` field overrides."""
+    factory = _factory(name)
+    config_fields = set(TrainConfig.__dataclass_fields__)
+    allowed = set(task_options(name)) | config_fields
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise TaskError(
+            f"task {name!r} has no option {unknown[0]!r}; task options: "
+            f"{', '.join(task_options(name))}; training options: {', '.join(sorted(config_fields))}"
+        )
+    return factory(**options)
+
+
+def with_hparams(task: Task, **overrides: Any) -> Task:
+    """The same task with some `TrainConfig` fields replaced."""
+    return replace(task, hparams=replace(task.hparams, **overrides))

@@ -1,0 +1,228 @@
+"""One env's host training: train, validate, credit seeds, guard, advance the lifecycle.
+
+`Trainer.train_step` is one env step:
+
+1. sync optimisers with the slots (a new seed gets its own optimiser, a pruned one's
+   is dropped; the host keeps one optimiser for the whole episode),
+2. train on one epoch or ``batches_per_step`` batches in this env's own data order,
+3. validate and compute every seed's contribution in one shared pass
+   (`fast_counterfactuals`) and record them on the model,
+4. let the governor judge the loss: roll back and penalise, or take a new snapshot,
+5. ``model.step_epoch()`` (the lifecycle gates read the contributions from step 3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from esper.training.config import TrainConfig
+from esper.training.counterfactual import (
+    CounterfactualResult,
+    fast_counterfactuals,
+    variants_to_measure,
+)
+from esper.training.data import BatchStream, TaskData
+from esper.training.governor import Governor, GovernorEvent
+from esper.training.objective import EvalTotals, bits_per_char, task_loss
+from esper.training.signals import TrainingSignals
+
+
+@dataclass(frozen=True)
+class StepResult:
+    epoch: int  # index of this step in the episode (0-based)
+    train_loss: float
+    train_acc: float
+    val_loss: float
+    val_acc: float
+    quality: float  # val accuracy (classification) or -val loss (lm)
+    contributions: dict[str, float] = field(default_factory=dict)
+    prospective: frozenset[str] = frozenset()  # contributions measured with the seed on
+    stage_changes: tuple = ()  # StageChange records, rollback first, then step_epoch
+    governor_event: GovernorEvent | None = None
+    penalty: float = 0.0
+    seed_grad_norms: dict[str, float] = field(default_factory=dict)  # mean per batch
+    bits_per_char: float | None = None  # lm tasks only
+    samples: int = 0  # training samples seen in this step
+
+
+def _make_optimizer(params: list[nn.Parameter], config: TrainConfig, lr: float):
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
+
+
+class Trainer:
+    """Trains one `MorphogeneticModel` on one task for one env."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data: TaskData,
+        config: TrainConfig | None = None,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.config = config if config is not None else TrainConfig()
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        self.data = data.to(self.device)
+        self.kind = data.kind
+        self.seed = int(seed)
+        self.stream = BatchStream(data.n_train, self.config.batch_size, seed=self.seed)
+        self.signals = TrainingSignals(self.config.history, self.config.plateau_tolerance)
+        self.governor = Governor(self.config.governor)
+        self.epoch = 0
+        self.host_optimizer = self._new_host_optimizer()
+        self.seed_optimizers: dict[str, tuple[tuple[int, ...], torch.optim.Optimizer]] = {}
+        self.sync_seed_optimizers()
+        self.governor.snapshot(self.model, epoch=-1)  # the fresh host is the first good state
+
+    # -- optimisers ------------------------------------------------------------------
+    def _new_host_optimizer(self) -> torch.optim.Optimizer:
+        return _make_optimizer(self.model.host_parameters(), self.config, self.config.lr)
+
+    def sync_seed_optimizers(self) -> None:
+        """One optimiser per seed module that exists; rebuilt when the module changed."""
+        seed_lr = self.config.seed_lr if self.config.seed_lr is not None else self.config.lr
+        for slot_id in self.model.slot_config.slot_ids:
+            params = [p for p in self.model.seed_parameters(slot_id) if p.requires_grad]
+            if not params:
+                self.seed_optimizers.pop(slot_id, None)
+                continue
+            key = tuple(id(p) for p in params)
+            current = self.seed_optimizers.get(slot_id)
+            if current is None or current[0] != key:
+                self.seed_optimizers[slot_id] = (key, _make_optimizer(params, self.config, seed_lr))
+
+    def on_germinate(self, slot_id: str) -> None:
+        """Call after germinating ``slot_id`` (train_step also notices on its own)."""
+        self.sync_seed_optimizers()
+
+    def on_prune(self, slot_id: str) -> None:
+        self.sync_seed_optimizers()
+
+    def reset_optimizers(self) -> None:
+        """Fresh optimiser state for host and seeds (after a rollback)."""
+        self.host_optimizer = self._new_host_optimizer()
+        self.seed_optimizers.clear()
+        self.sync_seed_optimizers()
+
+    def _optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.host_optimizer, *(opt for _, opt in self.seed_optimizers.values())]
+
+    # -- one step --------------------------------------------------------------------
+    def _train(self) -> tuple[EvalTotals, dict[str, float], int]:
+        model, data, cfg = self.model, self.data, self.config
+        model.train()
+        totals = EvalTotals()
+        grad_sq = {sid: torch.zeros((), device=self.device) for sid in self.seed_optimizers}
+        batches = self.stream.step_batches(cfg.batches_per_step)
+        optimizers = self._optimizers()
+        for idx in batches:
+            idx = idx.to(self.device, non_blocking=True)
+            x, y = data.train_x[idx], data.train_y[idx]
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            logits = model(x)
+            loss = task_loss(logits, y)
+            loss.backward()
+            if cfg.grad_clip is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            for sid in grad_sq:
+                grads = [p.grad for p in model.seed_parameters(sid) if p.grad is not None]
+                if grads:
+                    grad_sq[sid] += torch.linalg.vector_norm(
+                        torch.stack([torch.linalg.vector_norm(g) for g in grads])
+                    )
+            for opt in optimizers:
+                opt.step()
+            totals.add(logits.detach(), y)
+        n = max(len(batches), 1)
+        samples = sum(int(idx.numel()) for idx in batches)
+        return totals, {sid: float(v) / n for sid, v in grad_sq.items()}, samples
+
+    def validate(self, with_counterfactuals: bool = True) -> CounterfactualResult:
+        """Validation of the current model (and seed contributions), in eval mode."""
+        self.model.eval()
+        variants = (
+            variants_to_measure(self.model, self.config.measure_fossils)
+            if with_counterfactuals
+            else {}
+        )
+        result = fast_counterfactuals(
+            self.model,
+            self.data.val_x,
+            self.data.val_y,
+            self.kind,
+            variants,
+            self.config.eval_batch_size,
+        )
+        self.model.train()
+        return result
+
+    def train_step(self) -> StepResult:
+        self.sync_seed_optimizers()
+        train, grad_norms, samples = self._train()
+        result = self.validate()
+        cfg = self.config.governor
+        monitored = train.loss if cfg.monitor == "train_loss" else result.val_loss
+        verdict = self.governor.observe(monitored)
+        event, rollback_changes = None, []
+        if verdict in ("non_finite", "spike"):
+            event, rollback_changes = self._rollback(verdict, monitored)
+            result = self.validate(with_counterfactuals=False)
+        else:
+            for sid, value in result.contributions.items():
+                self.model.record_contribution(sid, value)
+        changes = [*rollback_changes, *self.model.step_epoch()]
+        if verdict == "ok":
+            self.governor.snapshot(self.model, self.epoch)
+        self.signals.update(
+            train.loss, train.accuracy, result.val_loss, result.val_acc, result.quality
+        )
+        step = StepResult(
+            epoch=self.epoch,
+            train_loss=train.loss,
+            train_acc=train.accuracy,
+            val_loss=result.val_loss,
+            val_acc=result.val_acc,
+            quality=result.quality,
+            contributions=dict(result.contributions),
+            prospective=result.prospective,
+            stage_changes=tuple(changes),
+            governor_event=event,
+            penalty=event.penalty if event is not None else 0.0,
+            seed_grad_norms=grad_norms if event is None else {},
+            bits_per_char=bits_per_char(result.val_loss) if self.kind == "lm" else None,
+            samples=samples,
+        )
+        self.epoch += 1
+        return step
+
+    def _rollback(self, reason: str, value: float) -> tuple[GovernorEvent, list]:
+        from esper.model import StageChange  # lazy: esper.model imports are not free
+
+        before = {s.slot_id: s.stage for s in self.model.slot_states()}
+        event = self.governor.rollback(self.model, self.epoch, reason, value)  # type: ignore[arg-type]
+        self.reset_optimizers()
+        changes = [
+            StageChange(s.slot_id, before[s.slot_id], s.stage, f"governor_{reason}")
+            for s in self.model.slot_states()
+            if s.stage != before[s.slot_id]
+        ]
+        return event, changes
+
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> Tensor:
+        """Logits of the live model in eval mode (for inspection and examples)."""
+        self.model.eval()
+        out = self.model(x.to(self.device))
+        self.model.train()
+        return out

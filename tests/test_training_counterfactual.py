@@ -1,0 +1,123 @@
+"""The shared-prefix counterfactual pass equals one full validation pass per seed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from esper.lifecycle import SeedStage
+from esper.model import CNNHost, LifecycleConfig, MorphogeneticModel, TransformerHost
+from esper.training import fast_counterfactuals, reference_counterfactuals, variants_to_measure
+from esper.training.objective import evaluate, quality
+
+FAST_LIFECYCLE = LifecycleConfig(min_train_epochs=1, blend_epochs=2)
+
+
+def advance_to(model: MorphogeneticModel, slot_id: str, stage: SeedStage) -> None:
+    """Drive one seed through the real lifecycle to ``stage`` (others stay where they are)."""
+    model.record_contribution(slot_id, 1.0)
+    while model.slot_state(slot_id).stage < stage:
+        if stage == SeedStage.FOSSILIZED and model.slot_state(slot_id).stage == SeedStage.HOLDING:
+            model.fossilize(slot_id)
+            break
+        model.slots[slot_id].step_epoch()
+    assert model.slot_state(slot_id).stage == stage
+
+
+def randomise_seeds(model: MorphogeneticModel, gen: torch.Generator) -> None:
+    """Seeds start as the identity; give them weights so that switching them matters."""
+    with torch.no_grad():
+        for sid in model.slot_config.slot_ids:
+            for p in model.seed_parameters(sid):
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+
+
+def grown_model(host, plan: dict[str, tuple[str, str, SeedStage]]) -> MorphogeneticModel:
+    model = MorphogeneticModel(host, lifecycle=FAST_LIFECYCLE).double()
+    for sid, (blueprint, blend, stage) in plan.items():
+        model.germinate(sid, blueprint, blend)
+        advance_to(model, sid, stage)
+    randomise_seeds(model, torch.Generator().manual_seed(7))
+    return model.eval()
+
+
+def assert_same(fast, ref):
+    assert fast.val_loss == pytest.approx(ref.val_loss, abs=1e-5)
+    assert fast.val_acc == pytest.approx(ref.val_acc, abs=1e-5)
+    assert fast.contributions.keys() == ref.contributions.keys()
+    for sid in ref.contributions:
+        assert fast.contributions[sid] == pytest.approx(ref.contributions[sid], abs=1e-5)
+        assert fast.variant_losses[sid] == pytest.approx(ref.variant_losses[sid], abs=1e-5)
+    assert fast.prospective == ref.prospective
+
+
+CNN_PLAN = {
+    "r0c0": ("conv_light", "linear", SeedStage.BLENDING),
+    "r0c1": ("attention", "gated", SeedStage.HOLDING),
+    "r0c2": ("conv_heavy", "sigmoid", SeedStage.TRAINING),
+    "r0c3": ("norm", "linear", SeedStage.FOSSILIZED),
+}
+
+
+@pytest.mark.parametrize("eval_batch_size", [1024, 7])
+def test_fast_equals_reference_on_cnn_with_seeds_in_every_stage(eval_batch_size):
+    torch.manual_seed(0)
+    model = grown_model(CNNHost(3, 10, width=4, depth=5, image_size=16), CNN_PLAN)
+    x = torch.rand(40, 3, 16, 16, dtype=torch.float64)
+    y = torch.randint(0, 10, (40,))
+    variants = variants_to_measure(model)
+    assert variants == {"r0c0": 0.0, "r0c1": 0.0, "r0c2": 1.0, "r0c3": 0.0}
+    fast = fast_counterfactuals(model, x, y, "classification", variants, eval_batch_size)
+    ref = reference_counterfactuals(model, x, y, "classification", variants, eval_batch_size)
+    assert_same(fast, ref)
+    assert any(abs(v) > 0.01 for v in fast.variant_losses.values())  # seeds really matter
+    assert fast.variant_losses["r0c1"] != pytest.approx(fast.val_loss)
+
+
+def test_fast_equals_reference_on_transformer_lm():
+    torch.manual_seed(1)
+    host = TransformerHost(vocab_size=11, d_model=16, n_heads=2, n_layers=4, max_seq_len=12)
+    plan = {
+        "r0c0": ("lora", "linear", SeedStage.HOLDING),
+        "r0c1": ("mlp", "sigmoid", SeedStage.TRAINING),
+        "r0c3": ("attention", "gated", SeedStage.BLENDING),
+    }
+    model = grown_model(host, plan)
+    x = torch.randint(0, 11, (9, 12))
+    y = torch.randint(0, 11, (9, 12))
+    variants = variants_to_measure(model)
+    fast = fast_counterfactuals(model, x, y, "lm", variants, eval_batch_size=8)
+    ref = reference_counterfactuals(model, x, y, "lm", variants, eval_batch_size=8)
+    assert_same(fast, ref)
+    assert fast.quality == pytest.approx(-fast.val_loss)
+    assert fast.prospective == {"r0c1"}
+
+
+def test_contribution_signs_follow_the_definitions():
+    """Off-variants: live minus off; on-variants (TRAINING): on minus live."""
+    torch.manual_seed(2)
+    host = CNNHost(1, 10, width=2, depth=3, image_size=8)
+    model = grown_model(
+        host,
+        {
+            "r0c0": ("conv_light", "linear", SeedStage.HOLDING),
+            "r0c2": ("conv_light", "linear", SeedStage.TRAINING),
+        },
+    )
+    x, y = torch.rand(30, 1, 8, 8, dtype=torch.float64), torch.randint(0, 10, (30,))
+    fast = fast_counterfactuals(model, x, y, "lm", variants_to_measure(model))
+    live = evaluate(model, x, y, 64)
+    off = evaluate(model, x, y, 64, alpha_override={"r0c0": 0.0})
+    on = evaluate(model, x, y, 64, alpha_override={"r0c2": 1.0})
+    assert fast.contributions["r0c0"] == pytest.approx(-live.loss + off.loss, abs=1e-9)
+    assert fast.contributions["r0c2"] == pytest.approx(-on.loss + live.loss, abs=1e-9)
+    assert fast.quality == pytest.approx(quality("lm", live.loss, live.accuracy), abs=1e-9)
+
+
+def test_no_seeds_means_plain_validation_and_no_contributions():
+    model = MorphogeneticModel(CNNHost(1, 10, width=2, depth=3, image_size=8)).eval()
+    x, y = torch.rand(20, 1, 8, 8), torch.randint(0, 10, (20,))
+    assert variants_to_measure(model) == {}
+    fast = fast_counterfactuals(model, x, y, "classification", {})
+    plain = evaluate(model, x, y, 1024)
+    assert fast.contributions == {} and fast.val_loss == pytest.approx(plain.loss, abs=1e-6)
