@@ -1,0 +1,20 @@
+"""The controller: the learned factored recurrent policy (and heuristic controllers)."""
+
+from esper.policy.distributions import InvalidMaskError, MaskedCategorical
+from esper.policy.network import (
+    HEADS,
+    FactoredRecurrentActorCritic,
+    Hidden,
+    PolicyStep,
+    SequenceEvaluation,
+)
+
+__all__ = [
+    "HEADS",
+    "FactoredRecurrentActorCritic",
+    "Hidden",
+    "InvalidMaskError",
+    "MaskedCategorical",
+    "PolicyStep",
+    "SequenceEvaluation",
+]

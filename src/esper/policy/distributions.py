@@ -1,0 +1,69 @@
+"""A categorical distribution restricted to the valid actions of each row.
+
+Invalid logits are replaced by the most negative *finite* float rather than ``-inf``:
+``-inf`` turns into NaN as soon as it meets ``0 * -inf`` in the entropy or a fully masked
+softmax, and NaN gradients are much harder to trace than the clear error raised here for
+a row without any valid action. All arithmetic runs in float32 even under autocast, since
+log-softmax over a bf16/fp16 row loses the small probability differences PPO ratios need.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class InvalidMaskError(ValueError):
+    """A mask row allows no action, or the mask does not fit the logits."""
+
+
+class MaskedCategorical:
+    """Categorical over the last dim of ``logits``, where ``mask`` is True for legal actions.
+
+    ``entropy()`` is the entropy over valid actions only; ``normalized_entropy()`` divides
+    it by ``log(#valid)`` so every head reads 1 when uniform and 0 when it has one choice.
+    """
+
+    def __init__(self, logits: torch.Tensor, mask: torch.Tensor) -> None:
+        if mask.dtype != torch.bool:
+            raise InvalidMaskError(f"mask must be a bool tensor, got dtype {mask.dtype}")
+        if mask.shape != logits.shape:
+            raise InvalidMaskError(
+                f"mask shape {tuple(mask.shape)} does not match logits shape {tuple(logits.shape)}"
+            )
+        self.num_valid = mask.sum(-1)
+        empty = self.num_valid == 0
+        if bool(empty.any()):
+            rows = torch.nonzero(empty).tolist()
+            raise InvalidMaskError(
+                f"{len(rows)} mask row(s) allow no action (first at index {rows[0]}); "
+                "every row must allow at least one of its "
+                f"{logits.shape[-1]} actions"
+            )
+        self.mask = mask
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            logits32 = logits.float()
+            filled = logits32.masked_fill(~mask, torch.finfo(torch.float32).min)
+            self.log_probs = torch.log_softmax(filled, dim=-1)
+        self.probs = self.log_probs.exp()
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        # multinomial never draws a zero-probability entry; masked entries underflow to 0.
+        flat = self.probs.reshape(-1, self.probs.shape[-1])
+        draws = torch.multinomial(flat, 1, generator=generator).squeeze(-1)
+        return draws.reshape(self.probs.shape[:-1])
+
+    def mode(self) -> torch.Tensor:
+        return self.log_probs.argmax(-1)
+
+    def log_prob(self, actions: torch.Tensor) -> torch.Tensor:
+        return self.log_probs.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
+
+    def entropy(self) -> torch.Tensor:
+        # Masked entries have p = 0 exactly; excluding them keeps 0 * log(tiny) out of it.
+        terms = torch.where(self.mask, self.probs * self.log_probs, torch.zeros_like(self.probs))
+        return -terms.sum(-1)
+
+    def normalized_entropy(self) -> torch.Tensor:
+        k = self.num_valid.to(self.probs.dtype)
+        denom = torch.where(k > 1, torch.log(k.clamp_min(2.0)), torch.ones_like(k))
+        return torch.where(k > 1, self.entropy() / denom, torch.zeros_like(k))

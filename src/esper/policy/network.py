@@ -1,0 +1,297 @@
+"""The learned controller's network: factored, masked, recurrent actor-critic.
+
+Layout of the data it reads (``B`` = batch of envs, ``T`` = time, ``S`` = slots):
+
+- one step: ``obs = {"global": [B, G], "slots": [B, S, F]}``, masks `ActionMasks` with a
+  leading ``[B]`` dim, actions ``LongTensor [B, 4]`` (op, slot, blueprint, blend);
+- sequences are **time-major**, like `torch.nn.LSTM`: ``global [T, B, G]``,
+  ``slots [T, B, S, F]``, masks ``[T, B, ...]``, actions ``[T, B, 4]``;
+- the recurrent state is ``(h, c)``, each ``[1, B, hidden]``.
+
+Slots pass through one shared encoder and are pooled (mean and max) before the LSTM, and
+the slot head scores every slot from its own embedding plus the LSTM output, so no
+parameter shape depends on the number of slots: weights trained with one slot count act
+with another.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from esper.actions import NUM_OPS, ActionMasks, LifecycleOp
+from esper.policy.distributions import MaskedCategorical
+
+Hidden = tuple[torch.Tensor, torch.Tensor]
+HEADS: tuple[str, ...] = ("op", "slot", "blueprint", "blend")
+
+
+@dataclass
+class PolicyStep:
+    """One decision for a batch of envs. Unused heads carry action 0 and log-prob 0."""
+
+    actions: torch.Tensor  # [B, 4] long
+    log_probs: torch.Tensor  # [B, 4] per head
+    values: torch.Tensor  # [B] critic output (in the critic's own, normalised, units)
+    hidden: Hidden  # state after this step
+
+
+@dataclass
+class SequenceEvaluation:
+    """Re-evaluation of stored actions over ``[T, B]`` sequences."""
+
+    log_probs: torch.Tensor  # [T, B, 4], 0 where the head is unused
+    values: torch.Tensor  # [T, B]
+    entropies: torch.Tensor  # [T, B, 4], normalised by log(#valid), 0 where unused
+    head_used: torch.Tensor  # [T, B, 4] bool
+
+
+def _mlp(in_dim: int, out_dim: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(in_dim, out_dim), nn.ReLU(), nn.Linear(out_dim, out_dim), nn.ReLU()
+    )
+
+
+def _first_only(rows: int, width: int, device: torch.device) -> torch.Tensor:
+    """A valid stand-in mask row for heads the op does not use (their mask rows may be empty)."""
+    dummy = torch.zeros(rows, width, dtype=torch.bool, device=device)
+    dummy[:, 0] = True
+    return dummy
+
+
+class FactoredRecurrentActorCritic(nn.Module):
+    """Global encoder + shared per-slot encoder → LSTM → op/slot/blueprint/blend heads + critic.
+
+    Heads are sampled in order op → slot → blueprint → blend; the slot head sees the chosen
+    op, the blueprint and blend heads see the chosen slot's embedding.
+    """
+
+    def __init__(
+        self,
+        num_slots: int,
+        global_dim: int,
+        slot_dim: int,
+        num_blueprints: int,
+        num_blends: int = 3,
+        hidden: int = 128,
+        embed: int = 64,
+    ) -> None:
+        super().__init__()
+        for name, value in (
+            ("num_slots", num_slots),
+            ("global_dim", global_dim),
+            ("slot_dim", slot_dim),
+            ("num_blueprints", num_blueprints),
+            ("num_blends", num_blends),
+            ("hidden", hidden),
+            ("embed", embed),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.num_slots = num_slots
+        self.global_dim, self.slot_dim = global_dim, slot_dim
+        self.num_blueprints, self.num_blends = num_blueprints, num_blends
+        self.hidden_size, self.embed_size = hidden, embed
+
+        self.global_encoder = _mlp(global_dim, embed)
+        self.slot_encoder = _mlp(slot_dim, embed)
+        self.lstm = nn.LSTM(3 * embed, hidden)
+        self.op_head = nn.Linear(hidden, NUM_OPS)
+        self.op_embedding = nn.Embedding(NUM_OPS, embed)
+        # Additive attention: score(slot) = v . tanh(W_q [core, op] + W_k slot_embedding).
+        self.slot_query = nn.Linear(hidden + embed, embed)
+        self.slot_key = nn.Linear(embed, embed)
+        # No bias: a shift common to all slots cannot change a softmax over them.
+        self.slot_score = nn.Linear(embed, 1, bias=False)
+        self.choice_trunk = nn.Sequential(nn.Linear(hidden + embed, hidden), nn.ReLU())
+        self.blueprint_head = nn.Linear(hidden, num_blueprints)
+        self.blend_head = nn.Linear(hidden, num_blends)
+        self.value_head = nn.Linear(hidden, 1)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # CleanRL/SB3 convention: orthogonal init, near-uniform initial policy (gain 0.01).
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.orthogonal_(module.weight, gain=2**0.5)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        for head in (self.op_head, self.slot_score, self.blueprint_head, self.blend_head):
+            nn.init.orthogonal_(head.weight, gain=0.01)
+        nn.init.orthogonal_(self.value_head.weight, gain=1.0)
+        for name, param in self.lstm.named_parameters():
+            if "bias" in name:
+                nn.init.zeros_(param)
+            else:
+                nn.init.orthogonal_(param)
+
+    # -- state --------------------------------------------------------------------------
+    def get_initial_hidden(self, batch: int, device: torch.device | str | None = None) -> Hidden:
+        device = device if device is not None else self.value_head.weight.device
+        zeros = torch.zeros(1, batch, self.hidden_size, device=device)
+        return zeros, zeros.clone()
+
+    # -- trunk --------------------------------------------------------------------------
+    def _check_obs(self, obs: Mapping[str, torch.Tensor], time_major: bool) -> None:
+        g, s = obs["global"], obs["slots"]
+        lead = 2 if time_major else 1
+        if g.dim() != lead + 1 or g.shape[-1] != self.global_dim:
+            raise ValueError(
+                f"obs['global'] must have shape {'[T, B' if time_major else '[B'}, "
+                f"{self.global_dim}], got {tuple(g.shape)}"
+            )
+        if s.dim() != lead + 2 or s.shape[-1] != self.slot_dim or s.shape[-2] != self.num_slots:
+            raise ValueError(
+                f"obs['slots'] must have shape {'[T, B' if time_major else '[B'}, "
+                f"{self.num_slots}, {self.slot_dim}] (num_slots, slot_dim), got {tuple(s.shape)}"
+            )
+        if s.shape[:lead] != g.shape[:lead]:
+            raise ValueError(
+                f"obs['global'] {tuple(g.shape)} and obs['slots'] {tuple(s.shape)} "
+                "disagree on the leading dims"
+            )
+
+    def forward(
+        self, obs_seq: Mapping[str, torch.Tensor], hidden: Hidden
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Hidden]:
+        """Time-major trunk: returns (core [T,B,H], slot_emb [T,B,S,E], values [T,B], hidden).
+
+        One `nn.LSTM` call covers the whole sequence. Sequences never cross an episode
+        boundary (the buffer cuts them there), so no mid-sequence state reset is needed.
+        """
+        self._check_obs(obs_seq, time_major=True)
+        global_emb = self.global_encoder(obs_seq["global"].float())
+        slot_emb = self.slot_encoder(obs_seq["slots"].float())
+        pooled = torch.cat([global_emb, slot_emb.mean(-2), slot_emb.amax(-2)], dim=-1)
+        core, new_hidden = self.lstm(pooled, hidden)
+        values = self.value_head(core).squeeze(-1)
+        return core, slot_emb, values, new_hidden
+
+    # -- heads --------------------------------------------------------------------------
+    def _heads(
+        self,
+        core: torch.Tensor,
+        slot_emb: torch.Tensor,
+        masks: ActionMasks,
+        actions: torch.Tensor | None,
+        deterministic: bool,
+        generator: torch.Generator | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Flat rows [M]: returns actions [M,4], log-probs [M,4], entropies [M,4], used [M,4]."""
+        rows, num_slots = slot_emb.shape[0], slot_emb.shape[1]
+        idx = torch.arange(rows, device=core.device)
+
+        def choose(dist: MaskedCategorical, head: int) -> torch.Tensor:
+            if actions is not None:
+                return actions[:, head].long()
+            return dist.mode() if deterministic else dist.sample(generator)
+
+        op_dist = MaskedCategorical(self.op_head(core), masks.op)
+        op = choose(op_dist, 0)
+        uses_slot = op != LifecycleOp.WAIT
+        uses_choice = op == LifecycleOp.GERMINATE
+
+        slot_mask = masks.slot[idx, op]
+        slot_mask = torch.where(
+            uses_slot[:, None], slot_mask, _first_only(rows, num_slots, core.device)
+        )
+        query = self.slot_query(torch.cat([core, self.op_embedding(op)], dim=-1))
+        scores = self.slot_score(torch.tanh(query[:, None, :] + self.slot_key(slot_emb)))
+        slot_dist = MaskedCategorical(scores.squeeze(-1), slot_mask)
+        slot = torch.where(uses_slot, choose(slot_dist, 1), 0)
+
+        trunk = self.choice_trunk(torch.cat([core, slot_emb[idx, slot]], dim=-1))
+        bp_mask = torch.where(
+            uses_choice[:, None],
+            masks.blueprint[idx, slot],
+            _first_only(rows, self.num_blueprints, core.device),
+        )
+        bp_dist = MaskedCategorical(self.blueprint_head(trunk), bp_mask)
+        blend_mask = torch.where(
+            uses_choice[:, None], masks.blend, _first_only(rows, self.num_blends, core.device)
+        )
+        blend_dist = MaskedCategorical(self.blend_head(trunk), blend_mask)
+        blueprint = torch.where(uses_choice, choose(bp_dist, 2), 0)
+        blend = torch.where(uses_choice, choose(blend_dist, 3), 0)
+
+        used = torch.stack([torch.ones_like(uses_slot), uses_slot, uses_choice, uses_choice], -1)
+        chosen = torch.stack([op, slot, blueprint, blend], dim=-1)
+        dists = (op_dist, slot_dist, bp_dist, blend_dist)
+        log_probs = torch.stack([d.log_prob(chosen[:, i]) for i, d in enumerate(dists)], -1)
+        entropies = torch.stack([d.normalized_entropy() for d in dists], -1)
+        zero = torch.zeros_like(log_probs)
+        return chosen, torch.where(used, log_probs, zero), torch.where(used, entropies, zero), used
+
+    def _check_masks(self, masks: ActionMasks, lead: tuple[int, ...]) -> None:
+        expected = {
+            "op": (*lead, NUM_OPS),
+            "slot": (*lead, NUM_OPS, self.num_slots),
+            "blueprint": (*lead, self.num_slots, self.num_blueprints),
+            "blend": (*lead, self.num_blends),
+        }
+        for name, tensor in masks.as_dict().items():
+            if tuple(tensor.shape) != expected[name]:
+                raise ValueError(
+                    f"masks.{name} must have shape {list(expected[name])}, got {list(tensor.shape)}"
+                )
+
+    @staticmethod
+    def _flat_masks(masks: ActionMasks, lead: int) -> ActionMasks:
+        return ActionMasks(*(t.reshape(-1, *t.shape[lead:]) for t in masks.as_tuple()))
+
+    def get_action(
+        self,
+        obs: Mapping[str, torch.Tensor],
+        hidden: Hidden,
+        masks: ActionMasks,
+        deterministic: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> PolicyStep:
+        """Sample (or take the mode of) one factored action per env; always legal under masks."""
+        self._check_obs(obs, time_major=False)
+        batch = obs["global"].shape[0]
+        self._check_masks(masks, (batch,))
+        step_obs = {k: obs[k].unsqueeze(0) for k in ("global", "slots")}
+        core, slot_emb, values, new_hidden = self(step_obs, hidden)
+        actions, log_probs, _, _ = self._heads(
+            core[0], slot_emb[0], masks, None, deterministic, generator
+        )
+        return PolicyStep(actions, log_probs, values[0], new_hidden)
+
+    def get_value(self, obs: Mapping[str, torch.Tensor], hidden: Hidden) -> torch.Tensor:
+        """Critic output [B] for one step from ``hidden`` (used to bootstrap truncations)."""
+        self._check_obs(obs, time_major=False)
+        step_obs = {k: obs[k].unsqueeze(0) for k in ("global", "slots")}
+        return self(step_obs, hidden)[2][0]
+
+    def evaluate_actions(
+        self,
+        obs_seq: Mapping[str, torch.Tensor],
+        actions: torch.Tensor,
+        masks: ActionMasks,
+        hidden0: Hidden,
+    ) -> SequenceEvaluation:
+        """Log-probs, values and normalised entropies of stored actions over [T, B] sequences."""
+        self._check_obs(obs_seq, time_major=True)
+        t, b = obs_seq["global"].shape[:2]
+        self._check_masks(masks, (t, b))
+        if tuple(actions.shape) != (t, b, 4):
+            raise ValueError(f"actions must have shape [{t}, {b}, 4], got {list(actions.shape)}")
+        core, slot_emb, values, _ = self(obs_seq, hidden0)
+        _, log_probs, entropies, used = self._heads(
+            core.reshape(t * b, -1),
+            slot_emb.reshape(t * b, self.num_slots, -1),
+            self._flat_masks(masks, 2),
+            actions.reshape(t * b, 4),
+            deterministic=False,
+            generator=None,
+        )
+        return SequenceEvaluation(
+            log_probs.reshape(t, b, 4),
+            values,
+            entropies.reshape(t, b, 4),
+            used.reshape(t, b, 4),
+        )

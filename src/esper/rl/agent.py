@@ -1,0 +1,283 @@
+"""`PPOAgent`: the learned controller's network, optimiser, buffer, normalisers and checkpoints.
+
+Rollout loop (N lockstep envs; observations ``{"global": [N, G], "slots": [N, S, F]}``)::
+
+    hidden = agent.initial_hidden(N)
+    for _ in range(steps):
+        step = agent.act(obs, masks, hidden, slot_ids=slot_config.slot_ids)
+        obs, rewards, terminated, truncated, final_obs = env.step(step.actions)
+        agent.record(step, rewards, terminated, truncated, final_obs=final_obs)
+        hidden = agent.reset_hidden(step.hidden, terminated | truncated)
+    diagnostics = agent.update(next_obs=obs, next_hidden=hidden)
+
+``final_obs`` is the observation a truncated env reached before its auto-reset (rows of
+other envs are ignored); its value bootstraps the truncated return.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from esper.actions import BLEND_ALGORITHMS, ActionMasks
+from esper.policy.network import FactoredRecurrentActorCritic, Hidden
+from esper.rl.buffer import RolloutBuffer
+from esper.rl.checkpoint import load_checkpoint, save_checkpoint
+from esper.rl.normalizers import ObservationNormalizer, RunningMeanStd
+from esper.rl.ppo import PPOConfig, compute_gae, explained_variance, ppo_update
+from esper.slots import SlotConfig
+
+
+@dataclass
+class AgentStep:
+    """One decision of the agent for N envs, plus what the buffer needs to store it."""
+
+    actions: torch.Tensor  # [N, 4] long: op, slot, blueprint, blend
+    log_probs: torch.Tensor  # [N, 4]
+    values: torch.Tensor  # [N] in reward units
+    hidden: Hidden  # state after acting; feed to the next act()
+    obs: dict[str, torch.Tensor] = field(repr=False)  # normalised
+    masks: ActionMasks = field(repr=False)
+    hidden_in: Hidden = field(repr=False)
+    slot_ids: tuple[str, ...] = field(repr=False, default=())
+
+
+class PPOAgent:
+    """Masked recurrent PPO controller for any number of slots."""
+
+    def __init__(
+        self,
+        slot_config: SlotConfig,
+        global_dim: int,
+        slot_dim: int,
+        blueprints: Sequence[str],
+        config: PPOConfig | None = None,
+        device: torch.device | str = "cpu",
+        blends: Sequence[str] = BLEND_ALGORITHMS,
+    ) -> None:
+        if not isinstance(slot_config, SlotConfig):
+            raise TypeError(f"slot_config must be a SlotConfig, got {type(slot_config).__name__}")
+        self.slot_config = slot_config
+        self.global_dim, self.slot_dim = global_dim, slot_dim
+        self.blueprints, self.blends = tuple(blueprints), tuple(blends)
+        if not self.blueprints:
+            raise ValueError("PPOAgent needs at least one blueprint name")
+        self.config = config if config is not None else PPOConfig()
+        self.device = torch.device(device)
+        torch.manual_seed(self.config.seed)
+        self.network = FactoredRecurrentActorCritic(
+            num_slots=slot_config.num_slots,
+            global_dim=global_dim,
+            slot_dim=slot_dim,
+            num_blueprints=len(self.blueprints),
+            num_blends=len(self.blends),
+            hidden=self.config.hidden,
+            embed=self.config.embed,
+        ).to(self.device)
+        self.optimizer = torch.optim.Adam(
+            self.network.parameters(), lr=self.config.learning_rate, eps=self.config.adam_eps
+        )
+        self.obs_normalizer = ObservationNormalizer(
+            global_dim, slot_dim, clip=self.config.obs_clip, device=self.device
+        )
+        self.return_normalizer = RunningMeanStd(1, device=self.device)
+        self.generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
+        self.buffer: RolloutBuffer | None = None
+        self.counters = {"updates": 0, "env_steps": 0, "episodes": 0}
+
+    # -- acting ---------------------------------------------------------------------------
+    def initial_hidden(self, num_envs: int) -> Hidden:
+        return self.network.get_initial_hidden(num_envs, self.device)
+
+    @staticmethod
+    def reset_hidden(hidden: Hidden, done: torch.Tensor) -> Hidden:
+        """Zero the state of envs whose episode just ended (they auto-reset)."""
+        keep = (~done.bool()).to(hidden[0].dtype).view(1, -1, 1)
+        return hidden[0] * keep, hidden[1] * keep
+
+    def _prepare_obs(
+        self, obs: Mapping[str, torch.Tensor], update: bool
+    ) -> dict[str, torch.Tensor]:
+        obs = {k: obs[k].to(self.device) for k in ("global", "slots")}
+        if not self.config.normalize_observations:
+            return {k: v.float() for k, v in obs.items()}
+        if update:
+            self.obs_normalizer.update(obs)
+        return self.obs_normalizer.normalize(obs)
+
+    def _to_reward_units(self, critic_out: torch.Tensor) -> torch.Tensor:
+        if not self.config.normalize_returns:
+            return critic_out
+        return self.return_normalizer.denormalize(critic_out.unsqueeze(-1)).squeeze(-1)
+
+    def _check_slot_ids(self, slot_ids: Sequence[str] | None, what: str) -> tuple[str, ...]:
+        if slot_ids is not None:
+            self.slot_config.check_matches(slot_ids, what=what)
+        return self.slot_config.slot_ids
+
+    @torch.no_grad()
+    def act(
+        self,
+        obs: Mapping[str, torch.Tensor],
+        masks: ActionMasks,
+        hidden: Hidden,
+        deterministic: bool = False,
+        *,
+        slot_ids: Sequence[str] | None = None,
+        update_normalizer: bool | None = None,
+    ) -> AgentStep:
+        """Choose legal actions for N envs. Observation statistics are updated while
+        exploring (``update_normalizer`` defaults to ``not deterministic``)."""
+        ids = self._check_slot_ids(slot_ids, "the observation")
+        update = (not deterministic) if update_normalizer is None else update_normalizer
+        norm_obs = self._prepare_obs(obs, update)
+        masks = masks.to(self.device)
+        out = self.network.get_action(
+            norm_obs, hidden, masks, deterministic=deterministic, generator=self.generator
+        )
+        return AgentStep(
+            actions=out.actions,
+            log_probs=out.log_probs,
+            values=self._to_reward_units(out.values),
+            hidden=out.hidden,
+            obs=norm_obs,
+            masks=masks,
+            hidden_in=hidden,
+            slot_ids=ids,
+        )
+
+    @torch.no_grad()
+    def value(self, obs: Mapping[str, torch.Tensor], hidden: Hidden) -> torch.Tensor:
+        """V(obs) [N] in reward units from ``hidden`` (no statistics update)."""
+        return self._to_reward_units(self.network.get_value(self._prepare_obs(obs, False), hidden))
+
+    def record(
+        self,
+        step: AgentStep,
+        rewards: torch.Tensor,
+        terminated: torch.Tensor,
+        truncated: torch.Tensor,
+        final_obs: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Store the outcome of ``step`` in the buffer."""
+        n = step.actions.shape[0]
+        if self.buffer is None or self.buffer.num_envs != n:
+            if self.buffer is not None and self.buffer.num_steps:
+                raise ValueError(
+                    f"the buffer holds steps of {self.buffer.num_envs} envs; got a step of {n}"
+                )
+            self.buffer = RolloutBuffer(self.slot_config, n)
+        dev = self.device
+        terminated, truncated = terminated.to(dev).bool(), truncated.to(dev).bool()
+        boot = None
+        if bool((truncated & ~terminated).any()):
+            if final_obs is None:
+                raise ValueError("an env was truncated: pass final_obs to bootstrap its value")
+            boot = self.value(final_obs, step.hidden)
+        self.buffer.add(
+            slot_ids=step.slot_ids,
+            obs=step.obs,
+            masks=step.masks,
+            actions=step.actions,
+            log_probs=step.log_probs,
+            values=step.values,
+            hidden_in=step.hidden_in,
+            rewards=rewards.to(dev).float(),
+            terminated=terminated,
+            truncated=truncated,
+            bootstrap_values=boot,
+        )
+        self.counters["env_steps"] += n
+        self.counters["episodes"] += int((terminated | truncated).sum())
+
+    # -- learning -------------------------------------------------------------------------
+    def update(
+        self,
+        next_obs: Mapping[str, torch.Tensor] | None = None,
+        next_hidden: Hidden | None = None,
+    ) -> dict[str, float]:
+        """One PPO update on the buffer, then clear it. Envs still mid-episode are cut here
+        and bootstrapped from V(next_obs); pass the observation after the last recorded step
+        and the hidden state returned with it."""
+        buffer = self.buffer
+        if buffer is None or buffer.num_steps == 0:
+            raise RuntimeError("update() called with an empty buffer: record() steps first")
+        if buffer.has_open_segments:
+            if next_obs is None or next_hidden is None:
+                raise ValueError(
+                    "some episodes are still running: pass next_obs and next_hidden so their "
+                    "return can be bootstrapped at the rollout end"
+                )
+            buffer.close_open_segments(self.value(next_obs, next_hidden))
+        batch = buffer.build()
+        cfg = self.config
+        advantages, returns = compute_gae(
+            batch.rewards, batch.values, batch.next_values, batch.valid, cfg.gamma, cfg.gae_lambda
+        )
+        targets = returns
+        if cfg.normalize_returns:
+            self.return_normalizer.update(returns[batch.valid].unsqueeze(-1))
+            targets = self.return_normalizer.normalize(returns.unsqueeze(-1)).squeeze(-1)
+        self.network.train()
+        diagnostics = ppo_update(
+            self.network, self.optimizer, batch, advantages, targets, cfg, self.generator
+        )
+        diagnostics["explained_variance"] = explained_variance(
+            batch.values[batch.valid], returns[batch.valid]
+        )
+        diagnostics["mean_reward"] = float(batch.rewards[batch.valid].mean())
+        diagnostics["n_sequences"] = float(batch.num_sequences)
+        buffer.clear()
+        self.counters["updates"] += 1
+        return diagnostics
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, object]:
+        """Tensors and primitives only, so ``torch.load(weights_only=True)`` reads it back."""
+        return {
+            "slot_ids": list(self.slot_config.slot_ids),
+            "global_dim": self.global_dim,
+            "slot_dim": self.slot_dim,
+            "blueprints": list(self.blueprints),
+            "blends": list(self.blends),
+            "config": {
+                k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.config).items()
+            },
+            "network": self.network.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "obs_normalizer": self.obs_normalizer.state_dict(),
+            "return_normalizer": self.return_normalizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "counters": dict(self.counters),
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write a checkpoint atomically (temp file + rename); returns the path."""
+        return save_checkpoint(self.state_dict(), path)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        slot_config: SlotConfig | None = None,
+        device: torch.device | str = "cpu",
+        *,
+        global_dim: int | None = None,
+        slot_dim: int | None = None,
+        blueprints: Sequence[str] | None = None,
+    ) -> PPOAgent:
+        """Restore an agent; ``slot_config`` may differ from the saved one (any slot count).
+
+        ``global_dim``/``slot_dim``/``blueprints``, when given, must match the checkpoint's
+        observation and action schema; otherwise `CheckpointError` names both sides.
+        """
+        return load_checkpoint(
+            cls,
+            path,
+            slot_config=slot_config,
+            device=device,
+            expected={"global_dim": global_dim, "slot_dim": slot_dim, "blueprints": blueprints},
+        )

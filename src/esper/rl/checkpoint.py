@@ -1,0 +1,140 @@
+"""Agent checkpoints: atomic writes, safe reads, and errors that name the file and the problem.
+
+A checkpoint is a dict of tensors and primitives (no pickled classes), read back with
+``torch.load(weights_only=True)``: a file that would need arbitrary objects — for
+instance a pickle carrying code — is refused, never executed.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from esper.slots import SlotConfig
+
+if TYPE_CHECKING:
+    from esper.rl.agent import PPOAgent
+
+CHECKPOINT_FORMAT = "esper.ppo_agent"
+CHECKPOINT_VERSION = 1
+_REQUIRED = (
+    "slot_ids",
+    "global_dim",
+    "slot_dim",
+    "blueprints",
+    "blends",
+    "config",
+    "network",
+    "optimizer",
+    "obs_normalizer",
+    "return_normalizer",
+    "counters",
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, unreadable, foreign, unsafe, or of another schema."""
+
+
+def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> Path:
+    """Write ``state`` to ``path`` via a temp file in the same folder and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": CHECKPOINT_FORMAT, "schema_version": CHECKPOINT_VERSION, **state}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load and validate the envelope of a checkpoint; every failure is a `CheckpointError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path}: no such file")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only" in str(exc).lower():
+            raise CheckpointError(
+                f"checkpoint {path}: refused: it holds Python objects other than tensors and "
+                "primitives (only weights_only=True loading is allowed; the file may carry code)"
+            ) from None
+        raise CheckpointError(f"checkpoint {path}: corrupt file ({exc})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"checkpoint {path}: unreadable, corrupt or truncated ({first_line})"
+        ) from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"checkpoint {path}: not an Esper PPO agent checkpoint "
+            f"(expected format {CHECKPOINT_FORMAT!r})"
+        )
+    version = payload.get("schema_version")
+    if version != CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {path}: schema version {version!r}, this Esper reads version "
+            f"{CHECKPOINT_VERSION}"
+        )
+    missing = [k for k in _REQUIRED if k not in payload]
+    if missing:
+        raise CheckpointError(f"checkpoint {path}: missing entries {missing}")
+    return payload
+
+
+def load_checkpoint(
+    cls: type[PPOAgent],
+    path: str | Path,
+    slot_config: SlotConfig | None,
+    device: torch.device | str,
+    expected: Mapping[str, Any],
+) -> PPOAgent:
+    """Rebuild an agent from ``path``, for ``slot_config`` (default: the saved slots)."""
+    from esper.rl.ppo import PPOConfig
+
+    payload = read_checkpoint(path)
+    for key, want in expected.items():
+        have = payload[key]
+        if want is not None and (list(want) if key == "blueprints" else want) != have:
+            raise CheckpointError(
+                f"checkpoint {path}: observation/action schema differs: {key} is {have!r} in "
+                f"the checkpoint, expected {list(want) if key == 'blueprints' else want!r}"
+            )
+    try:
+        saved_slots = SlotConfig(tuple(payload["slot_ids"]))
+        config = PPOConfig(**payload["config"])
+        agent = cls(
+            slot_config if slot_config is not None else saved_slots,
+            payload["global_dim"],
+            payload["slot_dim"],
+            payload["blueprints"],
+            config=config,
+            device=device,
+            blends=payload["blends"],
+        )
+        agent.network.load_state_dict(payload["network"])
+        agent.optimizer.load_state_dict(payload["optimizer"])
+        agent.obs_normalizer.load_state_dict(payload["obs_normalizer"])
+        agent.return_normalizer.load_state_dict(payload["return_normalizer"])
+        if "generator" in payload:
+            agent.generator.set_state(payload["generator"])
+        agent.counters.update({k: int(v) for k, v in payload["counters"].items()})
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"checkpoint {path}: inconsistent contents ({first_line})") from None
+    return agent

@@ -1,0 +1,99 @@
+"""Running mean/variance normalisers for observations and returns.
+
+Statistics are float64 tensors on the device of the data (no host round-trip per step),
+stored through ``state_dict`` so a checkpoint restores them exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+
+class RunningMeanStd:
+    """Mean and variance of a stream of vectors of shape ``[dim]`` (Chan et al. merge)."""
+
+    def __init__(self, dim: int, device: torch.device | str = "cpu", epsilon: float = 1e-4):
+        self.mean = torch.zeros(dim, dtype=torch.float64, device=device)
+        self.var = torch.ones(dim, dtype=torch.float64, device=device)
+        # A small prior count keeps the first batches from dividing by a zero variance.
+        self.count = torch.tensor(epsilon, dtype=torch.float64, device=device)
+
+    @property
+    def dim(self) -> int:
+        return self.mean.shape[0]
+
+    def update(self, x: torch.Tensor) -> None:
+        """Fold in a batch ``[..., dim]``; rows are flattened."""
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"expected last dim {self.dim}, got shape {tuple(x.shape)}")
+        batch = x.detach().reshape(-1, self.dim).to(torch.float64)
+        n = batch.shape[0]
+        if n == 0:
+            return
+        batch_mean = batch.mean(0)
+        batch_var = batch.var(0, unbiased=False)
+        delta = batch_mean - self.mean
+        total = self.count + n
+        self.mean = self.mean + delta * n / total
+        m2 = self.var * self.count + batch_var * n + delta.square() * self.count * n / total
+        self.var = m2 / total
+        self.count = total
+
+    @property
+    def std(self) -> torch.Tensor:
+        return torch.sqrt(self.var + 1e-8)
+
+    def normalize(self, x: torch.Tensor, clip: float | None = None) -> torch.Tensor:
+        out = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        return out.clamp(-clip, clip) if clip is not None else out
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.std.to(x.dtype) + self.mean.to(x.dtype)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"mean": self.mean.clone(), "var": self.var.clone(), "count": self.count.clone()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        mean, var, count = state["mean"], state["var"], state["count"]
+        if tuple(mean.shape) != (self.dim,) or tuple(var.shape) != (self.dim,):
+            raise ValueError(
+                f"normaliser statistics have shape {tuple(mean.shape)}, expected ({self.dim},)"
+            )
+        device = self.mean.device
+        self.mean = mean.to(device, torch.float64)
+        self.var = var.to(device, torch.float64)
+        self.count = count.to(device, torch.float64).reshape(())
+
+
+class ObservationNormalizer:
+    """Normalises ``obs["global"]`` per feature and ``obs["slots"]`` per slot feature.
+
+    Slot statistics are pooled over all slots, so they neither depend on the slot count nor
+    on which slot a feature row belongs to: a checkpoint normalises the same at any N.
+    """
+
+    def __init__(
+        self, global_dim: int, slot_dim: int, clip: float = 10.0, device: torch.device | str = "cpu"
+    ):
+        self.global_stats = RunningMeanStd(global_dim, device)
+        self.slot_stats = RunningMeanStd(slot_dim, device)
+        self.clip = clip
+
+    def update(self, obs: Mapping[str, torch.Tensor]) -> None:
+        self.global_stats.update(obs["global"])
+        self.slot_stats.update(obs["slots"])
+
+    def normalize(self, obs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {
+            "global": self.global_stats.normalize(obs["global"].float(), self.clip),
+            "slots": self.slot_stats.normalize(obs["slots"].float(), self.clip),
+        }
+
+    def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {"global": self.global_stats.state_dict(), "slots": self.slot_stats.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+        self.global_stats.load_state_dict(state["global"])
+        self.slot_stats.load_state_dict(state["slots"])

@@ -1,0 +1,198 @@
+"""Masked recurrent PPO: the config, GAE and the update loop as plain functions.
+
+Read top to bottom against Schulman et al. (2017) and the "37 implementation details"
+list: GAE(λ) with bootstrap at truncation, advantage normalisation, clipped surrogate,
+value loss on normalised returns, entropy bonus per head, global gradient clipping, and
+an approximate-KL early stop checked *before* each optimiser step (so a step that would
+push the policy too far is never taken). Each minibatch is a set of whole sequences
+replayed with one batched LSTM call from their stored initial states.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from esper.policy.network import HEADS, FactoredRecurrentActorCritic
+from esper.rl.buffer import SequenceBatch
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    """Hyperparameters of the learned controller. Defaults follow CleanRL's LSTM PPO."""
+
+    learning_rate: float = 3e-4
+    adam_eps: float = 1e-5  # CleanRL/SB3 default; 1e-8 makes early updates jumpy
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    n_epochs: int = 4  # passes over the buffer per update
+    num_minibatches: int = 4  # minibatches of whole sequences per pass (capped at #sequences)
+    clip_coef: float = 0.2  # surrogate clip range: ratio kept in [1 - clip, 1 + clip]
+    vf_coef: float = 0.5
+    ent_coef: float = 0.01
+    # Relative weight of each head's entropy (op, slot, blueprint, blend) in the bonus.
+    head_entropy_weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)
+    max_grad_norm: float = 0.5  # global L2 norm over all parameters
+    # Stop the update (before stepping) when approx KL exceeds 1.5 * target_kl (SB3 rule).
+    target_kl: float | None = 0.03
+    normalize_advantages: bool = True
+    normalize_observations: bool = True
+    normalize_returns: bool = True  # critic predicts normalised returns
+    obs_clip: float = 10.0
+    hidden: int = 128  # LSTM size
+    embed: int = 64  # encoder width
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        positive = ("learning_rate", "n_epochs", "num_minibatches", "clip_coef", "max_grad_norm")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"PPOConfig.{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("gamma", "gae_lambda"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"PPOConfig.{name} must be in [0, 1], got {getattr(self, name)!r}")
+        if len(self.head_entropy_weights) != len(HEADS):
+            raise ValueError(
+                f"head_entropy_weights needs one weight per head {HEADS}, "
+                f"got {self.head_entropy_weights!r}"
+            )
+        object.__setattr__(self, "head_entropy_weights", tuple(self.head_entropy_weights))
+
+
+def compute_gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    next_values: torch.Tensor,
+    valid: torch.Tensor,
+    gamma: float,
+    gae_lambda: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE over time-major ``[T, M]`` segments; returns (advantages, returns).
+
+    ``next_values[t]`` is V(s_{t+1}) inside a segment, the bootstrap value at its last
+    step when the episode was truncated or cut by the rollout end, and 0 after a true
+    termination. Segments end at episode ends, so the λ-recursion simply stops at the
+    segment's last valid step. Padded steps get advantage 0.
+    """
+    mask = valid.to(values.dtype)
+    deltas = (rewards + gamma * next_values - values) * mask
+    advantages = torch.zeros_like(values)
+    running = torch.zeros_like(values[0])
+    for t in range(values.shape[0] - 1, -1, -1):
+        running = deltas[t] + gamma * gae_lambda * running * (
+            mask[t + 1] if t + 1 < len(mask) else 0
+        )
+        advantages[t] = running
+    return advantages, (advantages + values) * mask
+
+
+def explained_variance(predicted: torch.Tensor, target: torch.Tensor) -> float:
+    """1 - Var(target - predicted) / Var(target); NaN when the target is constant."""
+    var = target.var(unbiased=False)
+    if float(var) == 0.0:
+        return float("nan")
+    return float(1.0 - (target - predicted).var(unbiased=False) / var)
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.to(x.dtype)
+    return (x * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def ppo_update(
+    network: FactoredRecurrentActorCritic,
+    optimizer: torch.optim.Optimizer,
+    batch: SequenceBatch,
+    advantages: torch.Tensor,
+    value_targets: torch.Tensor,
+    config: PPOConfig,
+    generator: torch.Generator | None = None,
+) -> dict[str, float]:
+    """``n_epochs`` passes over minibatches of whole sequences; returns diagnostics.
+
+    ``value_targets`` are in the critic's units (normalised returns when the agent
+    normalises returns). Diagnostics: mean approx KL, clip fraction, losses, per-head
+    entropy, last grad norm, steps taken, whether KL stopped the update early, and the
+    largest |ratio - 1| per head in the very first minibatch (0 up to float rounding).
+    """
+    valid = batch.valid
+    if config.normalize_advantages:
+        flat = advantages[valid]
+        advantages = (advantages - flat.mean()) / (flat.std(unbiased=False) + 1e-8) * valid
+    num_seq = batch.num_sequences
+    num_mb = min(config.num_minibatches, num_seq)
+    kl_limit = None if config.target_kl is None else 1.5 * config.target_kl
+    head_w = torch.tensor(config.head_entropy_weights, device=advantages.device)
+    stats: dict[str, list[float]] = {k: [] for k in ("kl", "clip", "pg", "v", "grad")}
+    head_entropy = torch.zeros(len(HEADS), device=advantages.device)
+    first_dev: torch.Tensor | None = None
+    steps, early_stopped = 0, False
+
+    for _ in range(config.n_epochs):
+        perm = torch.randperm(num_seq, generator=generator).to(advantages.device)
+        for columns in torch.tensor_split(perm, num_mb):
+            mb = batch.select(columns)
+            mb_valid = mb.valid
+            length = mb_valid.shape[0]
+            out = network.evaluate_actions(mb.obs, mb.actions, mb.masks, mb.hidden0)
+            head_logratio = out.log_probs - mb.log_probs
+            if first_dev is None:
+                dev = (head_logratio.exp() - 1).abs() * mb_valid[..., None]
+                first_dev = dev.detach().amax(dim=(0, 1))
+            logratio = head_logratio.sum(-1)
+            ratio = logratio.exp()
+            with torch.no_grad():
+                approx_kl = _masked_mean((ratio - 1) - logratio, mb_valid)
+                clip_frac = _masked_mean(((ratio - 1).abs() > config.clip_coef).float(), mb_valid)
+            stats["kl"].append(float(approx_kl))
+            stats["clip"].append(float(clip_frac))
+            if kl_limit is not None and float(approx_kl) > kl_limit:
+                early_stopped = True
+                break
+
+            adv = advantages[:length, columns]
+            pg_loss = _masked_mean(
+                torch.maximum(
+                    -adv * ratio,
+                    -adv * ratio.clamp(1 - config.clip_coef, 1 + config.clip_coef),
+                ),
+                mb_valid,
+            )
+            v_loss = 0.5 * _masked_mean(
+                (out.values - value_targets[:length, columns]) ** 2, mb_valid
+            )
+            used = out.head_used & mb_valid[..., None]
+            per_head = (out.entropies * used).sum((0, 1)) / used.sum((0, 1)).clamp_min(1)
+            entropy_bonus = (head_w * per_head).sum()
+            loss = pg_loss + config.vf_coef * v_loss - config.ent_coef * entropy_bonus
+
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = nn.utils.clip_grad_norm_(network.parameters(), config.max_grad_norm)
+            optimizer.step()
+            steps += 1
+            head_entropy += per_head.detach()
+            stats["pg"].append(float(pg_loss.detach()))
+            stats["v"].append(float(v_loss.detach()))
+            stats["grad"].append(float(grad_norm))
+        if early_stopped:
+            break
+
+    def mean(key: str) -> float:
+        return sum(stats[key]) / len(stats[key]) if stats[key] else float("nan")
+
+    result = {
+        "approx_kl": mean("kl"),
+        "clip_frac": mean("clip"),
+        "policy_loss": mean("pg"),
+        "value_loss": mean("v"),
+        "grad_norm": stats["grad"][-1] if stats["grad"] else float("nan"),
+        "n_minibatch_steps": float(steps),
+        "early_stopped": float(early_stopped),
+    }
+    for i, head in enumerate(HEADS):
+        result[f"entropy/{head}"] = float(head_entropy[i] / max(steps, 1))
+        result[f"first_ratio_dev/{head}"] = float(first_dev[i]) if first_dev is not None else 0.0
+    return result
