@@ -136,8 +136,10 @@ def test_blueprint_cost_table_marks_wrong_topology():
     def count(topology, name, channels):
         return channels * 10 if (topology, name) != ("mlp", "conv") else None
 
-    table = blueprint_cost_table(config, ("conv", "norm"), count)
+    table = blueprint_cost_table(config, ("conv", "norm"), count, blends=("linear",))
     assert table.tolist() == [[40, 40], [-1, 80]]
+    gated = blueprint_cost_table(config, ("conv", "norm"), count)  # gate: +channels
+    assert gated.tolist() == [[44, 44], [-1, 88]]
 
 
 def test_batch_masks_follow_device_and_shapes():

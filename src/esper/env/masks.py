@@ -29,7 +29,7 @@ from typing import Protocol
 
 import torch
 
-from esper.actions import NUM_OPS, ActionMasks, LifecycleOp
+from esper.actions import BLEND_ALGORITHMS, NUM_OPS, ActionMasks, LifecycleOp
 from esper.lifecycle import LIVE_STAGES, SeedStage
 from esper.slots import SlotConfig, SlotMismatchError
 
@@ -53,22 +53,27 @@ def blueprint_cost_table(
     slot_config: SlotConfig,
     blueprints: Sequence[str],
     param_count: Callable[[str, str, int], int | None] | None = None,
+    *,
+    blends: Sequence[str] = BLEND_ALGORITHMS,
 ) -> torch.Tensor:
     """Parameter cost of each blueprint in each slot, ``[S, B]`` int64.
 
     ``-1`` marks a blueprint that does not exist for the slot's topology.
     ``param_count(topology, blueprint, channels)`` returns the seed's parameter count or
-    None where the blueprint does not apply; by default it asks ``esper.model``. The slot
+    None where the blueprint does not apply; by default it asks ``esper.model``. When the
+    gated blend is allowed its per-channel gate (``channels`` parameters) is included, so
+    a germination within budget stays within it whatever blend the agent picks. The slot
     config must carry injection specs (``SlotConfig.from_specs``).
     """
     count = _model_param_count if param_count is None else param_count
+    gate = "gated" in blends
     table = torch.full((slot_config.num_slots, len(blueprints)), -1, dtype=torch.int64)
     for i, slot_id in enumerate(slot_config.slot_ids):
         spec = slot_config.spec_for(slot_id)
         for j, name in enumerate(blueprints):
             params = count(spec.topology, name, spec.channels)
             if params is not None:
-                table[i, j] = int(params)
+                table[i, j] = int(params) + (spec.channels if gate else 0)
     return table
 
 
@@ -184,7 +189,8 @@ def stage_tensors(slot_states: Sequence[SlotStateLike]) -> tuple[torch.Tensor, t
     stages = torch.tensor([int(s.stage) for s in slot_states], dtype=torch.int64)
     contributions = torch.tensor(
         [math.nan if s.contribution is None else float(s.contribution) for s in slot_states],
-        dtype=torch.float32,
+        # float64: the threshold test must agree with the Python-float comparison exactly.
+        dtype=torch.float64,
     )
     return stages, contributions
 

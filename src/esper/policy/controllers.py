@@ -99,15 +99,31 @@ class HeuristicConfig:
     max_live_seeds: int = 1
     # Prune a live seed whose contribution is below this (raw accuracy units)...
     prune_below: float = -0.01
-    # ...once it has spent this many steps in its stage (early estimates are noisy).
-    prune_min_epochs: int = 2
+    # ...once it has spent this many steps in BLENDING/HOLDING (early estimates are noisy)
+    prune_min_epochs: int = 1
+    # ...or this many in TRAINING, where the contribution is only prospective and the
+    # model's own blend gate gets the first say.
+    training_patience: int = 4
+    # Which free slot to germinate first: "deep" (most channels) or "shallow".
+    slot_preference: str = "deep"
     # Steps without germinating after a prune (the heuristic's own embargo).
     embargo_steps: int = 2
     # Blend algorithm index used for every germination.
     blend: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("plateau_patience", "warmup_steps", "prune_min_epochs", "embargo_steps"):
+        if self.slot_preference not in ("deep", "shallow"):
+            raise ValueError(
+                f"slot_preference must be 'deep' or 'shallow', got {self.slot_preference!r}"
+            )
+        names = (
+            "plateau_patience",
+            "warmup_steps",
+            "prune_min_epochs",
+            "training_patience",
+            "embargo_steps",
+        )
+        for name in names:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_live_seeds < 1:
@@ -128,10 +144,11 @@ class HeuristicController:
     1. FOSSILIZE the first slot where the masks allow it (a HOLDING seed whose
        contribution is above the fossilize threshold).
     2. PRUNE the first live seed whose known contribution is below ``prune_below`` after
-       ``prune_min_epochs`` in its stage; then hold germination for ``embargo_steps``.
+       ``prune_min_epochs`` in BLENDING/HOLDING (``training_patience`` in TRAINING); then
+       hold germination for ``embargo_steps``.
     3. GERMINATE when quality has plateaued for ``plateau_patience`` steps, fewer than
-       ``max_live_seeds`` seeds are alive and the cooldown is over: the shallowest legal
-       slot, the next blueprint of the rotation that fits it.
+       ``max_live_seeds`` seeds are alive and the cooldown is over: the deepest (or
+       shallowest) legal slot, the next blueprint of the rotation that fits it.
     4. Otherwise WAIT.
     """
 
@@ -162,7 +179,10 @@ class HeuristicController:
 
         # Contribution is stored as tanh(gain * c); compare on the same scale.
         threshold = math.tanh(DELTA_GAIN * cfg.prune_below)
-        epochs_needed = min(cfg.prune_min_epochs, COUNTER_SCALE) / COUNTER_SCALE - 1e-6
+        patience = torch.where(
+            stages == int(SeedStage.TRAINING), cfg.training_patience, cfg.prune_min_epochs
+        )
+        epochs_needed = patience.clamp(max=COUNTER_SCALE) / COUNTER_SCALE - 1e-6
         harmful = (
             (slots[:, self._known] > 0.5)
             & (slots[:, self._contribution] < threshold)
@@ -185,7 +205,7 @@ class HeuristicController:
         )
         germinable = _legal(masks.slot[LifecycleOp.GERMINATE])
         if ready and bool(masks.op[LifecycleOp.GERMINATE]) and germinable:
-            slot = germinable[0]
+            slot = germinable[-1] if cfg.slot_preference == "deep" else germinable[0]
             legal_bps = masks.blueprint[slot]
             num_bps = legal_bps.numel()
             for k in range(num_bps):

@@ -1,0 +1,330 @@
+"""`MorphogenesisEnv`: host training as a Gymnasium environment (DESIGN.md, The environment).
+
+* ``reset(seed=)`` builds a fresh host (initialised from the episode seed), its trainer
+  (whose data order comes from the same seed) and validates it once: that quality is
+  the reward baseline ``q_0``.
+* ``step(action)`` applies the decision, then trains one step (one epoch or
+  ``batches_per_step`` batches), validates, credits seeds and advances the lifecycle
+  (`Trainer.train_step`), and returns the new observation. An episode is ``max_epochs``
+  steps; the last one returns ``truncated=True`` (never ``terminated``: the task could
+  go on, so agents should bootstrap from the final observation).
+* Actions are ``MultiDiscrete([4, S, B, L])`` = (op, slot, blueprint, blend).
+  ``action_masks()`` gives the flat per-head masks (MaskablePPO layout);
+  ``conditional_masks()`` the exact conditional `ActionMasks`. A combination that
+  passes every flat head mask but is illegal (e.g. PRUNE of an empty slot) runs as
+  WAIT, with ``info["illegal_action"] = True`` and a per-episode count. An action
+  outside the space raises `ActionIndexError`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from esper.actions import (
+    ActionIndexError,
+    ActionMasks,
+    ActionSpace,
+    FactoredAction,
+    LifecycleOp,
+)
+from esper.env.masks import blueprint_cost_table, compute_action_masks, flat_masks
+from esper.env.observations import GLOBAL_DIM, SLOT_DIM, TrainingProgress, build_observation
+from esper.env.rewards import RewardConfig, RewardTracker, contribution_potential
+from esper.model import LifecycleConfig, MorphogeneticModel, blueprints_for
+from esper.slots import SlotConfig
+from esper.training import TaskData, Trainer, get_task
+
+
+@dataclass(frozen=True)
+class EnvConfig:
+    """Everything that defines an env; every field is also a keyword of the env."""
+
+    task: str = "digits"
+    # Options of `get_task` (task options and `TrainConfig` overrides), e.g. {"depth": 8}.
+    task_options: Mapping[str, Any] = field(default_factory=dict)
+    slots: Sequence[str] | None = None  # enabled slot ids; None = the task's default slots
+    max_epochs: int | None = None  # steps per episode; None = the task's max_epochs
+    batches_per_step: int | None = None  # None = the task's setting (often a full epoch)
+    reward_mode: str = "objective"  # "objective" | "contribution" (see esper.env.rewards)
+    growth_penalty: float = 0.05  # λ in q − λ·g
+    contribution_weight: float = 1.0
+    # Parameter budget as a growth ratio: live + fossil seed params <= max_growth · host
+    # params. None = no budget. Masks never offer a blueprint that would exceed it.
+    max_growth: float | None = None
+    lifecycle: LifecycleConfig | None = None
+    device: str = "cpu"
+    data_seed: int = 0  # realisation of the data set (split); the same for every env
+    data_root: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_epochs is not None and self.max_epochs < 1:
+            raise ValueError(f"max_epochs must be >= 1, got {self.max_epochs}")
+        if self.max_growth is not None and not self.max_growth >= 0:
+            raise ValueError(f"max_growth must be >= 0 or None, got {self.max_growth}")
+
+
+class EpisodeOverError(RuntimeError):
+    """`step` was called after the episode ended."""
+
+
+class MorphogenesisEnv(gym.Env):
+    metadata: ClassVar[dict[str, Any]] = {"render_modes": []}
+
+    def __init__(
+        self,
+        config: EnvConfig | None = None,
+        *,
+        seed: int | None = None,
+        data: TaskData | None = None,
+        **options: Any,
+    ) -> None:
+        """``MorphogenesisEnv(EnvConfig(...))`` or ``MorphogenesisEnv(task=..., ...)``.
+
+        ``seed`` seeds the first `reset` that gets none; ``data`` shares an already
+        loaded `TaskData` between envs (the vector runner does), else it is loaded here.
+        """
+        super().__init__()
+        self.config = config if config is not None else EnvConfig(**options)
+        if config is not None and options:
+            raise TypeError(f"pass either config or keyword options, not both: {sorted(options)}")
+        cfg = self.config
+        self.reward_config = RewardConfig(
+            cfg.reward_mode, cfg.growth_penalty, cfg.contribution_weight
+        )  # type: ignore[arg-type]
+        task_options = dict(cfg.task_options)
+        if cfg.batches_per_step is not None:
+            task_options["batches_per_step"] = cfg.batches_per_step
+        self.task = get_task(cfg.task, **task_options)
+        self.train_config = self.task.hparams
+        self.max_epochs = cfg.max_epochs or self.train_config.max_epochs
+        if data is None:
+            data = self.task.make_data(seed=cfg.data_seed, root=cfg.data_root)
+        self.data = data
+        self.lifecycle = cfg.lifecycle if cfg.lifecycle is not None else LifecycleConfig()
+        self.device = torch.device(cfg.device)
+        # Slot config, blueprints and costs come from a throwaway host: they fix the spaces.
+        probe = MorphogeneticModel(self.task.make_host(self.data), self._slots(), self.lifecycle)
+        self.slot_config: SlotConfig = probe.slot_config
+        self.topology = probe.topology
+        self.action_spec = ActionSpace(self.slot_config, blueprints_for(self.topology))
+        self.blueprint_costs = blueprint_cost_table(
+            self.slot_config, self.action_spec.blueprints, blends=self.action_spec.blends
+        )
+        self.host_params = probe.param_counts().host
+        self.param_budget = (
+            math.inf if cfg.max_growth is None else cfg.max_growth * self.host_params
+        )
+        num_slots = self.slot_config.num_slots
+        self.observation_space = gym.spaces.Dict(
+            {
+                "global": gym.spaces.Box(-1.0, 1.0, (GLOBAL_DIM,), np.float32),
+                "slots": gym.spaces.Box(-1.0, 1.0, (num_slots, SLOT_DIM), np.float32),
+            }
+        )
+        self.action_space = gym.spaces.MultiDiscrete(np.array(self.action_spec.head_sizes))
+        self._initial_seed = seed
+        self.model: MorphogeneticModel | None = None
+        self.trainer: Trainer | None = None
+        self.episode_seed: int | None = None
+        self.illegal_actions = 0
+        self.epoch = 0
+
+    def _slots(self) -> tuple[str, ...]:
+        return (
+            tuple(self.config.slots) if self.config.slots is not None else self.task.default_slots
+        )
+
+    # -- Gymnasium API ---------------------------------------------------------------
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        if options:
+            raise ValueError(
+                f"MorphogenesisEnv.reset takes no options, got {sorted(options)}; "
+                "configure the env through its constructor (EnvConfig fields)"
+            )
+        if seed is None and self._initial_seed is not None:
+            seed, self._initial_seed = self._initial_seed, None
+        super().reset(seed=seed)
+        self.episode_seed = int(self.np_random.integers(2**31 - 1))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.episode_seed)
+            host = self.task.make_host(self.data)
+        self.model = MorphogeneticModel(host, self.slot_config, self.lifecycle)
+        self.trainer = Trainer(
+            self.model, self.data, self.train_config, seed=self.episode_seed, device=self.device
+        )
+        result = self.trainer.validate(with_counterfactuals=False)
+        self.epoch, self.illegal_actions = 0, 0
+        self._quality, self._val_loss = float(result.quality), float(result.val_loss)
+        self._rewards = RewardTracker(self.reward_config)
+        self._rewards.reset(self._quality, self.model.growth_ratio())
+        progress = TrainingProgress(
+            0,
+            self.max_epochs,
+            # No training yet: the train-side features show the validation values.
+            result.val_loss,
+            result.val_loss,
+            result.val_acc,
+            result.val_acc,
+            growth=self.model.growth_ratio(),
+            budget_left_fraction=self._budget_left_fraction(),
+        )
+        return self._observation(progress, None), self._info(result.quality)
+
+    def step(self, action):
+        if self.trainer is None or self.model is None:
+            raise EpisodeOverError("call reset() before step()")
+        if self.epoch >= self.max_epochs:
+            raise EpisodeOverError(
+                f"the episode ended after {self.max_epochs} steps; call reset() to start a new one"
+            )
+        chosen = self.parse_action(action)
+        illegal = not self.conditional_masks().allows(chosen)
+        if illegal:
+            self.illegal_actions += 1
+            chosen = FactoredAction.wait()
+        self._apply(chosen)
+        result = self.trainer.train_step()
+        self.epoch += 1
+        last = self.epoch >= self.max_epochs
+        quality = float(result.quality)
+        if not math.isfinite(quality):
+            quality = self._quality  # a failed restore: no credit either way this step
+        states = self.model.slot_states()
+        growth = self.model.growth_ratio()
+        potential = contribution_potential(
+            [s.stage for s in states],
+            [s.contribution for s in states],
+            self.reward_config.contribution_weight,
+        )
+        reward = self._rewards.step(
+            quality, growth, penalty=result.penalty, potential=potential, last=last
+        )
+        signals = self.trainer.signals
+        progress = TrainingProgress(
+            self.epoch,
+            self.max_epochs,
+            result.train_loss,
+            result.val_loss,
+            result.train_acc,
+            result.val_acc,
+            quality_delta=quality - self._quality,
+            val_loss_delta=result.val_loss - self._val_loss,
+            gap_to_best_quality=max(signals.best_quality - quality, 0.0),
+            plateau_epochs=signals.plateau_epochs,
+            growth=growth,
+            budget_left_fraction=self._budget_left_fraction(),
+            governor_rollback=result.governor_event is not None,
+            last_op=int(chosen.op),
+            last_action_illegal=illegal,
+        )
+        self._quality, self._val_loss = quality, float(result.val_loss)
+        grads = [result.seed_grad_norms.get(s.slot_id, 0.0) for s in states]
+        info = self._info(quality)
+        info.update(
+            illegal_action=illegal,
+            executed_action=chosen.as_tuple(),
+            events=[
+                {
+                    "slot_id": c.slot_id,
+                    "source": c.source.name,
+                    "target": c.target.name,
+                    "reason": c.reason,
+                }
+                for c in result.stage_changes
+            ],
+            governor_event=None if result.governor_event is None else result.governor_event.reason,
+            reward_parts=asdict(reward),
+            train_loss=float(result.train_loss),
+            val_loss=float(result.val_loss),
+        )
+        obs = self._observation(progress, grads)
+        return obs, float(reward.total), False, bool(last), info
+
+    def action_masks(self) -> np.ndarray:
+        """Flat per-head masks ``[4 + S + B + L]`` (bool), each head with >= 1 True."""
+        return flat_masks(self.conditional_masks()).numpy()
+
+    def conditional_masks(self) -> ActionMasks:
+        """Exact conditional masks of the current state (what our own agent reads)."""
+        if self.model is None:
+            raise EpisodeOverError("call reset() before asking for masks")
+        return compute_action_masks(
+            self.model.slot_states(),
+            self.slot_config,
+            self.blueprint_costs,
+            budget_left=self.budget_left(),
+            fossilize_threshold=self.lifecycle.fossilize_threshold,
+            num_blends=len(self.action_spec.blends),
+        )
+
+    # -- helpers ---------------------------------------------------------------------
+    def parse_action(self, action) -> FactoredAction:
+        """A `FactoredAction` from a MultiDiscrete sample, a 4-sequence or itself."""
+        if isinstance(action, FactoredAction):
+            values = action.as_tuple()
+        else:
+            array = np.asarray(action)
+            if array.shape != (4,) or not np.issubdtype(array.dtype, np.integer):
+                raise ActionIndexError(
+                    f"action must be 4 integers (op, slot, blueprint, blend) within "
+                    f"{list(self.action_spec.head_sizes)}, got {action!r}"
+                )
+            values = tuple(int(v) for v in array)
+        return FactoredAction.from_indices(*values, space=self.action_spec)
+
+    def budget_left(self) -> float:
+        counts = self.model.param_counts()  # type: ignore[union-attr]
+        return self.param_budget - (counts.live_seeds + counts.fossils)
+
+    def _budget_left_fraction(self) -> float:
+        if math.isinf(self.param_budget):
+            return 1.0
+        return max(self.budget_left(), 0.0) / max(self.param_budget, 1.0)
+
+    def _apply(self, action: FactoredAction) -> None:
+        model, trainer = self.model, self.trainer
+        if action.op == LifecycleOp.WAIT:
+            return
+        slot_id = self.slot_config.slot_id_for_index(action.slot)
+        if action.op == LifecycleOp.GERMINATE:
+            model.germinate(
+                slot_id,
+                self.action_spec.blueprints[action.blueprint],
+                self.action_spec.blends[action.blend],
+            )
+            trainer.on_germinate(slot_id)
+        elif action.op == LifecycleOp.FOSSILIZE:
+            model.fossilize(slot_id)
+        else:
+            model.prune(slot_id, reason="policy")
+            trainer.on_prune(slot_id)
+
+    def _observation(self, progress: TrainingProgress, grads: list[float] | None):
+        obs = build_observation(
+            progress,
+            self.model.slot_states(),
+            host_params=self.host_params,
+            blueprints=self.action_spec.blueprints,
+            grad_norms=grads,
+        )
+        return {key: value.numpy() for key, value in obs.items()}
+
+    def _info(self, quality: float) -> dict[str, Any]:
+        model = self.model
+        return {
+            "epoch": self.epoch,
+            "quality": float(quality),
+            "growth": model.growth_ratio(),
+            "objective": self._rewards.objective(quality, model.growth_ratio()),
+            "initial_objective": self._rewards.initial_objective,
+            "stages": {s.slot_id: s.stage.name for s in model.slot_states()},
+            "illegal_actions": self.illegal_actions,
+            "episode_seed": self.episode_seed,
+        }

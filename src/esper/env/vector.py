@@ -1,0 +1,135 @@
+"""`VectorMorphogenesisEnv`: E envs in lockstep in one process, batched tensors out.
+
+* Env ``i`` is seeded with ``seed + i`` on the first reset, owns its own host, trainer
+  and data order, so what env ``i`` sees does not depend on ``E``.
+* Outputs are tensors with a leading ``E``: observations ``{"global": [E, G],
+  "slots": [E, S, F]}``, conditional `ActionMasks` ``[E, ...]`` (built in one batched
+  call from the envs' stage tensors), rewards ``[E]``, terminated / truncated ``[E]``.
+* **Autoreset, same step**: when env ``i``'s episode ends, `step` resets it at once
+  (with a seed drawn from that env's own generator). ``VectorStep.obs`` and ``.masks``
+  are then the first observation / masks of the new episode, while
+  ``VectorStep.final_obs`` holds the observation the finished episode ended on (for
+  bootstrapping a truncated episode). For envs that did not finish, ``final_obs`` and
+  ``obs`` rows are equal. ``infos[i]`` is the step info; ``infos[i]["reset_info"]`` is
+  present when env ``i`` was reset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from esper.actions import ActionMasks, FactoredAction
+from esper.env.environment import EnvConfig, MorphogenesisEnv
+from esper.env.masks import compute_batch_masks, stage_tensors
+
+
+@dataclass
+class VectorStep:
+    obs: dict[str, torch.Tensor]
+    masks: ActionMasks
+    rewards: torch.Tensor  # [E] float32
+    terminated: torch.Tensor  # [E] bool
+    truncated: torch.Tensor  # [E] bool
+    final_obs: dict[str, torch.Tensor]
+    infos: list[dict[str, Any]]
+
+    @property
+    def dones(self) -> torch.Tensor:
+        return self.terminated | self.truncated
+
+
+def _stack(observations: Sequence[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+    return {
+        key: torch.from_numpy(np.stack([obs[key] for obs in observations]))
+        for key in observations[0]
+    }
+
+
+class VectorMorphogenesisEnv:
+    """E `MorphogenesisEnv` instances sharing one loaded data set, stepped together."""
+
+    def __init__(
+        self, num_envs: int, config: EnvConfig | None = None, *, seed: int = 0, **options: Any
+    ) -> None:
+        if not isinstance(num_envs, int) or num_envs < 1:
+            raise ValueError(f"num_envs must be an int >= 1, got {num_envs!r}")
+        first = MorphogenesisEnv(config, **options)
+        self.envs = [first] + [
+            MorphogenesisEnv(first.config, data=first.data) for _ in range(num_envs - 1)
+        ]
+        self.num_envs = num_envs
+        self.seed = seed
+        self.config = first.config
+        self.slot_config = first.slot_config
+        self.action_spec = first.action_spec
+        self.single_observation_space = first.observation_space
+        self.single_action_space = first.action_space
+        self._last_obs: list[dict[str, np.ndarray]] | None = None
+
+    def reset(
+        self, seed: int | None = None
+    ) -> tuple[dict[str, torch.Tensor], ActionMasks, list[dict[str, Any]]]:
+        """Reset every env; env i gets ``seed + i`` (default: the constructor's seed)."""
+        base = self.seed if seed is None else seed
+        results = [env.reset(seed=base + i) for i, env in enumerate(self.envs)]
+        self._last_obs = [obs for obs, _ in results]
+        return _stack(self._last_obs), self.masks(), [info for _, info in results]
+
+    def masks(self) -> ActionMasks:
+        """Conditional masks of every env, ``[E, ...]``, in one batched computation."""
+        stages, contributions = zip(
+            *(stage_tensors(env.model.slot_states()) for env in self._started()), strict=True
+        )
+        env0 = self.envs[0]
+        return compute_batch_masks(
+            torch.stack(stages),
+            torch.stack(contributions),
+            env0.blueprint_costs,
+            torch.tensor([env.budget_left() for env in self.envs], dtype=torch.float64),
+            fossilize_threshold=env0.lifecycle.fossilize_threshold,
+            num_blends=len(env0.action_spec.blends),
+        )
+
+    def step(self, actions: torch.Tensor | np.ndarray | Sequence[FactoredAction]) -> VectorStep:
+        """Step every env with its action (``[E, 4]`` indices or `FactoredAction`s)."""
+        self._started()
+        if isinstance(actions, torch.Tensor):
+            actions = actions.detach().cpu().numpy()
+        if len(actions) != self.num_envs:
+            raise ValueError(f"got {len(actions)} actions for {self.num_envs} envs")
+        final, current, infos = [], [], []
+        rewards, terminated, truncated = [], [], []
+        for env, action in zip(self.envs, actions, strict=True):
+            obs, reward, term, trunc, info = env.step(action)
+            final.append(obs)
+            if term or trunc:
+                obs, info["reset_info"] = env.reset()
+            current.append(obs)
+            infos.append(info)
+            rewards.append(reward)
+            terminated.append(term)
+            truncated.append(trunc)
+        self._last_obs = current
+        return VectorStep(
+            obs=_stack(current),
+            masks=self.masks(),
+            rewards=torch.tensor(rewards, dtype=torch.float32),
+            terminated=torch.tensor(terminated, dtype=torch.bool),
+            truncated=torch.tensor(truncated, dtype=torch.bool),
+            final_obs=_stack(final),
+            infos=infos,
+        )
+
+    def _started(self) -> list[MorphogenesisEnv]:
+        if self._last_obs is None:
+            raise RuntimeError("call reset() before step() or masks()")
+        return self.envs
+
+    def close(self) -> None:
+        for env in self.envs:
+            env.close()
