@@ -94,8 +94,10 @@ def test_heuristic_priorities():
     obs, masks = scene([SeedStage.DORMANT, SeedStage.DORMANT], plateau=2)
     first, state = heuristic.act(obs, masks, state)
     second, state = heuristic.act(obs, masks, state)
-    assert first == FactoredAction(LifecycleOp.GERMINATE, 0, 0, 0)
-    assert second == FactoredAction(LifecycleOp.GERMINATE, 0, 1, 0)
+    assert first == FactoredAction(LifecycleOp.GERMINATE, 1, 0, 0)  # deepest free slot
+    assert second == FactoredAction(LifecycleOp.GERMINATE, 1, 1, 0)
+    shallow = HeuristicController(HeuristicConfig(warmup_steps=0, slot_preference="shallow"))
+    assert shallow.act(obs, masks, shallow.initial_state())[0].slot == 0
     # A live seed blocks further germination (max_live_seeds = 1).
     obs, masks = scene([SeedStage.TRAINING, SeedStage.DORMANT], plateau=5)
     assert heuristic.act(obs, masks, state)[0].op == LifecycleOp.WAIT
