@@ -152,6 +152,9 @@ class MorphogenesisEnv(gym.Env):
             seed, self._initial_seed = self._initial_seed, None
         super().reset(seed=seed)
         self.episode_seed = int(self.np_random.integers(2**31 - 1))
+        # Module initialisation draws from torch's global generator: fork it so that an
+        # env's host and seeds depend on its own seeds only (not on other envs or calls).
+        self._init_rng = np.random.default_rng(self.episode_seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.episode_seed)
             host = self.task.make_host(self.data)
@@ -189,7 +192,7 @@ class MorphogenesisEnv(gym.Env):
         if illegal:
             self.illegal_actions += 1
             chosen = FactoredAction.wait()
-        self._apply(chosen)
+        events = self._apply(chosen)
         result = self.trainer.train_step()
         self.epoch += 1
         last = self.epoch >= self.max_epochs
@@ -230,13 +233,9 @@ class MorphogenesisEnv(gym.Env):
         info.update(
             illegal_action=illegal,
             executed_action=chosen.as_tuple(),
-            events=[
-                {
-                    "slot_id": c.slot_id,
-                    "source": c.source.name,
-                    "target": c.target.name,
-                    "reason": c.reason,
-                }
+            events=events
+            + [
+                _event(c.slot_id, c.source.name, c.target.name, c.reason)
                 for c in result.stage_changes
             ],
             governor_event=None if result.governor_event is None else result.governor_event.reason,
@@ -288,23 +287,30 @@ class MorphogenesisEnv(gym.Env):
             return 1.0
         return max(self.budget_left(), 0.0) / max(self.param_budget, 1.0)
 
-    def _apply(self, action: FactoredAction) -> None:
+    def _apply(self, action: FactoredAction) -> list[dict[str, str]]:
+        """Execute a legal decision; returns its stage change as an event record."""
         model, trainer = self.model, self.trainer
         if action.op == LifecycleOp.WAIT:
-            return
+            return []
         slot_id = self.slot_config.slot_id_for_index(action.slot)
+        before = model.slot_state(slot_id).stage
         if action.op == LifecycleOp.GERMINATE:
-            model.germinate(
-                slot_id,
-                self.action_spec.blueprints[action.blueprint],
-                self.action_spec.blends[action.blend],
-            )
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(self._init_rng.integers(2**31 - 1)))
+                model.germinate(
+                    slot_id,
+                    self.action_spec.blueprints[action.blueprint],
+                    self.action_spec.blends[action.blend],
+                )
             trainer.on_germinate(slot_id)
         elif action.op == LifecycleOp.FOSSILIZE:
             model.fossilize(slot_id)
         else:
             model.prune(slot_id, reason="policy")
             trainer.on_prune(slot_id)
+        after = model.slot_state(slot_id).stage
+        reason = f"policy_{action.op.name.lower()}"
+        return [_event(slot_id, before.name, after.name, reason)]
 
     def _observation(self, progress: TrainingProgress, grads: list[float] | None):
         obs = build_observation(
@@ -328,3 +334,7 @@ class MorphogenesisEnv(gym.Env):
             "illegal_actions": self.illegal_actions,
             "episode_seed": self.episode_seed,
         }
+
+
+def _event(slot_id: str, source: str, target: str, reason: str) -> dict[str, str]:
+    return {"slot_id": slot_id, "source": source, "target": target, "reason": reason}
