@@ -149,3 +149,19 @@ def test_batch_masks_follow_device_and_shapes():
     assert masks.blueprint.shape == (1, 3, 2) and masks.blend.shape == (1, 3)
     with pytest.raises(SlotMismatchError, match="contributions shape"):
         compute_batch_masks(stages, torch.zeros(1, 2), torch.ones(3, 2))
+
+
+def test_bench_masks_quick_runs(capsys):
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "bench_masks.py"
+    argv = sys.argv
+    sys.argv = [str(script), "--quick", "--no-reference"]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv = argv
+    out = capsys.readouterr().out
+    assert out.count("\n") == 2 + 9 and "  256   64" in out
