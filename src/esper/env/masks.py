@@ -31,6 +31,7 @@ import torch
 
 from esper.actions import BLEND_ALGORITHMS, NUM_OPS, ActionMasks, LifecycleOp
 from esper.lifecycle import LIVE_STAGES, SeedStage
+from esper.model import blueprints_for, get_blueprint
 from esper.slots import SlotConfig, SlotMismatchError
 
 _GERMINATE, _FOSSILIZE, _PRUNE = (
@@ -78,8 +79,6 @@ def blueprint_cost_table(
 
 
 def _model_param_count(topology: str, name: str, channels: int) -> int | None:
-    from esper.model import blueprints_for, get_blueprint
-
     if name not in blueprints_for(topology):
         return None
     return get_blueprint(topology, name).param_count(channels)

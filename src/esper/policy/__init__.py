@@ -18,3 +18,22 @@ __all__ = [
     "PolicyStep",
     "SequenceEvaluation",
 ]
+
+# Hand-written and baseline controllers (issue 5).
+from esper.policy.controllers import (
+    Controller,
+    HeuristicConfig,
+    HeuristicController,
+    HeuristicState,
+    RandomController,
+    StaticController,
+)
+
+__all__ += [
+    "Controller",
+    "HeuristicConfig",
+    "HeuristicController",
+    "HeuristicState",
+    "RandomController",
+    "StaticController",
+]
