@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -59,15 +64,15 @@ CNN_PLAN = {
 }
 
 
-@pytest.mark.parametrize("eval_batch_size", [1024, 7])
-def test_fast_equals_reference_on_cnn_with_seeds_in_every_stage(eval_batch_size):
+@pytest.mark.parametrize(("eval_batch_size", "max_rows"), [(1024, None), (7, None), (64, 10)])
+def test_fast_equals_reference_on_cnn_with_seeds_in_every_stage(eval_batch_size, max_rows):
     torch.manual_seed(0)
     model = grown_model(CNNHost(3, 10, width=4, depth=5, image_size=16), CNN_PLAN)
     x = torch.rand(40, 3, 16, 16, dtype=torch.float64)
     y = torch.randint(0, 10, (40,))
     variants = variants_to_measure(model)
     assert variants == {"r0c0": 0.0, "r0c1": 0.0, "r0c2": 1.0, "r0c3": 0.0}
-    fast = fast_counterfactuals(model, x, y, "classification", variants, eval_batch_size)
+    fast = fast_counterfactuals(model, x, y, "classification", variants, eval_batch_size, max_rows)
     ref = reference_counterfactuals(model, x, y, "classification", variants, eval_batch_size)
     assert_same(fast, ref)
     assert any(abs(v) > 0.01 for v in fast.variant_losses.values())  # seeds really matter
@@ -121,3 +126,19 @@ def test_no_seeds_means_plain_validation_and_no_contributions():
     fast = fast_counterfactuals(model, x, y, "classification", {})
     plain = evaluate(model, x, y, 1024)
     assert fast.contributions == {} and fast.val_loss == pytest.approx(plain.loss, abs=1e-6)
+
+
+def test_bench_quick_runs_and_reports_every_case():
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, str(root / "bench" / "bench_counterfactual.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=True,
+    ).stdout
+    rows = [line.split() for line in out.splitlines() if line.startswith(("cnn", "transformer"))]
+    assert len(rows) == 7
+    assert all(float(r[-1]) > 0 and float(r[-2]) > 0 for r in rows)

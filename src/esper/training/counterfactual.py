@@ -92,17 +92,21 @@ def fast_counterfactuals(
     kind: TaskKind,
     variants: Mapping[str, float],
     eval_batch_size: int = 1024,
+    max_stacked_rows: int | None = None,
 ) -> CounterfactualResult:
     """Live validation and every variant in one shared pass (model must be in eval mode).
 
-    ``eval_batch_size`` bounds the rows per forward *including* the stacked variants,
-    so memory does not grow with the number of seeds.
+    Validation samples go through in chunks of ``eval_batch_size``; with m variants a
+    chunk grows to (1 + m) stacked row-blocks. ``max_stacked_rows`` (default
+    ``8 * eval_batch_size``) caps that, shrinking the chunks when there are many seeds,
+    so memory stays bounded while small models keep the large batches they run fastest.
     """
     host = model.host
     slot_at_block = {model.block_index(sid): sid for sid in model.slot_config.slot_ids}
     order = sorted(variants, key=model.block_index)
     totals = {name: EvalTotals() for name in (LIVE, *order)}
-    chunk = max(1, eval_batch_size // (1 + len(order)))
+    cap = max_stacked_rows if max_stacked_rows is not None else 8 * eval_batch_size
+    chunk = max(1, min(eval_batch_size, cap // (1 + len(order))))
     for start in range(0, x.shape[0], chunk):
         xc, yc = x[start : start + chunk], y[start : start + chunk]
         n = xc.shape[0]
