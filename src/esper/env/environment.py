@@ -36,7 +36,7 @@ from esper.actions import (
 )
 from esper.env.masks import blueprint_cost_table, compute_action_masks, flat_masks
 from esper.env.observations import GLOBAL_DIM, SLOT_DIM, TrainingProgress, build_observation
-from esper.env.rewards import RewardConfig, RewardTracker, contribution_potential
+from esper.env.rewards import RewardConfig, RewardMode, RewardTracker, contribution_potential
 from esper.model import LifecycleConfig, MorphogeneticModel, blueprints_for
 from esper.slots import SlotConfig
 from esper.training import TaskData, Trainer, get_task
@@ -52,7 +52,7 @@ class EnvConfig:
     slots: Sequence[str] | None = None  # enabled slot ids; None = the task's default slots
     max_epochs: int | None = None  # steps per episode; None = the task's max_epochs
     batches_per_step: int | None = None  # None = the task's setting (often a full epoch)
-    reward_mode: str = "objective"  # "objective" | "contribution" (see esper.env.rewards)
+    reward_mode: RewardMode = "objective"  # or "contribution" (see esper.env.rewards)
     growth_penalty: float = 0.05  # λ in q − λ·g
     contribution_weight: float = 1.0
     # Parameter budget as a growth ratio: live + fossil seed params <= max_growth · host
@@ -91,13 +91,14 @@ class MorphogenesisEnv(gym.Env):
         loaded `TaskData` between envs (the vector runner does), else it is loaded here.
         """
         super().__init__()
-        self.config = config if config is not None else EnvConfig(**options)
         if config is not None and options:
             raise TypeError(f"pass either config or keyword options, not both: {sorted(options)}")
-        cfg = self.config
+        self.config = cfg = config if config is not None else EnvConfig(**options)
         self.reward_config = RewardConfig(
-            cfg.reward_mode, cfg.growth_penalty, cfg.contribution_weight
-        )  # type: ignore[arg-type]
+            mode=cfg.reward_mode,
+            growth_penalty=cfg.growth_penalty,
+            contribution_weight=cfg.contribution_weight,
+        )
         task_options = dict(cfg.task_options)
         if cfg.batches_per_step is not None:
             task_options["batches_per_step"] = cfg.batches_per_step
