@@ -69,12 +69,15 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "weights only" in str(exc).lower():
+        detail = _unpickler_detail(str(exc))
+        with open(path, "rb") as f:
+            is_pickle = f.read(1) == b"\x80"  # a pickle protocol header, not random bytes
+        if is_pickle or "global" in detail.lower():
             raise CheckpointError(
-                f"checkpoint {path}: refused: it holds Python objects other than tensors and "
-                "primitives (only weights_only=True loading is allowed; the file may carry code)"
+                f"checkpoint {path}: refused: it holds more than tensors and primitives, so "
+                f"weights_only=True loading rejects it; it may carry code ({detail})"
             ) from None
-        raise CheckpointError(f"checkpoint {path}: corrupt file ({exc})") from None
+        raise CheckpointError(f"checkpoint {path}: corrupt file ({detail})") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
@@ -95,6 +98,13 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if missing:
         raise CheckpointError(f"checkpoint {path}: missing entries {missing}")
     return payload
+
+
+def _unpickler_detail(message: str) -> str:
+    """The one informative sentence of torch's long weights-only error."""
+    _, _, tail = message.partition("WeightsUnpickler error:")
+    lines = [ln.strip() for ln in (tail or message).splitlines() if ln.strip()]
+    return lines[0].split(". ")[0].rstrip(".") if lines else "unpickling failed"
 
 
 def load_checkpoint(
