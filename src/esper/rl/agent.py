@@ -67,16 +67,18 @@ class PPOAgent:
             raise ValueError("PPOAgent needs at least one blueprint name")
         self.config = config if config is not None else PPOConfig()
         self.device = torch.device(device)
-        torch.manual_seed(self.config.seed)
-        self.network = FactoredRecurrentActorCritic(
-            num_slots=slot_config.num_slots,
-            global_dim=global_dim,
-            slot_dim=slot_dim,
-            num_blueprints=len(self.blueprints),
-            num_blends=len(self.blends),
-            hidden=self.config.hidden,
-            embed=self.config.embed,
-        ).to(self.device)
+        # Seeded init without disturbing the caller's global RNG stream.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.seed)
+            self.network = FactoredRecurrentActorCritic(
+                num_slots=slot_config.num_slots,
+                global_dim=global_dim,
+                slot_dim=slot_dim,
+                num_blueprints=len(self.blueprints),
+                num_blends=len(self.blends),
+                hidden=self.config.hidden,
+                embed=self.config.embed,
+            ).to(self.device)
         self.optimizer = torch.optim.Adam(
             self.network.parameters(), lr=self.config.learning_rate, eps=self.config.adam_eps
         )
