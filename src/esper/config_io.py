@@ -21,7 +21,7 @@ class ConfigError(ValueError):
     """A config file or override does not fit the config's schema."""
 
 
-def _nearest(key: str, allowed: list[str]) -> str:
+def nearest_hint(key: str, allowed: list[str]) -> str:
     close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.5)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return f"{hint} valid keys: {', '.join(sorted(allowed))}"
@@ -90,7 +90,7 @@ def dataclass_from_dict(cls: type, data: dict[str, Any], where: str = "config") 
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
-            raise ConfigError(f"unknown key {where}.{key}{_nearest(key, list(fields))}")
+            raise ConfigError(f"unknown key {where}.{key}{nearest_hint(key, list(fields))}")
         kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
     try:
         return cls(**kwargs)

@@ -71,12 +71,25 @@ class VectorMorphogenesisEnv:
         self.single_action_space = first.action_space
         self._last_obs: list[dict[str, np.ndarray]] | None = None
 
+    @property
+    def max_epochs(self) -> int:
+        """Steps per episode (the same for every env)."""
+        return self.envs[0].max_epochs
+
     def reset(
-        self, seed: int | None = None
+        self, seed: int | None = None, *, seeds: Sequence[int] | None = None
     ) -> tuple[dict[str, torch.Tensor], ActionMasks, list[dict[str, Any]]]:
-        """Reset every env; env i gets ``seed + i`` (default: the constructor's seed)."""
-        base = self.seed if seed is None else seed
-        results = [env.reset(seed=base + i) for i, env in enumerate(self.envs)]
+        """Reset every env; env i gets ``seeds[i]``, else ``seed + i`` (default: the
+        constructor's seed)."""
+        if seeds is None:
+            base = self.seed if seed is None else seed
+            seeds = [base + i for i in range(self.num_envs)]
+        elif seed is not None or len(seeds) != self.num_envs:
+            raise ValueError(
+                f"pass either seed or one seed per env ({self.num_envs}), got seed={seed!r}, "
+                f"{len(seeds)} seeds"
+            )
+        results = [env.reset(seed=s) for env, s in zip(self.envs, seeds, strict=True)]
         self._last_obs = [obs for obs, _ in results]
         return _stack(self._last_obs), self.masks(), [info for _, info in results]
 

@@ -73,8 +73,11 @@ class SeedPruned(SeedStageChanged):
 
 
 def seed_event(**fields: Any) -> SeedStageChanged:
-    """The most specific seed event for a stage change."""
-    cls = {"GERMINATED": SeedGerminated, "FOSSILIZED": SeedFossilized, "PRUNED": SeedPruned}
+    """The most specific seed event for a stage change (a germination passes through
+    GERMINATED at once, so it is recognised by its source DORMANT)."""
+    if fields["source"] == "DORMANT" or fields["target"] == "GERMINATED":
+        return SeedGerminated(**fields)
+    cls = {"FOSSILIZED": SeedFossilized, "PRUNED": SeedPruned}
     return cls.get(fields["target"], SeedStageChanged)(**fields)
 
 

@@ -1,0 +1,180 @@
+"""Runs: train a controller on envs in lockstep, evaluate it, resume from checkpoints.
+
+One *round* is one episode of each of the E envs, stepped in lockstep; for PPO one
+round is one update. Env ``i`` in round ``k`` is reset with a seed that depends only on
+(run seed, i, k), so what an env sees never depends on E, and a run resumed from the
+checkpoint written after round ``k`` continues exactly as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from esper.actions import FactoredAction, LifecycleOp
+from esper.env.vector import VectorMorphogenesisEnv
+from esper.policy.controllers import HeuristicController, RandomController, StaticController
+from esper.rl import PPOAgent
+from esper.run_config import RunConfig
+from esper.telemetry import EpisodeEnded, EpisodeStep, GovernorRollback, Telemetry, seed_event
+
+_ROUND_STRIDE = 100_000  # env index < stride keeps (round, env) -> seed one-to-one
+_EVAL_OFFSET = 10**12  # evaluation episodes never reuse a training episode's seed
+COUNTS = ("germinated", "fossilized", "pruned", "illegal", "rollbacks")
+
+
+def episode_seed(seed: int, env_index: int, round_index: int, evaluation: bool = False) -> int:
+    base = seed * 10**9 + round_index * _ROUND_STRIDE + env_index
+    return base + (_EVAL_OFFSET if evaluation else 0)
+
+
+@dataclass
+class EpisodeRecord:
+    """What one finished episode achieved."""
+
+    round: int
+    env: int
+    episode_return: float = 0.0
+    quality: float = math.nan
+    growth: float = 0.0
+    objective: float = math.nan
+    params_added: int = 0
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTS, 0))
+
+    def event(self) -> EpisodeEnded:
+        return EpisodeEnded(
+            self.round, self.env, self.episode_return, self.quality, self.growth,
+            self.objective, self.params_added, **self.counts,
+        )  # fmt: skip
+
+
+class ScriptedPolicy:
+    """Batches per-env `Controller`s (heuristic, random, static) for lockstep rollouts."""
+
+    def __init__(self, make: Callable[[int], Any], num_envs: int):
+        self.controllers = [make(i) for i in range(num_envs)]
+        self.states = [c.initial_state() for c in self.controllers]
+
+    def act(self, obs: dict[str, torch.Tensor], masks) -> torch.Tensor:
+        actions = []
+        for i, controller in enumerate(self.controllers):
+            single = {k: v[i] for k, v in obs.items()}
+            action, self.states[i] = controller.act(single, masks[i], self.states[i])
+            actions.append(action.as_tuple())
+        return torch.tensor(actions, dtype=torch.long)
+
+
+def make_scripted(
+    config: RunConfig, round_index: int, num_envs: int, evaluation: bool = False
+) -> ScriptedPolicy:
+    """A fresh scripted controller per env and round (random ones seeded per episode)."""
+    name, seed = config.run.controller, config.run.seed
+    if name == "heuristic":
+        return ScriptedPolicy(lambda i: HeuristicController(config.heuristic), num_envs)
+    if name == "random":
+        return ScriptedPolicy(
+            lambda i: RandomController(seed=episode_seed(seed, i, round_index, evaluation)),
+            num_envs,
+        )
+    if name == "static":
+        return ScriptedPolicy(lambda i: StaticController(), num_envs)
+    raise ValueError(f"no scripted controller {name!r}; allowed: heuristic, random, static")
+
+
+def run_round(
+    vec: VectorMorphogenesisEnv,
+    round_index: int,
+    seed: int,
+    *,
+    agent: PPOAgent | None = None,
+    scripted: ScriptedPolicy | None = None,
+    deterministic: bool = False,
+    learn: bool = False,
+    evaluation: bool = False,
+    telemetry: Telemetry | None = None,
+) -> list[EpisodeRecord]:
+    """Play one episode in every env; with ``learn`` the agent's buffer records it."""
+    if (agent is None) == (scripted is None):
+        raise ValueError("run_round needs exactly one of agent= or scripted=")
+    num_envs = vec.num_envs
+    seeds = [episode_seed(seed, i, round_index, evaluation) for i in range(num_envs)]
+    obs, masks, _ = vec.reset(seeds=seeds)
+    hidden = agent.initial_hidden(num_envs) if agent is not None else None
+    records = [EpisodeRecord(round_index, i) for i in range(num_envs)]
+    for step_index in range(vec.max_epochs):
+        if agent is not None:
+            step = agent.act(
+                obs, masks, hidden, deterministic, slot_ids=vec.slot_config.slot_ids,
+                update_normalizer=learn,
+            )  # fmt: skip
+            actions, hidden = step.actions, step.hidden
+        else:
+            actions = scripted.act(obs, masks)
+        out = vec.step(actions)
+        if learn:
+            agent.record(step, out.rewards, out.terminated, out.truncated, final_obs=out.final_obs)
+        for i, info in enumerate(out.infos):
+            reward = float(out.rewards[i])
+            _account(records[i], info, reward, vec.envs[i].host_params)
+            if telemetry is not None:
+                _emit_step(telemetry, round_index, i, step_index, vec, reward, info)
+        obs, masks = out.obs, out.masks
+    if telemetry is not None:
+        for record in records:
+            telemetry.emit(record.event())
+    return records
+
+
+def _account(record: EpisodeRecord, info: dict[str, Any], reward: float, host_params: int):
+    record.episode_return += reward
+    record.quality, record.growth = info["quality"], info["growth"]
+    record.objective = info["objective"]
+    record.params_added = round(info["growth"] * host_params)
+    record.counts["illegal"] += int(info.get("illegal_action", False))
+    record.counts["rollbacks"] += int(info.get("governor_event") is not None)
+    for event in info.get("events", []):
+        kind = _seed_kind(event)
+        if kind is not None:
+            record.counts[kind] += 1
+
+
+def _seed_kind(event: dict[str, str]) -> str | None:
+    if event["source"] == "DORMANT":
+        return "germinated"
+    return {"FOSSILIZED": "fossilized", "PRUNED": "pruned"}.get(event["target"])
+
+
+def _emit_step(
+    tel: Telemetry, round_index: int, env: int, step: int, vec, reward: float, info
+) -> None:
+    space = vec.action_spec
+    op, slot, blueprint, blend = info["executed_action"]
+    executed = FactoredAction(LifecycleOp(op), slot, blueprint, blend)
+    tel.emit(
+        EpisodeStep(
+            round_index, env, step, executed.describe(space), executed.op.name, reward,
+            info["quality"], info["growth"], list(info["stages"].values()),
+            illegal=bool(info.get("illegal_action", False)),
+        )
+    )  # fmt: skip
+    for event in info.get("events", []):
+        tel.emit(seed_event(episode=round_index, env=env, step=step, **event))
+    if info.get("governor_event") is not None:
+        penalty = float(info.get("reward_parts", {}).get("penalty", 0.0))
+        tel.emit(GovernorRollback(round_index, env, step, info["governor_event"], penalty))
+
+
+def summarize(records: list[EpisodeRecord]) -> dict[str, float]:
+    """Mean and std of the episode metrics (what tables and checkpoints report)."""
+    out: dict[str, float] = {"episodes": float(len(records))}
+    for key in ("quality", "growth", "objective", "episode_return", "params_added"):
+        values = torch.tensor([float(getattr(r, key)) for r in records], dtype=torch.float64)
+        out[key] = float(values.mean())
+        out[f"{key}_std"] = float(values.std(unbiased=False)) if len(values) > 1 else 0.0
+    for key in COUNTS:
+        out[key] = float(sum(r.counts[key] for r in records))
+    return out

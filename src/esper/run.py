@@ -1,0 +1,272 @@
+"""Training runs with a run folder, checkpoints and resume; evaluation of checkpoints.
+
+Run folder (``runs/<name>/``)::
+
+    config.toml      the resolved config (what --resume reads back)
+    events.jsonl     typed telemetry events
+    metrics.csv      one row per finished episode
+    checkpoints/     last.pt after every round, best.pt, round_XXXXXX.pt periodically
+    *.png, summary.md  the report (`esper.telemetry.report`)
+
+A checkpoint is written after every round (atomically), so Ctrl-C loses at most the
+round in flight; `--resume` truncates the telemetry of that partial round and goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from esper.checkpointing import (
+    CheckpointError,
+    atomic_torch_save,
+    atomic_write_text,
+    safe_torch_load,
+)
+from esper.config_io import ConfigError, load_toml
+from esper.env import DEFAULT_SCHEMA, GLOBAL_DIM, SLOT_DIM, ObservationSchema, SchemaMismatchError
+from esper.env.vector import VectorMorphogenesisEnv
+from esper.experiment import EpisodeRecord, make_scripted, run_round, summarize
+from esper.rl import PPOAgent
+from esper.rl.checkpoint import read_checkpoint, save_checkpoint
+from esper.run_config import RunConfig, config_from_dict
+from esper.slots import SlotConfig
+from esper.telemetry import CheckpointSaved, PPOUpdate, RunStarted, Telemetry
+
+RUN_STATE_FORMAT = "esper.run_state"
+
+
+class RunDirError(ValueError):
+    """A run folder cannot be created or resumed as asked."""
+
+
+@dataclass
+class RunState:
+    """Counters that a resumed run continues from."""
+
+    round: int = 0
+    best_objective: float = float("-inf")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"round": self.round, "best_objective": self.best_objective}
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    rounds_done: int
+    last: dict[str, float]
+    best_objective: float
+    interrupted: bool = False
+
+
+def prepare_run_dir(run_dir: Path, config: RunConfig, *, resume: bool, force: bool) -> None:
+    if resume:
+        if not (run_dir / "config.toml").is_file():
+            raise RunDirError(f"cannot resume: {str(run_dir)!r} has no config.toml")
+        return
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not force:
+            raise RunDirError(
+                f"run directory {str(run_dir)!r} already exists; pass --resume to continue "
+                "it or --force to overwrite it"
+            )
+        shutil.rmtree(run_dir)
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.toml", config.to_toml())
+
+
+def read_run_config(run_dir: Path) -> RunConfig:
+    return config_from_dict(load_toml(run_dir / "config.toml"))
+
+
+def _truncate_telemetry(run_dir: Path, keep_rounds: int) -> None:
+    """Drop what a partial round (after the last checkpoint) wrote, so nothing repeats."""
+    events = run_dir / "events.jsonl"
+    if events.exists():
+        kept = []
+        for line in events.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            round_index = record.get("episode", record.get("update"))
+            if record.get("kind") == "run_started" or (
+                round_index is not None and round_index < keep_rounds
+            ):
+                kept.append(line)
+        atomic_write_text(events, "".join(f"{line}\n" for line in kept))
+    metrics = run_dir / "metrics.csv"
+    if metrics.exists():
+        lines = metrics.read_text(encoding="utf-8").splitlines()
+        rows = [ln for ln in lines[1:] if ln and int(ln.split(",", 1)[0]) < keep_rounds]
+        atomic_write_text(metrics, "".join(f"{ln}\n" for ln in lines[:1] + rows))
+
+
+def _agent_for(config: RunConfig, vec: VectorMorphogenesisEnv) -> PPOAgent:
+    return PPOAgent(
+        vec.slot_config, GLOBAL_DIM, SLOT_DIM, vec.action_spec.blueprints,
+        config=config.ppo, device=config.run.device,
+    )  # fmt: skip
+
+
+def load_agent(
+    path: str | Path, slot_config: SlotConfig, blueprints, device: str = "cpu"
+) -> tuple[PPOAgent, dict[str, Any]]:
+    """A PPO checkpoint for ``slot_config`` (any slot layout); checks the obs schema."""
+    payload = read_checkpoint(path)
+    try:
+        ObservationSchema.from_dict(payload.get("observation_schema", {})).check_matches(
+            DEFAULT_SCHEMA, what=f"checkpoint {path}"
+        )
+    except SchemaMismatchError as exc:
+        raise CheckpointError(
+            f"checkpoint {path}: incompatible observation schema: {exc}"
+        ) from None
+    agent = PPOAgent.load(
+        path, slot_config, device, global_dim=GLOBAL_DIM, slot_dim=SLOT_DIM, blueprints=blueprints
+    )
+    return agent, payload
+
+
+def _save(run_dir: Path, agent: PPOAgent | None, state: RunState, name: str) -> Path:
+    path = run_dir / "checkpoints" / name
+    run = state.to_dict()
+    if agent is not None:
+        save_checkpoint(
+            {**agent.state_dict(), "observation_schema": DEFAULT_SCHEMA.to_dict(), "run": run},
+            path,
+        )
+    else:
+        atomic_torch_save({"format": RUN_STATE_FORMAT, "run": run}, path)
+    return path
+
+
+def _load_state(run_dir: Path, config: RunConfig, vec) -> tuple[PPOAgent | None, RunState]:
+    path = run_dir / "checkpoints" / "last.pt"
+    if not path.is_file():  # interrupted before the first round finished
+        agent = _agent_for(config, vec) if config.run.controller == "ppo" else None
+        return agent, RunState()
+    if config.run.controller == "ppo":
+        agent, payload = load_agent(
+            path, vec.slot_config, vec.action_spec.blueprints, config.run.device
+        )
+        run = payload.get("run", {})
+    else:
+        payload = safe_torch_load(path)
+        if not isinstance(payload, dict) or payload.get("format") != RUN_STATE_FORMAT:
+            raise CheckpointError(f"checkpoint {path}: not an Esper run-state file")
+        agent, run = None, payload["run"]
+    return agent, RunState(int(run.get("round", 0)), float(run.get("best_objective", -1e300)))
+
+
+def train(
+    config: RunConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    progress: Callable[[int, int, dict[str, float]], None] | None = None,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Train (or, for scripted controllers, just run) ``config`` into ``run_dir``.
+
+    ``stop_after`` ends the run after that many rounds in this call (tests use it to
+    interrupt and resume). Ctrl-C ends it cleanly after saving what was complete.
+    """
+    run_dir = Path(run_dir)
+    prepare_run_dir(run_dir, config, resume=resume, force=force)
+    vec = VectorMorphogenesisEnv(config.run.envs, config.env_config())
+    agent, state = (
+        _load_state(run_dir, config, vec)
+        if resume
+        else (_agent_for(config, vec) if config.run.controller == "ppo" else None, RunState())
+    )
+    if resume:
+        _truncate_telemetry(run_dir, state.round)
+    total = config.run.updates
+    last: dict[str, float] = {}
+    interrupted = False
+    with Telemetry(run_dir, tensorboard=config.run.tensorboard) as telemetry:
+        telemetry.emit(
+            RunStarted(
+                run_dir.name, config.run.controller, config.run.task,
+                list(vec.slot_config.slot_ids), config.run.envs, config.run.seed, resume,
+            )
+        )  # fmt: skip
+        try:
+            done_here = 0
+            while state.round < total and (stop_after is None or done_here < stop_after):
+                k = state.round
+                if agent is not None:
+                    records = run_round(
+                        vec, k, config.run.seed, agent=agent, learn=True, telemetry=telemetry
+                    )
+                    diagnostics = agent.update()
+                    telemetry.emit(PPOUpdate(k, (k + 1) * vec.num_envs, diagnostics))
+                else:
+                    scripted = make_scripted(config, k, vec.num_envs)
+                    records = run_round(vec, k, config.run.seed, scripted=scripted,
+                                        telemetry=telemetry)  # fmt: skip
+                last = summarize(records)
+                state.round = k + 1
+                done_here += 1
+                _checkpoint(run_dir, agent, state, last, config, telemetry)
+                telemetry.flush()
+                if progress is not None:
+                    progress(state.round, total, last)
+        except KeyboardInterrupt:
+            interrupted = True
+    vec.close()
+    return TrainResult(run_dir, state.round, last, state.best_objective, interrupted)
+
+
+def _checkpoint(run_dir, agent, state, last, config, telemetry) -> None:
+    k = state.round
+    best = last["objective"] > state.best_objective
+    if best:
+        state.best_objective = last["objective"]
+    path = _save(run_dir, agent, state, "last.pt")
+    telemetry.emit(CheckpointSaved(str(path), k - 1, k * config.run.envs, False))
+    if best:
+        shutil.copyfile(path, run_dir / "checkpoints" / "best.pt")
+        telemetry.emit(CheckpointSaved(str(run_dir / "checkpoints" / "best.pt"), k - 1,
+                                       k * config.run.envs, True))  # fmt: skip
+    if k % config.run.checkpoint_every == 0:
+        shutil.copyfile(path, run_dir / "checkpoints" / f"round_{k:06d}.pt")
+
+
+def evaluate(
+    config: RunConfig,
+    *,
+    checkpoint: str | Path | None = None,
+    episodes: int = 8,
+    deterministic: bool = True,
+) -> list[EpisodeRecord]:
+    """Play ``episodes`` evaluation episodes (seeds disjoint from training) with the
+    checkpoint's agent, or with ``config.run.controller`` when no checkpoint is given."""
+    if episodes < 1:
+        raise ConfigError(f"episodes must be >= 1, got {episodes}")
+    num_envs = min(config.run.envs, episodes)
+    vec = VectorMorphogenesisEnv(num_envs, config.env_config())
+    agent = None
+    if checkpoint is not None:
+        agent, _ = load_agent(checkpoint, vec.slot_config, vec.action_spec.blueprints,
+                              config.run.device)  # fmt: skip
+    records: list[EpisodeRecord] = []
+    k = 0
+    while len(records) < episodes:
+        if agent is not None:
+            out = run_round(vec, k, config.run.seed, agent=agent, deterministic=deterministic,
+                            evaluation=True)  # fmt: skip
+        else:
+            scripted = make_scripted(config, k, num_envs, evaluation=True)
+            out = run_round(vec, k, config.run.seed, scripted=scripted, evaluation=True)
+        records += out
+        k += 1
+    vec.close()
+    return records[:episodes]

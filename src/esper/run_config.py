@@ -1,0 +1,134 @@
+"""The resolved configuration of an ``esper train`` run: one dataclass per TOML section.
+
+    [run]        controller, task, slots, envs, episodes, seed, device, checkpointing
+    [env]        episode length, reward, budget (`esper.env.EnvConfig` fields)
+    [task]       task options and host-training overrides (free keys, checked by the task)
+    [lifecycle]  seed lifecycle gates (`esper.model.LifecycleConfig`)
+    [ppo]        learned controller (`esper.rl.PPOConfig`)
+    [heuristic]  hand-written controller (`esper.policy.HeuristicConfig`)
+
+Files are strict: an unknown section or key is an error naming the nearest valid one.
+Command-line flags override the file; the resolved config is saved in the run folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from esper.config_io import ConfigError, dataclass_from_dict, dumps_toml, load_toml, nearest_hint
+from esper.env import EnvConfig
+from esper.model import LifecycleConfig
+from esper.policy.controllers import HeuristicConfig
+from esper.rl import PPOConfig
+
+Controller = Literal["ppo", "heuristic", "random", "static"]
+CONTROLLERS: tuple[str, ...] = ("ppo", "heuristic", "random", "static")
+
+
+@dataclass(frozen=True)
+class RunSection:
+    controller: Controller = "ppo"
+    task: str = "digits"
+    slots: tuple[str, ...] | None = None  # None: the task's default slots
+    envs: int = 4  # envs stepped in lockstep; one PPO update = one episode of each
+    episodes: int = 96  # total episodes over all envs (rounded up to whole updates)
+    seed: int = 0
+    device: str = "cpu"
+    checkpoint_every: int = 1  # updates between periodic checkpoints
+    tensorboard: bool = False
+
+    def __post_init__(self) -> None:
+        if self.envs < 1 or self.episodes < 1 or self.checkpoint_every < 1:
+            raise ValueError(
+                f"envs, episodes and checkpoint_every must be >= 1, got {self.envs}, "
+                f"{self.episodes}, {self.checkpoint_every}"
+            )
+
+    @property
+    def updates(self) -> int:
+        return -(-self.episodes // self.envs)
+
+
+@dataclass(frozen=True)
+class EnvSection:
+    max_epochs: int | None = None  # steps per episode; None = the task's default
+    batches_per_step: int | None = None  # None = the task's setting (often a full epoch)
+    reward_mode: Literal["objective", "contribution"] = "objective"
+    growth_penalty: float = 0.05  # λ in the objective q − λ·g
+    contribution_weight: float = 1.0
+    max_growth: float | None = None  # parameter budget as a growth ratio; None = no budget
+    data_root: str | None = None  # folder of the task's files (fashion-mnist, cifar10, text)
+    data_seed: int = 0
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    run: RunSection = field(default_factory=RunSection)
+    env: EnvSection = field(default_factory=EnvSection)
+    task: dict[str, Any] = field(default_factory=dict)
+    lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    heuristic: HeuristicConfig = field(default_factory=HeuristicConfig)
+
+    def env_config(self) -> EnvConfig:
+        return EnvConfig(
+            task=self.run.task,
+            task_options=dict(self.task),
+            slots=self.run.slots,
+            max_epochs=self.env.max_epochs,
+            batches_per_step=self.env.batches_per_step,
+            reward_mode=self.env.reward_mode,
+            growth_penalty=self.env.growth_penalty,
+            contribution_weight=self.env.contribution_weight,
+            max_growth=self.env.max_growth,
+            lifecycle=self.lifecycle,
+            device=self.run.device,
+            data_seed=self.env.data_seed,
+            data_root=self.env.data_root,
+        )
+
+    def to_toml(self) -> str:
+        sections = {name: getattr(self, name) for name in _SECTIONS}
+        return dumps_toml(sections)
+
+
+_SECTIONS: dict[str, type] = {
+    "run": RunSection,
+    "env": EnvSection,
+    "task": dict,
+    "lifecycle": LifecycleConfig,
+    "ppo": PPOConfig,
+    "heuristic": HeuristicConfig,
+}
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    sections: dict[str, Any] = {}
+    for name, value in data.items():
+        if name not in _SECTIONS:
+            raise ConfigError(f"unknown section [{name}]{nearest_hint(name, list(_SECTIONS))}")
+        if not isinstance(value, dict):
+            raise ConfigError(f"[{name}] must be a table, got {value!r}")
+        cls = _SECTIONS[name]
+        sections[name] = dict(value) if cls is dict else dataclass_from_dict(cls, value, name)
+    return RunConfig(**sections)
+
+
+def load_config(path: str | Path | None, overrides: dict[str, dict[str, Any]] | None = None):
+    """Read a TOML file (or defaults) and apply ``{section: {key: value}}`` overrides."""
+    data = load_toml(path) if path is not None else {}
+    for section, values in (overrides or {}).items():
+        data.setdefault(section, {})
+        if not isinstance(data[section], dict):
+            raise ConfigError(f"[{section}] must be a table")
+        data[section].update(values)
+    return config_from_dict(data)
+
+
+def replace_section(config: RunConfig, section: str, **changes: Any) -> RunConfig:
+    return dataclasses.replace(
+        config, **{section: dataclasses.replace(getattr(config, section), **changes)}
+    )
