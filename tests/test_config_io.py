@@ -37,7 +37,7 @@ def test_ints_are_accepted_for_floats_and_nested_tables():
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        ({"lrr": 0.1}, "unknown key inner.lrr; did you mean 'lr'?"),
+        ({"lrr": 0.1}, "unknown key inner.lrr; did you mean 'lr'?; valid keys: device, flag"),
         ({"steps": 1.5}, "inner.steps: expected an integer, got 1.5"),
         ({"steps": True}, "inner.steps: expected an integer, got True"),
         ({"mode": "c"}, "inner.mode: 'c' is not allowed; allowed: 'a', 'b'"),

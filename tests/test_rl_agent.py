@@ -106,7 +106,7 @@ def test_corrupt_truncated_foreign_and_missing_files_fail_clearly(tmp_path):
             PPOAgent.load(tmp_path / name)
     with pytest.raises(CheckpointError, match="not an Esper PPO agent checkpoint"):
         PPOAgent.load(tmp_path / "foreign.pt")
-    with pytest.raises(CheckpointError, match="no such file"):
+    with pytest.raises(CheckpointError, match="does not exist"):
         PPOAgent.load(tmp_path / "missing.pt")
 
 

@@ -64,14 +64,29 @@ def safe_torch_load(path: str | Path, map_location: Any = "cpu") -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        # weights_only refuses globals it does not know: a file carrying code lands here.
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} was refused: it is not a plain tensor/primitive file "
-            f"({first})"
-        ) from None
+        detail = _unpickler_detail(str(exc))
+        with path.open("rb") as f:
+            is_pickle = f.read(1) == b"\x80"  # a pickle protocol header, not random bytes
+        if is_pickle or "GLOBAL" in detail:
+            # weights_only refuses globals it does not know: a file carrying code lands here.
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} was refused: it holds more than tensors and "
+                f"primitives, so weights-only loading rejects it; it may carry code ({detail})"
+            ) from None
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt ({detail})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
             f"checkpoint {str(path)!r} is corrupt or truncated ({first})"
         ) from None
+
+
+_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
+
+
+def _unpickler_detail(message: str) -> str:
+    """The one informative line of torch's long weights-only error."""
+    _, _, tail = message.partition("WeightsUnpickler error:")
+    lines = [ln.strip() for ln in (tail or message).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not ln.startswith(_BOILERPLATE)]
+    return useful[0].rstrip(".") if useful else "unpickling failed"

@@ -1,43 +1,255 @@
-"""The ``esper`` command line. Bad input exits with status 2 and one clear line."""
+"""The ``esper`` command line.
+
+    esper train ppo|heuristic|random|static [--task T] [--slots ID ...] [--envs K] ...
+    esper eval CHECKPOINT [--task T] [--slots ID ...] [--episodes N]
+    esper report RUN_DIR
+    esper tasks
+
+Bad input (unknown task, slot, config key, missing data or checkpoint, ...) exits with
+status 2 and one line on stderr, never a traceback (set ESPER_DEBUG=1 to see one).
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
+import tomllib
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from esper import __version__
 
+CONTROLLERS = ("ppo", "heuristic", "random", "static")
 
-class UsageError(Exception):
-    """Bad user input: printed as one line, exit status 2."""
+
+class UsageError(ValueError):
+    """Bad command-line input: printed as one line, exit status 2."""
+
+
+def _add_env_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", help="task name (see `esper tasks`); default digits")
+    p.add_argument("--slots", nargs="+", metavar="ID", help="enabled slot ids, e.g. r0c0 r0c1")
+    p.add_argument("--envs", type=int, help="envs stepped in lockstep")
+    p.add_argument("--max-epochs", type=int, help="steps (host epochs) per episode")
+    p.add_argument("--seed", type=int, help="run seed")
+    p.add_argument("--device", help="cpu, cuda or cuda:N")
+    p.add_argument("--config", type=Path, metavar="FILE.toml", help="config file (strict)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value, TOML syntax (e.g. --set task.depth=5)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="esper",
-        description="Morphogenetic training: grow a network while it trains.",
+        prog="esper", description="Morphogenetic training: grow a network while it trains."
     )
     parser.add_argument("--version", action="version", version=f"esper {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    info = sub.add_parser("info", help="show the slot grid and action space for a layout")
-    info.add_argument("--rows", type=int, default=1)
-    info.add_argument("--cols", type=int, default=3)
+
+    train = sub.add_parser("train", help="train (ppo) or run (scripted) a controller")
+    train.add_argument("controller", choices=CONTROLLERS)
+    _add_env_flags(train)
+    train.add_argument("--episodes", type=int, help="total episodes over all envs")
+    train.add_argument("--run-dir", type=Path, help="run folder (default runs/<controller>-<task>)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
+    train.add_argument("--force", action="store_true", help="overwrite an existing run folder")
+    train.add_argument("--no-report", action="store_true", help="skip the report at the end")
+
+    ev = sub.add_parser("eval", help="evaluate a PPO checkpoint on any slot layout")
+    ev.add_argument("checkpoint", type=Path)
+    _add_env_flags(ev)
+    ev.add_argument("--episodes", type=int, default=8, help="evaluation episodes (default 8)")
+    ev.add_argument("--stochastic", action="store_true", help="sample instead of argmax")
+
+    report = sub.add_parser("report", help="(re)build plots and summary.md of a run")
+    report.add_argument("run_dir", type=Path)
+
+    sub.add_parser("tasks", help="list tasks, their slots and blueprints")
     return parser
 
 
-def _cmd_info(args: argparse.Namespace) -> int:
-    from esper.actions import ActionSpace
-    from esper.slots import SlotConfig
+def _parse_set(items: list[str]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not section or not name:
+            raise UsageError(f"--set expects SECTION.KEY=VALUE, got {item!r}")
+        try:
+            value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw.strip()  # a bare word is a string: --set run.task=digits
+        out.setdefault(section, {})[name] = value
+    return out
 
-    config = SlotConfig.for_grid(args.rows, args.cols)
-    space = ActionSpace(config, blueprints=("placeholder",))
-    print(f"slots ({config.num_slots}): {' '.join(config.slot_ids)}")
-    print(f"action heads (op, slot, blueprint, blend): {space.head_sizes}")
+
+def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    over = _parse_set(args.set)
+    run = over.setdefault("run", {})
+    for flag, key in (("task", "task"), ("envs", "envs"), ("seed", "seed"), ("device", "device")):
+        if getattr(args, flag, None) is not None:
+            run[key] = getattr(args, flag)
+    if args.slots is not None:
+        from esper.slots import SlotConfig
+
+        run["slots"] = list(SlotConfig.from_ids(args.slots).slot_ids)  # validates ids, dups
+    if getattr(args, "episodes", None) is not None and args.command == "train":
+        run["episodes"] = args.episodes
+    if getattr(args, "controller", None) is not None:
+        run["controller"] = args.controller
+    if args.max_epochs is not None:
+        over.setdefault("env", {})["max_epochs"] = args.max_epochs
+    return over
+
+
+def _merge(base: dict[str, Any], over: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for section, values in over.items():
+        if section in merged and not isinstance(merged[section], dict):
+            raise UsageError(f"[{section}] must be a table")
+        merged.setdefault(section, {}).update(values)
+    return merged
+
+
+def _progress(start: float):
+    def report(done: int, total: int, last: dict[str, float]) -> None:
+        elapsed = time.monotonic() - start
+        eta = elapsed / done * (total - done) if done else 0.0
+        width = 24
+        bar = "#" * round(width * done / total) + "-" * (width - round(width * done / total))
+        line = (
+            f"[{bar}] round {done}/{total}  quality {last['quality']:.4f}  "
+            f"objective {last['objective']:.4f}  return {last['episode_return']:+.4f}  "
+            f"elapsed {elapsed:5.0f}s  eta {eta:5.0f}s"
+        )
+        end = "\r" if sys.stderr.isatty() and done < total else "\n"
+        print(line, end=end, file=sys.stderr, flush=True)
+
+    return report
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from esper.config_io import load_toml
+    from esper.run import train
+    from esper.run_config import config_from_dict
+    from esper.telemetry.report import build_report
+
+    over = _overrides(args)
+    task = over["run"].get("task", "digits")
+    run_dir = args.run_dir or Path("runs") / f"{args.controller}-{task}"
+    if args.resume:
+        if (
+            args.config is not None
+            or args.set
+            or any(k not in ("controller", "episodes") for k in over.get("run", {}))
+        ):
+            raise UsageError("--resume reuses the run's saved config; only --episodes may change")
+        if not (run_dir / "config.toml").is_file():
+            raise UsageError(f"cannot resume: {str(run_dir)!r} has no config.toml")
+        saved = load_toml(run_dir / "config.toml")
+        config = config_from_dict(saved)
+        if config.run.controller != args.controller:
+            raise UsageError(
+                f"{str(run_dir)!r} is a {config.run.controller!r} run, not {args.controller!r}"
+            )
+        episodes = over["run"].get("episodes", config.run.episodes)
+        config = config_from_dict(_merge(saved, {"run": {"episodes": episodes}}))
+    else:
+        base = load_toml(args.config) if args.config is not None else {}
+        config = config_from_dict(_merge(base, over))
+    result = train(
+        config, run_dir, resume=args.resume, force=args.force,
+        progress=_progress(time.monotonic()), log=lambda m: print(f"esper: {m}", file=sys.stderr),
+    )  # fmt: skip
+    if result.interrupted:
+        print(
+            f"esper: interrupted after {result.rounds_done} complete rounds; checkpoint "
+            f"{run_dir / 'checkpoints' / 'last.pt'}; continue with --resume",
+            file=sys.stderr,
+        )
+    if not args.no_report:
+        files = build_report(run_dir)
+        print(f"esper: report written: {', '.join(str(f) for f in files)}", file=sys.stderr)
+    if result.last:
+        _print_table(f"last round ({config.run.controller})", result.last)
+    return 130 if result.interrupted else 0
+
+
+def _print_table(title: str, summary: dict[str, float]) -> None:
+    print(f"\n{title}")
+    print(f"{'metric':<16}{'mean':>10}{'std':>10}")
+    for key in ("quality", "growth", "objective", "episode_return", "params_added"):
+        print(f"{key:<16}{summary[key]:>10.4f}{summary[f'{key}_std']:>10.4f}")
+    counts = "  ".join(
+        f"{k} {int(summary[k])}" for k in ("germinated", "fossilized", "pruned", "illegal")
+    )
+    print(f"events: {counts}  (over {int(summary['episodes'])} episodes)")
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from esper.config_io import load_toml
+    from esper.experiment import summarize
+    from esper.run import evaluate
+    from esper.run_config import config_from_dict
+
+    if not args.checkpoint.is_file():
+        raise UsageError(f"checkpoint {str(args.checkpoint)!r} does not exist")
+    base: dict[str, Any] = {}
+    saved = args.checkpoint.parent.parent / "config.toml"
+    if saved.is_file():  # a checkpoint inside a run folder: start from the run's settings
+        base = load_toml(saved)
+        base.get("run", {}).pop("slots", None)
+    if args.config is not None:
+        base = _merge(base, load_toml(args.config))
+    config = config_from_dict(_merge(base, _overrides(args)))
+    records = evaluate(
+        config,
+        checkpoint=args.checkpoint,
+        episodes=args.episodes,
+        deterministic=not args.stochastic,
+    )
+    _print_table(f"evaluation of {args.checkpoint} on {config.run.task}", summarize(records))
     return 0
 
 
-COMMANDS = {"info": _cmd_info}
+def _cmd_report(args: argparse.Namespace) -> int:
+    from esper.telemetry.report import build_report
+
+    for path in build_report(args.run_dir):
+        print(path)
+    return 0
+
+
+def _cmd_tasks(args: argparse.Namespace) -> int:
+    from esper.model import blueprints_for
+    from esper.model.morphogenetic import MorphogeneticModel
+    from esper.training import get_task, list_tasks
+
+    for name in list_tasks():
+        task = get_task(name)
+        line = f"{name:<14} {task.description}"
+        try:
+            data = task.make_data()
+            model = MorphogeneticModel(task.make_host(data))
+            specs = model.slot_config.specs
+            slots = " ".join(f"{s.slot_id}({s.channels})" for s in specs)
+            topology = model.topology
+            line += f"\n{'':<14} slots: {slots}\n{'':<14} blueprints ({topology}): "
+            line += ", ".join(blueprints_for(topology))
+        except (ValueError, OSError) as exc:  # data not on this machine
+            line += f"\n{'':<14} (not available here: {str(exc).splitlines()[0]})"
+        print(line)
+    return 0
+
+
+COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "report": _cmd_report, "tasks": _cmd_tasks}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -48,8 +260,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         return COMMANDS[args.command](args)
-    except (UsageError, ValueError, FileNotFoundError) as exc:
-        print(f"esper: error: {exc}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
+        if os.environ.get("ESPER_DEBUG"):
+            raise
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"esper: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("esper: interrupted", file=sys.stderr)

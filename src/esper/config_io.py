@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 def nearest_hint(key: str, allowed: list[str]) -> str:
     close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.5)
     hint = f"; did you mean {close[0]!r}?" if close else ""
-    return f"{hint} valid keys: {', '.join(sorted(allowed))}"
+    return f"{hint}; valid keys: {', '.join(sorted(allowed))}"
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:

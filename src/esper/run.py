@@ -64,19 +64,22 @@ class TrainResult:
     interrupted: bool = False
 
 
-def prepare_run_dir(run_dir: Path, config: RunConfig, *, resume: bool, force: bool) -> None:
+def check_run_dir(run_dir: Path, *, resume: bool, force: bool) -> None:
+    """Refuse to overwrite a run (or resume a missing one) before any work starts."""
     if resume:
         if not (run_dir / "config.toml").is_file():
             raise RunDirError(f"cannot resume: {str(run_dir)!r} has no config.toml")
-        return
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not force:
-            raise RunDirError(
-                f"run directory {str(run_dir)!r} already exists; pass --resume to continue "
-                "it or --force to overwrite it"
-            )
+    elif run_dir.exists() and any(run_dir.iterdir()) and not force:
+        raise RunDirError(
+            f"run directory {str(run_dir)!r} already exists; pass --resume to continue "
+            "it or --force to overwrite it"
+        )
+
+
+def create_run_dir(run_dir: Path, config: RunConfig) -> None:
+    if run_dir.exists():
         shutil.rmtree(run_dir)
-    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (run_dir / "checkpoints").mkdir(parents=True)
     atomic_write_text(run_dir / "config.toml", config.to_toml())
 
 
@@ -171,6 +174,7 @@ def train(
     resume: bool = False,
     force: bool = False,
     progress: Callable[[int, int, dict[str, float]], None] | None = None,
+    log: Callable[[str], None] | None = None,
     stop_after: int | None = None,
 ) -> TrainResult:
     """Train (or, for scripted controllers, just run) ``config`` into ``run_dir``.
@@ -179,13 +183,23 @@ def train(
     interrupt and resume). Ctrl-C ends it cleanly after saving what was complete.
     """
     run_dir = Path(run_dir)
-    prepare_run_dir(run_dir, config, resume=resume, force=force)
+    check_run_dir(run_dir, resume=resume, force=force)
+    # Building the envs validates task, slots and data before anything is written.
     vec = VectorMorphogenesisEnv(config.run.envs, config.env_config())
     agent, state = (
         _load_state(run_dir, config, vec)
         if resume
         else (_agent_for(config, vec) if config.run.controller == "ppo" else None, RunState())
     )
+    if not resume:
+        create_run_dir(run_dir, config)
+        _save(run_dir, agent, state, "last.pt")  # Ctrl-C in the first round leaves one too
+    if log is not None:
+        log(
+            f"{'resuming' if resume else 'training'} {config.run.controller} on "
+            f"{config.run.task} (slots {' '.join(vec.slot_config.slot_ids)}; "
+            f"{config.run.envs} envs x {config.run.updates} rounds) -> {run_dir}"
+        )
     if resume:
         _truncate_telemetry(run_dir, state.round)
     total = config.run.updates

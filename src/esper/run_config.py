@@ -37,7 +37,7 @@ class RunSection:
     episodes: int = 96  # total episodes over all envs (rounded up to whole updates)
     seed: int = 0
     device: str = "cpu"
-    checkpoint_every: int = 1  # updates between periodic checkpoints
+    checkpoint_every: int = 10  # rounds between kept copies (last.pt is written every round)
     tensorboard: bool = False
 
     def __post_init__(self) -> None:

@@ -7,16 +7,13 @@ instance a pickle carrying code — is refused, never executed.
 
 from __future__ import annotations
 
-import os
-import pickle
-import tempfile
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from esper.checkpointing import CheckpointError, atomic_torch_save, safe_torch_load
 from esper.slots import SlotConfig
 
 if TYPE_CHECKING:
@@ -39,50 +36,18 @@ _REQUIRED = (
 )
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, unreadable, foreign, unsafe, or of another schema."""
-
-
 def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> Path:
-    """Write ``state`` to ``path`` via a temp file in the same folder and ``os.replace``."""
+    """Write ``state`` atomically (temp file in the same folder + ``os.replace``)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"format": CHECKPOINT_FORMAT, "schema_version": CHECKPOINT_VERSION, **state}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_torch_save(
+        {"format": CHECKPOINT_FORMAT, "schema_version": CHECKPOINT_VERSION, **state}, path
+    )
     return path
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load and validate the envelope of a checkpoint; every failure is a `CheckpointError`."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path}: no such file")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        detail = _unpickler_detail(str(exc))
-        with open(path, "rb") as f:
-            is_pickle = f.read(1) == b"\x80"  # a pickle protocol header, not random bytes
-        if is_pickle or "global" in detail.lower():
-            raise CheckpointError(
-                f"checkpoint {path}: refused: it holds more than tensors and primitives, so "
-                f"weights_only=True loading rejects it; it may carry code ({detail})"
-            ) from None
-        raise CheckpointError(f"checkpoint {path}: corrupt file ({detail})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(
-            f"checkpoint {path}: unreadable, corrupt or truncated ({first_line})"
-        ) from None
+    payload = safe_torch_load(path)
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(
             f"checkpoint {path}: not an Esper PPO agent checkpoint "
@@ -98,13 +63,6 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if missing:
         raise CheckpointError(f"checkpoint {path}: missing entries {missing}")
     return payload
-
-
-def _unpickler_detail(message: str) -> str:
-    """The one informative sentence of torch's long weights-only error."""
-    _, _, tail = message.partition("WeightsUnpickler error:")
-    lines = [ln.strip() for ln in (tail or message).splitlines() if ln.strip()]
-    return lines[0].split(". ")[0].rstrip(".") if lines else "unpickling failed"
 
 
 def load_checkpoint(

@@ -8,6 +8,7 @@ console read.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from collections import Counter
@@ -16,7 +17,7 @@ from typing import Any
 
 from esper.telemetry.events import EpisodeEnded, Event, PPOUpdate
 
-METRIC_COLUMNS = [f.name for f in EpisodeEnded.__dataclass_fields__.values()]
+METRIC_COLUMNS = [f.name for f in dataclasses.fields(EpisodeEnded)]
 
 
 def _jsonable(value: Any) -> Any:
