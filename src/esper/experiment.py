@@ -69,7 +69,11 @@ class ScriptedPolicy:
 
 
 def make_scripted(
-    config: RunConfig, round_index: int, num_envs: int, evaluation: bool = False
+    config: RunConfig,
+    round_index: int,
+    num_envs: int,
+    evaluation: bool = False,
+    env_offset: int = 0,
 ) -> ScriptedPolicy:
     """A fresh scripted controller per env and round (random ones seeded per episode)."""
     name, seed = config.run.controller, config.run.seed
@@ -77,7 +81,9 @@ def make_scripted(
         return ScriptedPolicy(lambda i: HeuristicController(config.heuristic), num_envs)
     if name == "random":
         return ScriptedPolicy(
-            lambda i: RandomController(seed=episode_seed(seed, i, round_index, evaluation)),
+            lambda i: RandomController(
+                seed=episode_seed(seed, env_offset + i, round_index, evaluation)
+            ),
             num_envs,
         )
     if name == "static":
@@ -96,15 +102,21 @@ def run_round(
     learn: bool = False,
     evaluation: bool = False,
     telemetry: Telemetry | None = None,
+    env_offset: int = 0,
 ) -> list[EpisodeRecord]:
-    """Play one episode in every env; with ``learn`` the agent's buffer records it."""
+    """Play one episode in every env; with ``learn`` the agent's buffer records it.
+
+    ``env_offset`` is the global index of ``vec``'s first env when the envs are split over
+    processes (`esper.distributed`): env ``i`` here is global env ``env_offset + i``, with
+    that env's seeds and index in records and events."""
     if (agent is None) == (scripted is None):
         raise ValueError("run_round needs exactly one of agent= or scripted=")
     num_envs = vec.num_envs
-    seeds = [episode_seed(seed, i, round_index, evaluation) for i in range(num_envs)]
+    env_ids = range(env_offset, env_offset + num_envs)
+    seeds = [episode_seed(seed, i, round_index, evaluation) for i in env_ids]
     obs, masks, _ = vec.reset(seeds=seeds)
     hidden = agent.initial_hidden(num_envs) if agent is not None else None
-    records = [EpisodeRecord(round_index, i) for i in range(num_envs)]
+    records = [EpisodeRecord(round_index, i) for i in env_ids]
     for step_index in range(vec.max_epochs):
         if agent is not None:
             step = agent.act(
@@ -121,7 +133,7 @@ def run_round(
             reward = float(out.rewards[i])
             _account(records[i], info, reward, vec.envs[i].host_params)
             if telemetry is not None:
-                _emit_step(telemetry, round_index, i, step_index, vec, reward, info)
+                _emit_step(telemetry, round_index, env_offset + i, step_index, vec, reward, info)
         obs, masks = out.obs, out.masks
     if telemetry is not None:
         for record in records:

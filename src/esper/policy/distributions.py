@@ -46,7 +46,17 @@ class MaskedCategorical:
             self.log_probs = torch.log_softmax(filled, dim=-1)
         self.probs = self.log_probs.exp()
 
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(
+        self, generator: torch.Generator | None = None, uniform: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """A draw per row; with ``uniform`` (one U[0, 1) number per row) by inverse CDF, so
+        a row's draw depends on its own number only, not on the other rows of the batch."""
+        if uniform is not None:
+            cdf = self.probs.cumsum(-1)
+            target = (uniform.to(cdf.dtype) * cdf[..., -1]).unsqueeze(-1)
+            # First index whose CDF exceeds the target: never a zero-probability entry.
+            draws = torch.searchsorted(cdf.contiguous(), target.contiguous(), right=True)
+            return draws.squeeze(-1).clamp_max(self.probs.shape[-1] - 1)
         # multinomial never draws a zero-probability entry; masked entries underflow to 0.
         flat = self.probs.reshape(-1, self.probs.shape[-1])
         draws = torch.multinomial(flat, 1, generator=generator).squeeze(-1)

@@ -179,6 +179,7 @@ class FactoredRecurrentActorCritic(nn.Module):
         actions: torch.Tensor | None,
         deterministic: bool,
         generator: torch.Generator | None,
+        noise: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Flat rows [M]: returns actions [M,4], log-probs [M,4], entropies [M,4], used [M,4]."""
         rows, num_slots = slot_emb.shape[0], slot_emb.shape[1]
@@ -187,7 +188,9 @@ class FactoredRecurrentActorCritic(nn.Module):
         def choose(dist: MaskedCategorical, head: int) -> torch.Tensor:
             if actions is not None:
                 return actions[:, head].long()
-            return dist.mode() if deterministic else dist.sample(generator)
+            if deterministic:
+                return dist.mode()
+            return dist.sample(generator, None if noise is None else noise[:, head])
 
         op_dist = MaskedCategorical(self.op_head(core), masks.op)
         op = choose(op_dist, 0)
@@ -249,15 +252,21 @@ class FactoredRecurrentActorCritic(nn.Module):
         masks: ActionMasks,
         deterministic: bool = False,
         generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
     ) -> PolicyStep:
-        """Sample (or take the mode of) one factored action per env; always legal under masks."""
+        """Sample (or take the mode of) one factored action per env; always legal under masks.
+
+        ``noise`` (``[B, 4]`` uniforms in [0, 1), one per head) makes each env's draw depend
+        on its own row only, so envs split over processes sample as in one process."""
         self._check_obs(obs, time_major=False)
         batch = obs["global"].shape[0]
         self._check_masks(masks, (batch,))
+        if noise is not None and tuple(noise.shape) != (batch, len(HEADS)):
+            raise ValueError(f"noise must have shape [{batch}, 4], got {list(noise.shape)}")
         step_obs = {k: obs[k].unsqueeze(0) for k in ("global", "slots")}
         core, slot_emb, values, new_hidden = self(step_obs, hidden)
         actions, log_probs, _, _ = self._heads(
-            core[0], slot_emb[0], masks, None, deterministic, generator
+            core[0], slot_emb[0], masks, None, deterministic, generator, noise
         )
         return PolicyStep(actions, log_probs, values[0], new_hidden)
 

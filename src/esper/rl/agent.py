@@ -12,6 +12,11 @@ Rollout loop (N lockstep envs; observations ``{"global": [N, G], "slots": [N, S,
 
 ``final_obs`` is the observation a truncated env reached before its auto-reset (rows of
 other envs are ignored); its value bootstraps the truncated return.
+
+Data parallel: ``agent.distribute(ctx, shard)`` makes this agent one rank of a DD-PPO job
+(`esper.distributed`): weights come from rank 0, normaliser statistics and gradients are
+merged over ranks, and the sampling noise of env ``i`` is row ``i`` of one ``[E_total, 4]``
+draw that every rank makes, so actions do not depend on how the envs are split.
 """
 
 from __future__ import annotations
@@ -23,6 +28,14 @@ from pathlib import Path
 import torch
 
 from esper.actions import BLEND_ALGORITHMS, ActionMasks
+from esper.distributed import (
+    SINGLE,
+    DistContext,
+    EnvShard,
+    broadcast_parameters,
+    check_in_sync,
+    sum_across_ranks,
+)
 from esper.policy.network import FactoredRecurrentActorCritic, Hidden
 from esper.rl.buffer import RolloutBuffer
 from esper.rl.checkpoint import load_checkpoint, save_checkpoint
@@ -89,6 +102,20 @@ class PPOAgent:
         self.generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
         self.buffer: RolloutBuffer | None = None
         self.counters = {"updates": 0, "env_steps": 0, "episodes": 0}
+        self.dist: DistContext = SINGLE
+        self.shard: EnvShard | None = None
+        self.verify_sync = False  # compare weight checksums over ranks after each update
+        self._local_counts = [0, 0]  # env steps, episodes recorded since the last update
+
+    def distribute(self, ctx: DistContext, shard: EnvShard, verify_sync: bool = False) -> None:
+        """Act as rank ``ctx.rank`` stepping the global envs of ``shard``; takes rank 0's
+        weights (every rank must call this at the same point)."""
+        if shard.count * ctx.world_size != shard.total:
+            raise ValueError(
+                f"shard of {shard.count} envs x {ctx.world_size} ranks != {shard.total} envs"
+            )
+        self.dist, self.shard, self.verify_sync = ctx, shard, verify_sync
+        broadcast_parameters(self.network, ctx)
 
     # -- acting ---------------------------------------------------------------------------
     def initial_hidden(self, num_envs: int) -> Hidden:
@@ -107,7 +134,7 @@ class PPOAgent:
         if not self.config.normalize_observations:
             return {k: v.float() for k, v in obs.items()}
         if update:
-            self.obs_normalizer.update(obs)
+            self.obs_normalizer.update(obs, self.dist)
         return self.obs_normalizer.normalize(obs)
 
     def _to_reward_units(self, critic_out: torch.Tensor) -> torch.Tensor:
@@ -137,9 +164,8 @@ class PPOAgent:
         update = (not deterministic) if update_normalizer is None else update_normalizer
         norm_obs = self._prepare_obs(obs, update)
         masks = masks.to(self.device)
-        out = self.network.get_action(
-            norm_obs, hidden, masks, deterministic=deterministic, generator=self.generator
-        )
+        noise = None if deterministic else self._sampling_noise(norm_obs["global"].shape[0])
+        out = self.network.get_action(norm_obs, hidden, masks, deterministic, noise=noise)
         return AgentStep(
             actions=out.actions,
             log_probs=out.log_probs,
@@ -150,6 +176,14 @@ class PPOAgent:
             hidden_in=hidden,
             slot_ids=ids,
         )
+
+    def _sampling_noise(self, batch: int) -> torch.Tensor:
+        """This rank's rows of one ``[E_total, 4]`` uniform draw (one number per head)."""
+        shard = self.shard if self.shard is not None else EnvShard(0, batch, batch)
+        if batch != shard.count:
+            raise ValueError(f"got observations of {batch} envs; this rank steps {shard.count}")
+        noise = torch.rand(shard.total, 4, generator=self.generator, device=self.device)
+        return noise[shard.offset : shard.offset + batch]
 
     @torch.no_grad()
     def value(self, obs: Mapping[str, torch.Tensor], hidden: Hidden) -> torch.Tensor:
@@ -192,8 +226,11 @@ class PPOAgent:
             truncated=truncated,
             bootstrap_values=boot,
         )
+        ended = int((terminated | truncated).sum())
         self.counters["env_steps"] += n
-        self.counters["episodes"] += int((terminated | truncated).sum())
+        self.counters["episodes"] += ended
+        self._local_counts[0] += n
+        self._local_counts[1] += ended
 
     # -- learning -------------------------------------------------------------------------
     def update(
@@ -221,11 +258,11 @@ class PPOAgent:
         )
         targets = returns
         if cfg.normalize_returns:
-            self.return_normalizer.update(returns[batch.valid].unsqueeze(-1))
+            self.return_normalizer.update(returns[batch.valid].unsqueeze(-1), self.dist)
             targets = self.return_normalizer.normalize(returns.unsqueeze(-1)).squeeze(-1)
         self.network.train()
         diagnostics = ppo_update(
-            self.network, self.optimizer, batch, advantages, targets, cfg, self.generator
+            self.network, self.optimizer, batch, advantages, targets, cfg, self.generator, self.dist
         )
         diagnostics["explained_variance"] = explained_variance(
             batch.values[batch.valid], returns[batch.valid]
@@ -234,7 +271,24 @@ class PPOAgent:
         diagnostics["n_sequences"] = float(batch.num_sequences)
         buffer.clear()
         self.counters["updates"] += 1
+        if self.dist.active:
+            self._count_all_ranks(diagnostics)
+        self._local_counts = [0, 0]
+        if self.verify_sync:
+            check_in_sync(self.network, self.dist)
         return diagnostics
+
+    def _count_all_ranks(self, diagnostics: dict[str, float]) -> None:
+        """Counters and reward/sequence diagnostics over every rank's rollouts."""
+        local = torch.tensor(
+            [*self._local_counts, diagnostics["mean_reward"], diagnostics["n_sequences"]],
+            dtype=torch.float64,
+        )
+        total = sum_across_ranks(local, self.dist)
+        self.counters["env_steps"] += int(total[0]) - self._local_counts[0]
+        self.counters["episodes"] += int(total[1]) - self._local_counts[1]
+        diagnostics["mean_reward"] = float(total[2]) / self.dist.world_size
+        diagnostics["n_sequences"] = float(total[3])
 
     # -- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, object]:

@@ -10,6 +10,8 @@ from collections.abc import Mapping
 
 import torch
 
+from esper.distributed import SINGLE, DistContext, merge_moments
+
 
 class RunningMeanStd:
     """Mean and variance of a stream of vectors of shape ``[dim]`` (Chan et al. merge)."""
@@ -24,16 +26,27 @@ class RunningMeanStd:
     def dim(self) -> int:
         return self.mean.shape[0]
 
-    def update(self, x: torch.Tensor) -> None:
-        """Fold in a batch ``[..., dim]``; rows are flattened."""
+    def update(self, x: torch.Tensor, ctx: DistContext = SINGLE) -> None:
+        """Fold in a batch ``[..., dim]``; rows are flattened. Under data parallelism the
+        batch is every rank's rows (moments merged exactly), so all ranks stay identical."""
         if x.shape[-1] != self.dim:
             raise ValueError(f"expected last dim {self.dim}, got shape {tuple(x.shape)}")
         batch = x.detach().reshape(-1, self.dim).to(torch.float64)
         n = batch.shape[0]
+        if ctx.active:
+            count = torch.tensor(float(n), dtype=torch.float64, device=batch.device)
+            mean = batch.mean(0) if n else torch.zeros_like(self.mean)
+            m2 = (batch - mean).square().sum(0)
+            count, mean, m2 = merge_moments(count, mean, m2, ctx)
+            self._fold(count, mean, m2 / count.clamp_min(1.0))
+            return
         if n == 0:
             return
-        batch_mean = batch.mean(0)
-        batch_var = batch.var(0, unbiased=False)
+        self._fold(n, batch.mean(0), batch.var(0, unbiased=False))
+
+    def _fold(self, n: float | torch.Tensor, batch_mean: torch.Tensor, batch_var: torch.Tensor):
+        if float(n) == 0.0:
+            return
         delta = batch_mean - self.mean
         total = self.count + n
         self.mean = self.mean + delta * n / total
@@ -81,9 +94,9 @@ class ObservationNormalizer:
         self.slot_stats = RunningMeanStd(slot_dim, device)
         self.clip = clip
 
-    def update(self, obs: Mapping[str, torch.Tensor]) -> None:
-        self.global_stats.update(obs["global"])
-        self.slot_stats.update(obs["slots"])
+    def update(self, obs: Mapping[str, torch.Tensor], ctx: DistContext = SINGLE) -> None:
+        self.global_stats.update(obs["global"], ctx)
+        self.slot_stats.update(obs["slots"], ctx)
 
     def normalize(self, obs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {

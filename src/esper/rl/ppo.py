@@ -6,6 +6,12 @@ value loss on normalised returns, entropy bonus per head, global gradient clippi
 an approximate-KL early stop checked *before* each optimiser step (so a step that would
 push the policy too far is never taken). Each minibatch is a set of whole sequences
 replayed with one batched LSTM call from their stored initial states.
+
+Data parallel (DD-PPO, `esper.distributed`): with an active ``ctx`` every rank runs this
+same loop on its own rollouts. The ranks pool the advantage statistics, use the mean
+count per rank as the denominator of every masked mean (so averaging their gradients
+gives the gradient of the loss over all ranks' steps), agree on the approximate KL before
+the early-stop check, and average their gradients right after ``backward()``.
 """
 
 from __future__ import annotations
@@ -15,6 +21,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from esper.distributed import (
+    SINGLE,
+    DistContext,
+    all_reduce_gradients,
+    global_mean_std,
+    mean_across_ranks,
+    min_across_ranks,
+)
 from esper.policy.network import HEADS, FactoredRecurrentActorCritic
 from esper.rl.buffer import SequenceBatch
 
@@ -96,9 +110,8 @@ def explained_variance(predicted: torch.Tensor, target: torch.Tensor) -> float:
     return float(1.0 - (target - predicted).var(unbiased=False) / var)
 
 
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    mask = mask.to(x.dtype)
-    return (x * mask).sum() / mask.sum().clamp_min(1.0)
+def _masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask.to(x.dtype)).sum()
 
 
 def ppo_update(
@@ -109,6 +122,7 @@ def ppo_update(
     value_targets: torch.Tensor,
     config: PPOConfig,
     generator: torch.Generator | None = None,
+    ctx: DistContext = SINGLE,
 ) -> dict[str, float]:
     """``n_epochs`` passes over minibatches of whole sequences; returns diagnostics.
 
@@ -119,10 +133,11 @@ def ppo_update(
     """
     valid = batch.valid
     if config.normalize_advantages:
-        flat = advantages[valid]
-        advantages = (advantages - flat.mean()) / (flat.std(unbiased=False) + 1e-8) * valid
+        adv_mean, adv_std = global_mean_std(advantages[valid], ctx)
+        advantages = (advantages - adv_mean) / (adv_std + 1e-8) * valid
     num_seq = batch.num_sequences
-    num_mb = min(config.num_minibatches, num_seq)
+    # Every rank must take the same number of steps (each one is a collective).
+    num_mb = min(config.num_minibatches, min_across_ranks(num_seq, ctx))
     kl_limit = None if config.target_kl is None else 1.5 * config.target_kl
     head_w = torch.tensor(config.head_entropy_weights, device=advantages.device)
     stats: dict[str, list[float]] = {k: [] for k in ("kl", "clip", "pg", "v", "grad")}
@@ -143,9 +158,16 @@ def ppo_update(
                 first_dev = dev.detach().amax(dim=(0, 1))
             logratio = head_logratio.sum(-1)
             ratio = logratio.exp()
+            used = out.head_used & mb_valid[..., None]
+            # Denominators of the masked means: valid steps, and steps that used each head.
+            counts = torch.cat([mb_valid.sum().reshape(1), used.sum((0, 1))]).float()
+            counts = mean_across_ranks(counts, ctx).clamp_min(1.0)
+            n_valid, n_used = counts[0], counts[1:]
             with torch.no_grad():
-                approx_kl = _masked_mean((ratio - 1) - logratio, mb_valid)
-                clip_frac = _masked_mean(((ratio - 1).abs() > config.clip_coef).float(), mb_valid)
+                approx_kl = _masked_sum((ratio - 1) - logratio, mb_valid) / n_valid
+                clip_frac = _masked_sum((ratio - 1).abs() > config.clip_coef, mb_valid) / n_valid
+                # Averaged over ranks before the check: all ranks stop at the same step.
+                approx_kl, clip_frac = mean_across_ranks(torch.stack([approx_kl, clip_frac]), ctx)
             stats["kl"].append(float(approx_kl))
             stats["clip"].append(float(clip_frac))
             if kl_limit is not None and float(approx_kl) > kl_limit:
@@ -153,23 +175,27 @@ def ppo_update(
                 break
 
             adv = advantages[:length, columns]
-            pg_loss = _masked_mean(
-                torch.maximum(
-                    -adv * ratio,
-                    -adv * ratio.clamp(1 - config.clip_coef, 1 + config.clip_coef),
-                ),
-                mb_valid,
+            pg_loss = (
+                _masked_sum(
+                    torch.maximum(
+                        -adv * ratio,
+                        -adv * ratio.clamp(1 - config.clip_coef, 1 + config.clip_coef),
+                    ),
+                    mb_valid,
+                )
+                / n_valid
             )
-            v_loss = 0.5 * _masked_mean(
+            v_loss = 0.5 * _masked_sum(
                 (out.values - value_targets[:length, columns]) ** 2, mb_valid
             )
-            used = out.head_used & mb_valid[..., None]
-            per_head = (out.entropies * used).sum((0, 1)) / used.sum((0, 1)).clamp_min(1)
+            v_loss = v_loss / n_valid
+            per_head = (out.entropies * used).sum((0, 1)) / n_used
             entropy_bonus = (head_w * per_head).sum()
             loss = pg_loss + config.vf_coef * v_loss - config.ent_coef * entropy_bonus
 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            all_reduce_gradients(network.parameters(), ctx)  # DD-PPO: no-op in one process
             grad_norm = nn.utils.clip_grad_norm_(network.parameters(), config.max_grad_norm)
             optimizer.step()
             steps += 1
@@ -182,6 +208,12 @@ def ppo_update(
 
     def mean(key: str) -> float:
         return sum(stats[key]) / len(stats[key]) if stats[key] else float("nan")
+
+    if ctx.active:  # each rank's losses are its share: report the mean over ranks
+        shares = torch.tensor([mean("pg"), mean("v"), *head_entropy.tolist()], dtype=torch.float64)
+        shares = mean_across_ranks(shares, ctx)
+        stats["pg"], stats["v"] = [float(shares[0])], [float(shares[1])]
+        head_entropy = shares[2:].to(head_entropy)
 
     result = {
         "approx_kl": mean("kl"),
