@@ -8,6 +8,7 @@ batch, so the minibatch order and the early stop cannot differ), 4 envs in total
 
 from __future__ import annotations
 
+import csv
 import os
 import socket
 import subprocess
@@ -34,6 +35,7 @@ from esper.env.vector import VectorMorphogenesisEnv
 from esper.experiment import run_round
 from esper.policy.distributions import MaskedCategorical
 from esper.rl import PPOAgent, PPOConfig
+from esper.telemetry import read_events
 
 TOTAL_ENVS = 4
 PPO = PPOConfig(hidden=16, embed=8, n_epochs=1, num_minibatches=1, target_kl=None, seed=3)
@@ -195,3 +197,34 @@ def test_inverse_cdf_sampling_follows_the_probabilities():
     uniform = torch.rand(20000, generator=torch.Generator().manual_seed(0))
     freq = torch.bincount(dist.sample(uniform=uniform), minlength=4).float() / 20000
     torch.testing.assert_close(freq, probs, atol=0.015, rtol=0)
+
+
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone"]
+    return subprocess.run(
+        [*cmd, "-m", "esper", "train", "ppo", *args, "--no-report"],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_torchrun_cli_run_resumes_and_rank0_writes_every_env(tmp_path):
+    run_dir = tmp_path / "run"
+    tiny = ["--max-epochs", "2", "--set", "env.batches_per_step=2", "--set", "ppo.hidden=16"]
+    first = torchrun("--envs", "4", "--episodes", "4", "--run-dir", str(run_dir), *tiny)
+    assert first.returncode == 0, first.stderr[-2000:]
+    again = torchrun("--resume", "--episodes", "8", "--run-dir", str(run_dir))
+    assert again.returncode == 0, again.stderr[-2000:]
+    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
+    assert [(r["episode"], r["env"]) for r in rows] == [
+        (str(k), str(i)) for k in (0, 1) for i in range(4)
+    ]
+    steps = [e for e in read_events(run_dir / "events.jsonl") if e["kind"] == "episode_step"]
+    assert {e["env"] for e in steps} == {0, 1, 2, 3}  # rank 1's envs are logged by rank 0
+    saved = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert saved["counters"]["updates"] == 2 and saved["counters"]["env_steps"] == 2 * 4 * 2
+    bad = torchrun("--envs", "3", "--run-dir", str(tmp_path / "bad"))
+    assert bad.returncode != 0
+    assert "esper: error: --envs 3 cannot be split over 2 processes" in bad.stderr

@@ -164,10 +164,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         base = load_toml(args.config) if args.config is not None else {}
         config = config_from_dict(_merge(base, over))
-    result = train(
-        config, run_dir, resume=args.resume, force=args.force,
-        progress=_progress(time.monotonic()), log=lambda m: print(f"esper: {m}", file=sys.stderr),
-    )  # fmt: skip
+    from esper.distributed import PeerLostError, init_distributed, shutdown
+
+    # Under torchrun: one rank of a DD-PPO job (--envs is the total over all ranks).
+    dist = init_distributed(config.run.device)
+    try:
+        result = train(
+            config, run_dir, resume=args.resume, force=args.force, dist=dist,
+            progress=_progress(time.monotonic()),
+            log=lambda m: print(f"esper: {m}", file=sys.stderr),
+        )  # fmt: skip
+    except PeerLostError as exc:
+        print(f"esper: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 1
+    finally:
+        shutdown(dist)
+    if not dist.is_main:
+        return 130 if result.interrupted else 0
     if result.interrupted:
         print(
             f"esper: interrupted after {result.rounds_done} complete rounds; checkpoint "

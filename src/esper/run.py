@@ -10,6 +10,10 @@ Run folder (``runs/<name>/``)::
 
 A checkpoint is written after every round (atomically), so Ctrl-C loses at most the
 round in flight; `--resume` truncates the telemetry of that partial round and goes on.
+
+Under ``torchrun`` (`esper.distributed`) each rank steps its share of the ``envs`` global
+envs; rank 0 alone writes the run folder, with every rank's episodes and events, and
+every rank resumes from the same checkpoint.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from esper.checkpointing import (
     safe_torch_load,
 )
 from esper.config_io import ConfigError, load_toml
+from esper.distributed import SINGLE, DistContext, barrier, env_shard, gather_objects
 from esper.env import DEFAULT_SCHEMA, GLOBAL_DIM, SLOT_DIM, ObservationSchema, SchemaMismatchError
 from esper.env.vector import VectorMorphogenesisEnv
 from esper.experiment import EpisodeRecord, make_scripted, run_round, summarize
@@ -176,36 +181,46 @@ def train(
     progress: Callable[[int, int, dict[str, float]], None] | None = None,
     log: Callable[[str], None] | None = None,
     stop_after: int | None = None,
+    dist: DistContext = SINGLE,
 ) -> TrainResult:
     """Train (or, for scripted controllers, just run) ``config`` into ``run_dir``.
 
     ``stop_after`` ends the run after that many rounds in this call (tests use it to
     interrupt and resume). Ctrl-C ends it cleanly after saving what was complete.
+    ``dist``: this process's rank in a data-parallel job (see the module docstring).
     """
     run_dir = Path(run_dir)
-    check_run_dir(run_dir, resume=resume, force=force)
+    if dist.is_main or resume:  # other ranks would race with rank 0 creating the folder
+        check_run_dir(run_dir, resume=resume, force=force)
+    shard = env_shard(config.run.envs, dist)
     # Building the envs validates task, slots and data before anything is written.
-    vec = VectorMorphogenesisEnv(config.run.envs, config.env_config())
+    vec = VectorMorphogenesisEnv(shard.count, config.env_config())
     agent, state = (
         _load_state(run_dir, config, vec)
         if resume
         else (_agent_for(config, vec) if config.run.controller == "ppo" else None, RunState())
     )
-    if not resume:
+    if not resume and dist.is_main:
         create_run_dir(run_dir, config)
         _save(run_dir, agent, state, "last.pt")  # Ctrl-C in the first round leaves one too
+    if agent is not None:
+        agent.distribute(dist, shard)  # rank 0's weights everywhere
+    if not dist.is_main:
+        log = progress = None
     if log is not None:
         log(
             f"{'resuming' if resume else 'training'} {config.run.controller} on "
             f"{config.run.task} (slots {' '.join(vec.slot_config.slot_ids)}; "
             f"{config.run.envs} envs x {config.run.updates} rounds) -> {run_dir}"
         )
-    if resume:
+    if resume and dist.is_main:
         _truncate_telemetry(run_dir, state.round)
+    barrier(dist)
     total = config.run.updates
     last: dict[str, float] = {}
     interrupted = False
-    with Telemetry(run_dir, tensorboard=config.run.tensorboard) as telemetry:
+    writer_dir = run_dir if dist.is_main else None
+    with Telemetry(writer_dir, tensorboard=config.run.tensorboard and dist.is_main) as telemetry:
         telemetry.emit(
             RunStarted(
                 run_dir.name, config.run.controller, config.run.task,
@@ -216,20 +231,15 @@ def train(
             done_here = 0
             while state.round < total and (stop_after is None or done_here < stop_after):
                 k = state.round
+                records = _play_round(vec, k, config, agent, telemetry, dist, shard.offset)
                 if agent is not None:
-                    records = run_round(
-                        vec, k, config.run.seed, agent=agent, learn=True, telemetry=telemetry
-                    )
                     diagnostics = agent.update()
-                    telemetry.emit(PPOUpdate(k, (k + 1) * vec.num_envs, diagnostics))
-                else:
-                    scripted = make_scripted(config, k, vec.num_envs)
-                    records = run_round(vec, k, config.run.seed, scripted=scripted,
-                                        telemetry=telemetry)  # fmt: skip
+                    telemetry.emit(PPOUpdate(k, (k + 1) * config.run.envs, diagnostics))
                 last = summarize(records)
                 state.round = k + 1
                 done_here += 1
-                _checkpoint(run_dir, agent, state, last, config, telemetry)
+                if dist.is_main:
+                    _checkpoint(run_dir, agent, state, last, config, telemetry)
                 telemetry.flush()
                 if progress is not None:
                     progress(state.round, total, last)
@@ -237,6 +247,43 @@ def train(
             interrupted = True
     vec.close()
     return TrainResult(run_dir, state.round, last, state.best_objective, interrupted)
+
+
+class _EventList:
+    """Holds a rank's events of one round until rank 0 writes them."""
+
+    def __init__(self) -> None:
+        self.events: list[Any] = []
+
+    def emit(self, event: Any) -> None:
+        self.events.append(event)
+
+
+def _play_round(
+    vec: VectorMorphogenesisEnv,
+    k: int,
+    config: RunConfig,
+    agent: PPOAgent | None,
+    telemetry: Telemetry,
+    dist: DistContext,
+    offset: int,
+) -> list[EpisodeRecord]:
+    """Round ``k`` on this rank's envs; returns the episodes of every rank's envs."""
+    sink: Any = _EventList() if dist.active else telemetry
+    if agent is not None:
+        records = run_round(vec, k, config.run.seed, agent=agent, learn=True, telemetry=sink,
+                            env_offset=offset)  # fmt: skip
+    else:
+        scripted = make_scripted(config, k, vec.num_envs, env_offset=offset)
+        records = run_round(vec, k, config.run.seed, scripted=scripted, telemetry=sink,
+                            env_offset=offset)  # fmt: skip
+    if not dist.active:
+        return records
+    parts = gather_objects((sink.events, records), dist)
+    for events, _ in parts:
+        for event in events:
+            telemetry.emit(event)  # rank 0 writes; elsewhere telemetry is in memory only
+    return [record for _, part in parts for record in part]
 
 
 def _checkpoint(run_dir, agent, state, last, config, telemetry) -> None:
