@@ -36,6 +36,9 @@ def _add_env_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-epochs", type=int, help="steps (host epochs) per episode")
     p.add_argument("--seed", type=int, help="run seed")
     p.add_argument("--device", help="cpu, cuda or cuda:N")
+    p.add_argument(
+        "--env-devices", nargs="+", metavar="DEV", help="envs' devices, round-robin (cuda:0 ...)"
+    )
     p.add_argument("--config", type=Path, metavar="FILE.toml", help="config file (strict)")
     p.add_argument(
         "--set",
@@ -106,6 +109,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         run["controller"] = args.controller
     if args.max_epochs is not None:
         over.setdefault("env", {})["max_epochs"] = args.max_epochs
+    if getattr(args, "env_devices", None) is not None:
+        run["env_devices"] = list(args.env_devices)
     return over
 
 

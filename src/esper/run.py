@@ -194,7 +194,9 @@ def train(
         check_run_dir(run_dir, resume=resume, force=force)
     shard = env_shard(config.run.envs, dist)
     # Building the envs validates task, slots and data before anything is written.
-    vec = VectorMorphogenesisEnv(shard.count, config.env_config())
+    vec = VectorMorphogenesisEnv(
+        shard.count, config.env_config(), env_devices=config.run.env_devices
+    )
     agent, state = (
         _load_state(run_dir, config, vec)
         if resume
@@ -313,7 +315,7 @@ def evaluate(
     if episodes < 1:
         raise ConfigError(f"episodes must be >= 1, got {episodes}")
     num_envs = min(config.run.envs, episodes)
-    vec = VectorMorphogenesisEnv(num_envs, config.env_config())
+    vec = VectorMorphogenesisEnv(num_envs, config.env_config(), env_devices=config.run.env_devices)
     agent = None
     if checkpoint is not None:
         agent, _ = load_agent(checkpoint, vec.slot_config, vec.action_spec.blueprints,

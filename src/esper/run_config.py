@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
+
 from esper.config_io import ConfigError, dataclass_from_dict, dumps_toml, load_toml, nearest_hint
 from esper.env import EnvConfig
 from esper.model import LifecycleConfig
@@ -28,6 +30,14 @@ Controller = Literal["ppo", "heuristic", "random", "static"]
 CONTROLLERS: tuple[str, ...] = ("ppo", "heuristic", "random", "static")
 
 
+def _is_device(name: str) -> bool:
+    try:
+        torch.device(name)
+    except (RuntimeError, TypeError):
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class RunSection:
     controller: Controller = "ppo"
@@ -36,7 +46,8 @@ class RunSection:
     envs: int = 4  # envs stepped in lockstep; one PPO update = one episode of each
     episodes: int = 96  # total episodes over all envs (rounded up to whole updates)
     seed: int = 0
-    device: str = "cpu"
+    device: str = "cpu"  # the policy's device (and the envs', unless env_devices is set)
+    env_devices: tuple[str, ...] | None = None  # envs placed round-robin, e.g. cuda:0 cuda:1
     checkpoint_every: int = 10  # rounds between kept copies (last.pt is written every round)
     tensorboard: bool = False
 
@@ -46,6 +57,10 @@ class RunSection:
                 f"envs, episodes and checkpoint_every must be >= 1, got {self.envs}, "
                 f"{self.episodes}, {self.checkpoint_every}"
             )
+
+        for name in (self.device, *(self.env_devices or ())):
+            if not _is_device(name):
+                raise ValueError(f"device {name!r} unknown; allowed: cpu, cuda, cuda:N, mps, ...")
 
     @property
     def updates(self) -> int:

@@ -12,12 +12,17 @@
   bootstrapping a truncated episode). For envs that did not finish, ``final_obs`` and
   ``obs`` rows are equal. ``infos[i]`` is the step info; ``infos[i]["reset_info"]`` is
   present when env ``i`` was reset.
+* **Devices**: ``env_devices=["cuda:0", "cuda:1"]`` places env ``i`` on
+  ``env_devices[i % len]`` (round-robin; default: the config's device). The data set is
+  copied once per device, and each env on a GPU runs its step on its own CUDA stream, so
+  one env's kernels need not queue behind another's. On CPU there are no streams.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -54,13 +59,31 @@ class VectorMorphogenesisEnv:
     """E `MorphogenesisEnv` instances sharing one loaded data set, stepped together."""
 
     def __init__(
-        self, num_envs: int, config: EnvConfig | None = None, *, seed: int = 0, **options: Any
+        self,
+        num_envs: int,
+        config: EnvConfig | None = None,
+        *,
+        seed: int = 0,
+        env_devices: Sequence[str | torch.device] | None = None,
+        **options: Any,
     ) -> None:
         if not isinstance(num_envs, int) or num_envs < 1:
             raise ValueError(f"num_envs must be an int >= 1, got {num_envs!r}")
         first = MorphogenesisEnv(config, **options)
-        self.envs = [first] + [
-            MorphogenesisEnv(first.config, data=first.data) for _ in range(num_envs - 1)
+        if not env_devices:
+            self.envs = [first] + [
+                MorphogenesisEnv(first.config, data=first.data) for _ in range(num_envs - 1)
+            ]
+        else:
+            devices = [torch.device(d) for d in env_devices]
+            data = {d: first.data.to(d) for d in dict.fromkeys(devices)}
+            self.envs = [
+                MorphogenesisEnv(replace(first.config, device=str(d)), data=data[d])
+                for d in (devices[i % len(devices)] for i in range(num_envs))
+            ]
+        self.devices = [env.device for env in self.envs]
+        self._streams = [
+            torch.cuda.Stream(device=d) if d.type == "cuda" else None for d in self.devices
         ]
         self.num_envs = num_envs
         self.seed = seed
@@ -117,11 +140,12 @@ class VectorMorphogenesisEnv:
             raise ValueError(f"got {len(actions)} actions for {self.num_envs} envs")
         final, current, infos = [], [], []
         rewards, terminated, truncated = [], [], []
-        for env, action in zip(self.envs, actions, strict=True):
-            obs, reward, term, trunc, info = env.step(action)
-            final.append(obs)
-            if term or trunc:
-                obs, info["reset_info"] = env.reset()
+        for env, action, stream in zip(self.envs, actions, self._streams, strict=True):
+            with _on_stream(stream):
+                obs, reward, term, trunc, info = env.step(action)
+                final.append(obs)
+                if term or trunc:
+                    obs, info["reset_info"] = env.reset()
             current.append(obs)
             infos.append(info)
             rewards.append(reward)
@@ -138,6 +162,12 @@ class VectorMorphogenesisEnv:
             infos=infos,
         )
 
+    def synchronize(self) -> None:
+        """Wait for the work queued on every env's stream (no-op on CPU)."""
+        for stream in self._streams:
+            if stream is not None:
+                stream.synchronize()
+
     def _started(self) -> list[MorphogenesisEnv]:
         if self._last_obs is None:
             raise RuntimeError("call reset() before step() or masks()")
@@ -146,3 +176,12 @@ class VectorMorphogenesisEnv:
     def close(self) -> None:
         for env in self.envs:
             env.close()
+
+
+def _on_stream(stream: torch.cuda.Stream | None) -> contextlib.AbstractContextManager:
+    """Run on ``stream`` after the work already queued on its device's current stream
+    (e.g. the env's reset, issued there); a no-op context on CPU."""
+    if stream is None:
+        return contextlib.nullcontext()
+    stream.wait_stream(torch.cuda.current_stream(stream.device))
+    return torch.cuda.stream(stream)

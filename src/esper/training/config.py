@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw")
+AMP_MODES: tuple[str, ...] = ("off", "bf16", "fp16")
 
 
 class TrainConfigError(ValueError):
@@ -65,8 +66,13 @@ class TrainConfig:
     plateau_tolerance: float = 1e-3  # quality gains below this count as a plateau
     history: int = 20  # how many past losses TrainingSignals keeps
     governor: GovernorConfig = field(default_factory=GovernorConfig)
+    # Mixed precision for the host's training forward pass: "bf16" or "fp16" (loss scaling
+    # on CUDA). Validation and the controller's action distributions stay in float32.
+    amp: str = "off"
 
     def __post_init__(self) -> None:
+        if self.amp not in AMP_MODES:
+            raise TrainConfigError(f"amp {self.amp!r} unknown; allowed: {', '.join(AMP_MODES)}")
         if self.optimizer not in OPTIMIZERS:
             raise TrainConfigError(
                 f"optimizer {self.optimizer!r} unknown; allowed: {', '.join(OPTIMIZERS)}"

@@ -69,13 +69,21 @@ class TaskData:
         return self.train_x.device
 
     def to(self, device: torch.device | str) -> TaskData:
-        """A copy on ``device``; tensors already there are shared, not copied."""
+        """A copy on ``device``; tensors already there are shared, not copied. Host to GPU
+        copies go through pinned memory (asynchronous DMA instead of a staged copy)."""
+        device = torch.device(device)
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            if device.type == "cuda" and t.device.type == "cpu":
+                return t.pin_memory().to(device, non_blocking=True)
+            return t.to(device)
+
         return replace(
             self,
-            train_x=self.train_x.to(device),
-            train_y=self.train_y.to(device),
-            val_x=self.val_x.to(device),
-            val_y=self.val_y.to(device),
+            train_x=move(self.train_x),
+            train_y=move(self.train_y),
+            val_x=move(self.val_x),
+            val_y=move(self.val_y),
         )
 
 

@@ -80,6 +80,11 @@ class Trainer:
         self.governor = Governor(self.config.governor)
         self.epoch = 0
         self.host_optimizer = self._new_host_optimizer()
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.amp)
+        # Loss scaling keeps small fp16 gradients from flushing to zero (CUDA only).
+        self.scaler = torch.amp.GradScaler(
+            "cuda", enabled=self.config.amp == "fp16" and self.device.type == "cuda"
+        )
         self.seed_optimizers: dict[str, tuple[tuple[int, ...], torch.optim.Optimizer]] = {}
         self.sync_seed_optimizers()
         self.governor.snapshot(self.model, epoch=-1)  # the fresh host is the first good state
@@ -130,9 +135,15 @@ class Trainer:
             x, y = data.train_x[idx], data.train_y[idx]
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
-            logits = model(x)
+            with torch.autocast(
+                self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
+            ):
+                logits = model(x)
+            logits = logits.float()
             loss = task_loss(logits, y)
-            loss.backward()
+            self.scaler.scale(loss).backward()
+            for opt in optimizers:  # true gradients for clipping and the norms below
+                self.scaler.unscale_(opt)
             if cfg.grad_clip is not None:
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             for sid in grad_sq:
@@ -142,7 +153,8 @@ class Trainer:
                         torch.stack([torch.linalg.vector_norm(g) for g in grads])
                     )
             for opt in optimizers:
-                opt.step()
+                self.scaler.step(opt)
+            self.scaler.update()
             totals.add(logits.detach(), y)
         n = max(len(batches), 1)
         samples = sum(int(idx.numel()) for idx in batches)
