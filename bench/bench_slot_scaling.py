@@ -1,0 +1,117 @@
+"""Scaling in slots: the per-step cost of the controller's inputs and decision for S slots.
+
+A digits-shaped CNN host (1x8x8 inputs, width 1, depth S: widths 1, 2, 4, 8, 8, ...
+with pooling only while the map is >= 4x4, so deep blocks run on 2x2 maps) carries a
+HOLDING seed in every slot, the worst case for crediting. For S in {1, 8, 32, 64}:
+
+  masks            `stage_tensors` of every slot + `compute_batch_masks` (one env)
+  observation      `build_observation` from the model's slot states
+  policy           `PPOAgent.act` for one env (normaliser, network, sampling)
+  counterfactuals  `fast_counterfactuals`: live validation + one variant per seed
+  validation       one plain validation pass (the reference the env pays anyway)
+
+on 360 validation images (the digits split size). Best of N after a warm-up.
+
+    OMP_NUM_THREADS=1 python bench/bench_slot_scaling.py           # S in {1, 8, 32, 64}
+    python bench/bench_slot_scaling.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+from functools import partial
+
+import torch
+
+import benchlib
+from bench_counterfactual import grow
+from esper.env import GLOBAL_DIM, SLOT_DIM, compute_batch_masks
+from esper.env.masks import blueprint_cost_table, stage_tensors
+from esper.env.observations import TrainingProgress, build_observation
+from esper.model import CNNHost, blueprints_for
+from esper.rl import PPOAgent
+from esper.training import fast_counterfactuals, variants_to_measure
+from esper.training.objective import evaluate
+
+VAL_IMAGES = 360
+
+
+def costs(num_slots: int, repeats: int) -> dict[str, float]:
+    torch.manual_seed(0)
+    host = CNNHost(1, 10, width=1, depth=num_slots, image_size=8)
+    host_params = sum(p.numel() for p in host.parameters())
+    model = grow(host, [f"r0c{i}" for i in range(num_slots)])
+    blueprints = blueprints_for(model.topology)
+    table = blueprint_cost_table(model.slot_config, blueprints)
+    x, y = torch.rand(VAL_IMAGES, 1, 8, 8), torch.randint(0, 10, (VAL_IMAGES,))
+    agent = PPOAgent(model.slot_config, GLOBAL_DIM, SLOT_DIM, blueprints)
+    progress = TrainingProgress(5, 20, 0.5, 0.6, 0.8, 0.75, growth=0.1)
+
+    def masks():
+        stages, contributions = stage_tensors(model.slot_states())
+        return compute_batch_masks(
+            stages[None], contributions[None], table, torch.tensor([1e9], dtype=torch.float64)
+        )
+
+    def observation():
+        return build_observation(
+            progress, model.slot_states(), host_params=host_params, blueprints=blueprints
+        )
+
+    obs = {k: v[None] for k, v in observation().items()}
+    batch_masks, hidden = masks(), agent.initial_hidden(1)
+
+    def policy():
+        return agent.act(obs, batch_masks, hidden, update_normalizer=False)
+
+    variants = variants_to_measure(model)
+    with torch.no_grad():
+        fns = {
+            "masks": masks,
+            "observation": observation,
+            "policy": policy,
+            "counterfactuals": partial(
+                fast_counterfactuals, model, x, y, "classification", variants, 1024
+            ),
+            "validation": partial(evaluate, model, x, y, 1024),
+        }
+        return {name: benchlib.best_of(fn, repeats) for name, fn in fns.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slots", default="1,8,32,64")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="S in {1, 8}, 2 repeats")
+    args = parser.parse_args(argv)
+    benchlib.set_threads(args.threads)
+    if args.quick:
+        args.slots, args.repeats = "1,8", 2
+    print(f"machine: {benchlib.machine()}", flush=True)
+    rows = []
+    for num_slots in (int(s) for s in args.slots.split(",")):
+        ms = {k: 1e3 * v for k, v in costs(num_slots, args.repeats).items()}
+        controller = ms["masks"] + ms["observation"] + ms["policy"]
+        rows.append(
+            {
+                "slots": num_slots,
+                "masks ms": f"{ms['masks']:.3f}",
+                "observation ms": f"{ms['observation']:.3f}",
+                "policy ms": f"{ms['policy']:.2f}",
+                "masks+obs+policy ms": f"{controller:.2f}",
+                "counterfactuals ms": f"{ms['counterfactuals']:.1f}",
+                "validation ms": f"{ms['validation']:.1f}",
+                "cf / validation": f"{ms['counterfactuals'] / ms['validation']:.1f}x",
+            }
+        )
+    benchlib.report(
+        f"slot_scaling{'_quick' if args.quick else ''}",
+        "Per-step cost vs number of slots (one env, every slot holding a seed)",
+        rows,
+        note=f"best of {args.repeats} after a warm-up; {VAL_IMAGES} validation images.",
+    )
+
+
+if __name__ == "__main__":
+    main()
