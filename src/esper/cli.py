@@ -140,6 +140,14 @@ def _progress(start: float):
     return report
 
 
+def _set_threads(threads: int) -> None:
+    """The CLI owns its process, so it may set torch's thread count (run.threads)."""
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from esper.config_io import load_toml
     from esper.run import train
@@ -169,6 +177,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         base = load_toml(args.config) if args.config is not None else {}
         config = config_from_dict(_merge(base, over))
+    _set_threads(config.run.threads)
     from esper.distributed import PeerLostError, init_distributed, shutdown
 
     # Under torchrun: one rank of a DD-PPO job (--envs is the total over all ranks).
@@ -227,6 +236,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.config is not None:
         base = _merge(base, load_toml(args.config))
     config = config_from_dict(_merge(base, _overrides(args)))
+    _set_threads(config.run.threads)
     records = evaluate(
         config,
         checkpoint=args.checkpoint,

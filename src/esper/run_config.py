@@ -50,8 +50,14 @@ class RunSection:
     env_devices: tuple[str, ...] | None = None  # envs placed round-robin, e.g. cuda:0 cuda:1
     checkpoint_every: int = 10  # rounds between kept copies (last.pt is written every round)
     tensorboard: bool = False
+    # torch intra-op threads of this process (0 = torch's default). The hosts are tiny:
+    # a second thread gains little and costs 8x when the cores are busy (measured on
+    # 2 cores under load), so scale with envs or processes (torchrun), not threads.
+    threads: int = 1
 
     def __post_init__(self) -> None:
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0 (0 = torch's default), got {self.threads}")
         if self.envs < 1 or self.episodes < 1 or self.checkpoint_every < 1:
             raise ValueError(
                 f"envs, episodes and checkpoint_every must be >= 1, got {self.envs}, "
