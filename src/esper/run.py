@@ -28,6 +28,7 @@ from typing import Any
 from esper.checkpointing import (
     CheckpointError,
     atomic_torch_save,
+    atomic_write_bytes,
     atomic_write_text,
     safe_torch_load,
 )
@@ -296,11 +297,11 @@ def _checkpoint(run_dir, agent, state, last, config, telemetry) -> None:
     path = _save(run_dir, agent, state, "last.pt")
     telemetry.emit(CheckpointSaved(str(path), k - 1, k * config.run.envs, False))
     if best:
-        shutil.copyfile(path, run_dir / "checkpoints" / "best.pt")
+        atomic_write_bytes(run_dir / "checkpoints" / "best.pt", path.read_bytes())
         telemetry.emit(CheckpointSaved(str(run_dir / "checkpoints" / "best.pt"), k - 1,
                                        k * config.run.envs, True))  # fmt: skip
     if k % config.run.checkpoint_every == 0:
-        shutil.copyfile(path, run_dir / "checkpoints" / f"round_{k:06d}.pt")
+        atomic_write_bytes(run_dir / "checkpoints" / f"round_{k:06d}.pt", path.read_bytes())
 
 
 def evaluate(
