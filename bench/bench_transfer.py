@@ -59,10 +59,11 @@ def main(argv: list[str] | None = None) -> None:
         checkpoint, seconds = benchlib.train_ppo(config, name)
         return checkpoint, seconds, cli_command(setup, config)
 
+    targets = {depth: policy(depth) for depth in depths}
     source, source_seconds, source_cmd = policy(train_depth)
     rows, commands = [], [f"{train_depth} slots: `{source_cmd}` ({source_seconds:.0f} s)"]
     for depth in depths:
-        target, target_seconds, target_cmd = policy(depth)
+        target, target_seconds, target_cmd = targets[depth]
         if depth != train_depth:
             commands.append(f"{depth} slots: `{target_cmd}` ({target_seconds:.0f} s)")
         config = make_config(deeper(base, depth), args.envs)

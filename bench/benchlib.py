@@ -9,6 +9,7 @@ overrides it).
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import platform
@@ -163,16 +164,20 @@ def run_config(
 def train_ppo(
     config: RunConfig, name: str, log: Callable[[str], None] = print
 ) -> tuple[Path, float]:
-    """Train a PPO controller into ``out/runs/<name>`` and return (checkpoint, seconds).
+    """Train a PPO controller into ``out/runs/<name>-<config hash>``; returns (checkpoint,
+    seconds).
 
     A finished run with the identical resolved config is reused (its recorded training
     time is returned), so scripts that need the same policy (growth quality and slot
-    transfer) train it once. Delete ``bench/out/runs`` to retrain.
+    transfer) train it once. The hash keeps runs of different configs (or of a config
+    whose defaults changed with the code) apart, so a retrain never overwrites a run
+    another script may be reading. Delete ``bench/out/runs`` to retrain.
     """
-    run_dir = out_dir("runs") / name
+    toml = config.to_toml()
+    digest = hashlib.sha256(toml.encode()).hexdigest()[:8]
+    run_dir = out_dir("runs") / f"{name}-{digest}"
     marker = run_dir / "bench_done.json"
     checkpoint = run_dir / "checkpoints" / "last.pt"
-    toml = config.to_toml()
     if marker.is_file() and checkpoint.is_file():
         done = json.loads(marker.read_text(encoding="utf-8"))
         if done.get("config") == toml:
