@@ -4,9 +4,11 @@ For each task, on a deliberately narrow CNN host, every controller plays the sam
 evaluation episodes (same host inits and data orders, seeds disjoint from training):
 
   static         the narrow host, never grown
-  static-wide    a static CNN widened to the host's params + the mean params PPO added
-                 (heuristic's when PPO is skipped); its objective charges the extra
-                 params as growth, like a grown host's
+  wide=ppo       a static CNN widened to the host's params + the mean params PPO added
+  wide=heur      ... + the mean params the heuristic added. Their objective charges the
+                 extra params as growth, like a grown host's. A widened host that
+                 rounds to the narrow one (scale 1.00) is the static host, init included,
+                 so its rows are the static rows.
   random         uniform over legal actions
   heuristic      the hand-written controller
   ppo            trained here on training seeds, evaluated deterministically
@@ -35,7 +37,7 @@ from esper.model import CNNHost, MorphogeneticModel
 from esper.run_config import RunConfig
 from esper.training import Trainer
 
-CONTROLLERS = ("static", "static-wide", "random", "heuristic", "ppo")
+CONTROLLERS = ("static", "wide=heur", "wide=ppo", "random", "heuristic", "ppo")
 
 
 @dataclass(frozen=True)
@@ -90,9 +92,13 @@ def cli_command(setup: TaskSetup, config: RunConfig) -> str:
 
 
 def scaled_cnn(base: CNNHost, scale: float, num_classes: int) -> CNNHost:
-    """``base`` with every block ``scale`` times wider (same depth and pooling)."""
-    host = CNNHost(base.in_channels, num_classes, 1, len(base.widths), base.image_size,
-                   pool_at=base.pool_at)  # fmt: skip
+    """``base`` with every block ``scale`` times wider (same depth and pooling).
+
+    Layers are created in `CNNHost`'s order, so at scale 1 the weights drawn from the
+    same seed equal those of the narrow host (a test checks it)."""
+    with torch.random.fork_rng(devices=[]):  # the skeleton's layers are replaced below
+        host = CNNHost(base.in_channels, num_classes, 1, len(base.widths), base.image_size,
+                       pool_at=base.pool_at)  # fmt: skip
     widths = [max(1, round(w * scale)) for w in base.widths]
     blocks, c_in = [], base.in_channels
     for i, c_out in enumerate(widths):
@@ -120,35 +126,43 @@ def widest_match(base: CNNHost, target: int, num_classes: int) -> float:
     return min(scales, key=lambda s: abs(params(scaled_cnn(base, s, num_classes)) - target))
 
 
-def static_wide(config: RunConfig, episodes: int, target_params: int) -> tuple[list, dict]:
-    """Train the widened host with no controller on the evaluation episodes' seeds.
-
-    The env is reset with each evaluation seed only to get that episode's host-init and
-    data-order seed; the widened host then trains with the same `Trainer` and settings."""
+def static_wide(
+    config: RunConfig, episodes: int, target_params: int, static_rows: list[dict]
+) -> tuple[list, dict]:
+    """The widened host's evaluation rows (``static_rows`` when it rounds to the host)."""
     env = MorphogenesisEnv(config.env_config())
     base = env.task.make_host(env.data)
     scale = widest_match(base, target_params, env.data.num_classes)
+    widths = scaled_cnn(base, scale, env.data.num_classes).widths
+    info = {"scale": scale, "widths": widths, "is_static": widths == base.widths}
+    if info["is_static"]:
+        return static_rows, info
+    return train_static(config, episodes, scale), info
+
+
+def train_static(config: RunConfig, episodes: int, scale: float) -> list[dict]:
+    """Train the host widened by ``scale`` with no controller on the evaluation seeds.
+
+    The env is reset with each evaluation seed only to get that episode's host-init and
+    data-order seed; the widened host then trains with the same `Trainer` and settings
+    (at scale 1 this reproduces the static controller's episodes exactly)."""
+    env = MorphogenesisEnv(config.env_config())
+    base = env.task.make_host(env.data)
     rows = []
     for i in range(episodes):
         env.reset(seed=episode_seed(config.run.seed, i, 0, evaluation=True))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(env.episode_seed)
             host = scaled_cnn(base, scale, env.data.num_classes)
-        model = MorphogeneticModel(host, lifecycle=env.lifecycle)
+        model = MorphogeneticModel(host, env.slot_config.slot_ids, env.lifecycle)
         trainer = Trainer(model, env.data, env.train_config, env.episode_seed, env.device)
         for _ in range(env.max_epochs):
             result = trainer.train_step()
         added = params(host) - env.host_params
-        growth = added / env.host_params
         quality = float(result.quality)
-        rows.append(
-            {
-                "quality": quality,
-                "params_added": added,
-                "objective": quality - config.env.growth_penalty * growth,
-            }
-        )
-    return rows, {"scale": scale, "widths": list(scaled_cnn(base, scale, 10).widths)}
+        objective = quality - config.env.growth_penalty * added / env.host_params
+        rows.append({"quality": quality, "params_added": added, "objective": objective})
+    return rows
 
 
 # -- main -----------------------------------------------------------------------------
@@ -175,13 +189,23 @@ def run_task(name: str, setup: TaskSetup, args) -> list[dict]:
              "fossilized": r.counts["fossilized"], "germinated": r.counts["germinated"]}
             for r in records
         ]  # fmt: skip
-    reference = "ppo" if "ppo" in rows_by else "heuristic"
-    added = benchlib.mean_std([r["params_added"] for r in rows_by[reference]])[0]
     env = MorphogenesisEnv(eval_config.env_config())
-    start = time.perf_counter()
-    wide_rows, wide = static_wide(eval_config, args.eval, round(env.host_params + added))
-    seconds["static-wide"] = time.perf_counter() - start
-    rows_by["static-wide"] = wide_rows
+    wide_notes = []
+    for reference, label in (("heuristic", "wide=heur"), ("ppo", "wide=ppo")):
+        if reference not in rows_by:
+            continue
+        added = benchlib.mean_std([r["params_added"] for r in rows_by[reference]])[0]
+        start = time.perf_counter()
+        rows_by[label], wide = static_wide(
+            eval_config, args.eval, round(env.host_params + added), rows_by["static"]
+        )
+        seconds[label] = time.perf_counter() - start
+        if wide["is_static"]:
+            seconds[label] = seconds["static"]
+        wide_notes.append(
+            f"{label}: widths {wide['widths']} for {reference}'s {added:.1f} added params"
+            + (" (= the static host)" if wide["is_static"] else "")
+        )
     table = []
     for controller in CONTROLLERS:
         if controller not in rows_by:
@@ -201,8 +225,7 @@ def run_task(name: str, setup: TaskSetup, args) -> list[dict]:
         f"Host: {type(env.task.make_host(env.data)).__name__} width "
         f"{setup.task_options['width']}, {env.host_params} params; {env.max_epochs} steps/episode; "
         f"λ = {eval_config.env.growth_penalty}; {args.eval} evaluation episodes (seeds disjoint "
-        f"from training). static-wide: widths {wide['widths']} (scale {wide['scale']:.2f}), "
-        f"matched to {reference}'s mean params added ({added:.1f}). "
+        f"from training). {'; '.join(wide_notes)}. "
     )
     if checkpoint is not None:
         note += (

@@ -33,7 +33,7 @@ def test_quick_run_reports_every_controller_on_the_same_seeds(growth, capsys):
         quality, objective = float(row["quality"]), float(row["objective"])
         assert 0.0 <= quality <= 1.0
         assert objective <= quality + 1e-9  # growth is never rewarded
-        if row["controller"] == "static":
+        if row["controller"] in ("static", "wide=ppo", "wide=heur") and row["params_added"] == "0":
             assert int(row["params_added"]) == 0 and objective == pytest.approx(quality)
 
 
@@ -52,3 +52,24 @@ def test_scaled_cnn_keeps_the_layout_and_grows_with_scale(growth):
     best = abs(growth.params(growth.scaled_cnn(base, scale, 10)) - target)
     for other in (1.0, 1.25, 1.5, 2.0):
         assert best <= abs(growth.params(growth.scaled_cnn(base, other, 10)) - target)
+
+
+def test_scaled_cnn_at_scale_one_is_the_narrow_host_init_included(growth):
+    from esper.model import CNNHost
+
+    torch.manual_seed(7)
+    base = CNNHost(1, 10, width=2, depth=3, image_size=8)
+    torch.manual_seed(7)
+    same = growth.scaled_cnn(base, 1.0, 10)
+    for (name, a), (_, b) in zip(base.state_dict().items(), same.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_static_training_at_scale_one_replays_the_static_controller(growth):
+    setup = growth.setups(True, None)["digits"]
+    config = growth.make_config(setup, envs=2)
+    static = growth.benchlib.evaluate_on_seeds(config, 2, "static")
+    replay = growth.train_static(config, 2, 1.0)
+    assert [r["quality"] for r in replay] == [r.quality for r in static]
+    wide = growth.train_static(config, 1, 2.0)[0]
+    assert wide["params_added"] > 0 and wide["objective"] < wide["quality"]
