@@ -11,7 +11,8 @@ evaluation episodes (same host inits and data orders, seeds disjoint from traini
                  so its rows are the static rows.
   random         uniform over legal actions
   heuristic      the hand-written controller
-  ppo            trained here on training seeds, evaluated deterministically
+  ppo            trained here on training seeds, evaluated deterministically (argmax)
+  ppo-sampled    the same policy sampling its actions (as during training)
 
 Columns: final validation accuracy, params added, objective = accuracy − λ·growth
 (growth = added / host params), all mean ± std over the evaluation episodes.
@@ -37,7 +38,7 @@ from esper.model import CNNHost, MorphogeneticModel
 from esper.run_config import RunConfig
 from esper.training import Trainer
 
-CONTROLLERS = ("static", "wide=heur", "wide=ppo", "random", "heuristic", "ppo")
+CONTROLLERS = ("static", "wide=heur", "wide=ppo", "random", "heuristic", "ppo", "ppo-sampled")
 
 
 @dataclass(frozen=True)
@@ -178,13 +179,16 @@ def run_task(name: str, setup: TaskSetup, args) -> list[dict]:
         checkpoint, train_seconds = benchlib.train_ppo(
             train_config, f"{name}-w{setup.task_options['width']}-ppo-{args.tag}"
         )
-    for controller in ("static", "random", "heuristic", "ppo"):
+    for label in ("static", "random", "heuristic", "ppo", "ppo-sampled"):
+        controller = label.removesuffix("-sampled")
         if controller == "ppo" and checkpoint is None:
             continue
         start = time.perf_counter()
-        records = benchlib.evaluate_on_seeds(eval_config, args.eval, controller, checkpoint)
-        seconds[controller] = time.perf_counter() - start
-        rows_by[controller] = [
+        records = benchlib.evaluate_on_seeds(
+            eval_config, args.eval, controller, checkpoint, deterministic=label == "ppo"
+        )
+        seconds[label] = time.perf_counter() - start
+        rows_by[label] = [
             {"quality": r.quality, "params_added": r.params_added, "objective": r.objective,
              "fossilized": r.counts["fossilized"], "germinated": r.counts["germinated"]}
             for r in records
@@ -217,7 +221,8 @@ def run_task(name: str, setup: TaskSetup, args) -> list[dict]:
                 "val accuracy": benchlib.pm([r["quality"] for r in rows]),
                 "params added": benchlib.pm([r["params_added"] for r in rows], 1),
                 "objective": benchlib.pm([r["objective"] for r in rows]),
-                "fossils/ep": benchlib.pm([r.get("fossilized", 0) for r in rows], 2),
+                "germinated/ep": benchlib.pm([r.get("germinated", 0) for r in rows], 1),
+                "fossils/ep": benchlib.pm([r.get("fossilized", 0) for r in rows], 1),
                 "s/episode": f"{seconds[controller] / len(rows):.2f}",
             }
         )

@@ -16,7 +16,6 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -196,16 +195,22 @@ def train_ppo(
 
 
 def evaluate_on_seeds(
-    config: RunConfig, episodes: int, controller: str, checkpoint: Path | None = None
+    config: RunConfig,
+    episodes: int,
+    controller: str,
+    checkpoint: Path | None = None,
+    deterministic: bool = True,
 ) -> list[EpisodeRecord]:
     """``episodes`` evaluation episodes in one lockstep round: env ``i`` always gets
     evaluation seed ``episode_seed(seed, i, 0, evaluation=True)``, whatever the
-    controller, so every controller sees the same host inits and data orders."""
+    controller, so every controller sees the same host inits and data orders.
+    ``deterministic`` (PPO only): argmax actions, else sampled ones."""
     cfg = replace_section(config, "run", controller=controller, envs=episodes)
     if controller == "ppo" and checkpoint is None:
         raise ValueError("evaluating controller 'ppo' needs a checkpoint")
-    return evaluate(cfg, checkpoint=checkpoint if controller == "ppo" else None, episodes=episodes)
-
-
-def with_ppo(config: RunConfig, **changes: Any) -> RunConfig:
-    return replace(config, ppo=replace(config.ppo, **changes))
+    return evaluate(
+        cfg,
+        checkpoint=checkpoint if controller == "ppo" else None,
+        episodes=episodes,
+        deterministic=deterministic,
+    )
