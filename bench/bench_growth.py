@@ -210,7 +210,7 @@ def run_task(name: str, setup: TaskSetup, args) -> list[dict]:
             f"{label}: widths {wide['widths']} for {reference}'s {added:.1f} added params"
             + (" (= the static host)" if wide["is_static"] else "")
         )
-    table = []
+    table, static = [], rows_by["static"]
     for controller in CONTROLLERS:
         if controller not in rows_by:
             continue
@@ -221,6 +221,11 @@ def run_task(name: str, setup: TaskSetup, args) -> list[dict]:
                 "val accuracy": benchlib.pm([r["quality"] for r in rows]),
                 "params added": benchlib.pm([r["params_added"] for r in rows], 1),
                 "objective": benchlib.pm([r["objective"] for r in rows]),
+                # Same seeds for every controller: the paired difference removes the
+                # seed-to-seed spread of the host itself.
+                "Δ objective vs static": benchlib.pm(
+                    [r["objective"] - b["objective"] for r, b in zip(rows, static, strict=True)]
+                ),
                 "germinated/ep": benchlib.pm([r.get("germinated", 0) for r in rows], 1),
                 "fossils/ep": benchlib.pm([r.get("fossilized", 0) for r in rows], 1),
                 "s/episode": f"{seconds[controller] / len(rows):.2f}",
