@@ -6,6 +6,7 @@ episodes are played by
 
   ppo-3          the 3-slot policy (trained once, shared with bench_growth.py)
   ppo-in-dist    a policy trained at that slot count with the same PPO budget
+                 (both also "sampled": actions drawn from the policy, as in training)
   heuristic      the hand-written controller
   static         the host alone (reference for "gain retained")
 
@@ -67,23 +68,24 @@ def main(argv: list[str] | None = None) -> None:
         if depth != train_depth:
             commands.append(f"{depth} slots: `{target_cmd}` ({target_seconds:.0f} s)")
         config = make_config(deeper(base, depth), args.envs)
+        src = f"ppo-{train_depth}"
         results, seconds = {}, {}
-        for label, controller, checkpoint in (
-            (f"ppo-{train_depth}", "ppo", source),
-            ("ppo-in-dist", "ppo", target),
-            ("heuristic", "heuristic", None),
-            ("static", "static", None),
+        for label, controller, checkpoint, deterministic in (
+            (src, "ppo", source, True),
+            ("ppo-in-dist", "ppo", target, True),
+            (f"{src} sampled", "ppo", source, False),
+            ("ppo-in-dist sampled", "ppo", target, False),
+            ("heuristic", "heuristic", None, True),
+            ("static", "static", None, True),
         ):
             start = time.perf_counter()
-            records = benchlib.evaluate_on_seeds(config, args.eval, controller, checkpoint)
+            results[label] = benchlib.evaluate_on_seeds(
+                config, args.eval, controller, checkpoint, deterministic=deterministic
+            )
             seconds[label] = time.perf_counter() - start
-            results[label] = records
         mean = {k: benchlib.mean_std([r.objective for r in v])[0] for k, v in results.items()}
-        src = f"ppo-{train_depth}"
-        ratio = mean[src] / mean["ppo-in-dist"]
-        gain = mean["ppo-in-dist"] - mean["static"]
-        retained = (mean[src] - mean["static"]) / gain if abs(gain) > 1e-3 else float("nan")
         for label, records in results.items():
+            reference = "ppo-in-dist sampled" if label.endswith("sampled") else "ppo-in-dist"
             rows.append(
                 {
                     "slots": depth,
@@ -91,18 +93,20 @@ def main(argv: list[str] | None = None) -> None:
                     "val accuracy": benchlib.pm([r.quality for r in records]),
                     "params added": benchlib.pm([r.params_added for r in records], 1),
                     "objective": benchlib.pm([r.objective for r in records]),
-                    "vs ppo-in-dist": f"{mean[label] / mean['ppo-in-dist']:.1%}",
+                    "vs in-dist": f"{mean[label] / mean[reference]:.1%}",
                     "s/episode": f"{seconds[label] / len(records):.2f}",
                 }
             )
-        rows.append(
-            {
-                "slots": depth,
-                "controller": "→ transfer",
-                "objective": f"ratio {ratio:.1%}",
-                "vs ppo-in-dist": f"gain retained {retained:.0%}",
-            }
-        )
+        for suffix in ("", " sampled"):
+            rows.append(
+                {
+                    "slots": depth,
+                    "controller": f"→ transfer{suffix}",
+                    "objective": f"ratio {mean[src + suffix] / mean['ppo-in-dist' + suffix]:.1%}",
+                    "vs in-dist": "gain retained "
+                    + _retained(mean[src + suffix], mean["ppo-in-dist" + suffix], mean["static"]),
+                }
+            )
     note = (
         f"{args.eval} evaluation episodes per row (same seeds for every controller); "
         "policies trained with the same budget:\n" + "\n".join(f"- {c}" for c in commands)
@@ -113,6 +117,14 @@ def main(argv: list[str] | None = None) -> None:
         rows,
         note=note,
     )
+
+
+def _retained(transfer: float, in_dist: float, static: float) -> str:
+    """(transfer − static) / (in-dist − static); undefined when in-dist gains nothing."""
+    gain = in_dist - static
+    if abs(gain) < 1e-3:
+        return "n/a (in-dist = static)"
+    return f"{(transfer - static) / gain:.0%}"
 
 
 if __name__ == "__main__":

@@ -19,5 +19,8 @@ def test_quick_transfer_reports_ratio_against_in_distribution(
     with (Path(transfer.benchlib.out_dir()) / "transfer_quick.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     labels = [r["controller"] for r in rows]
-    assert labels == ["ppo-2", "ppo-in-dist", "heuristic", "static", "→ transfer"]
+    assert labels == [
+        "ppo-2", "ppo-in-dist", "ppo-2 sampled", "ppo-in-dist sampled", "heuristic", "static",
+        "→ transfer", "→ transfer sampled",
+    ]  # fmt: skip
     assert {r["slots"] for r in rows} == {"3"}
