@@ -260,23 +260,18 @@ def run_task(name: str, setup: TaskSetup, args) -> list[dict]:
 
 
 def plot(name: str, rows_by: dict[str, list[dict]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = benchlib.pyplot()
     names = [c for c in CONTROLLERS if c in rows_by]
-    fig, axes = plt.subplots(1, 2, figsize=(7, 2.6), dpi=80)
+    fig, axes = plt.subplots(1, 2, figsize=(8, 2.6))
     for ax, key in zip(axes, ("objective", "params_added"), strict=True):
         stats = [benchlib.mean_std([r[key] for r in rows_by[c]]) for c in names]
         ax.bar(names, [m for m, _ in stats], yerr=[s for _, s in stats], capsize=3)
-        ax.set_title(f"{name}: {key.replace('_', ' ')}", fontsize=9)
-        ax.tick_params(labelsize=7)
+        ax.set_title(f"{name}: {key.replace('_', ' ')} (mean ± std)", fontsize=9)
+        ax.tick_params(labelsize=7, axis="x", labelrotation=30)
         if key == "objective":
             low = min(m - s for m, s in stats)
             ax.set_ylim(max(0.0, low - 0.05), None)
-    fig.tight_layout()
-    fig.savefig(benchlib.out_dir() / f"growth_{name}.png")
+    benchlib.save_figure(fig, f"growth_{name}")
     plt.close(fig)
 
 

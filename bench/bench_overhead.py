@@ -80,6 +80,22 @@ def measure(num_envs: int, steps: int, mode: str, env_options: dict) -> dict[str
     return {k: v / steps for k, v in totals.items()}
 
 
+def plot(rows: list[dict], name: str) -> None:
+    plt = benchlib.pyplot()
+    fig, ax = plt.subplots(figsize=(4, 2.6))
+    for mode in ("wait", "policy"):
+        mine = [r for r in rows if r["mode"] == mode]
+        ax.plot([r["envs"] for r in mine], [float(r["overhead"][:-1]) for r in mine], "o-",
+                label=f"executes {mode}")  # fmt: skip
+    ax.axhline(5.0, color="grey", linestyle="--", linewidth=1, label="goal 5%")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("envs in lockstep")
+    ax.set_ylabel("overhead / host time (%)")
+    ax.legend(fontsize=7)
+    benchlib.save_figure(fig, name)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--envs", default="1,4,16")
@@ -109,6 +125,7 @@ def main(argv: list[str] | None = None) -> None:
                     "policy ms/env": f"{ms['policy'] / num_envs:.2f}",
                 }
             )
+    plot(rows, "overhead_quick" if args.quick else "overhead")
     settings = "default digits settings" if not args.quick else f"digits {env_options}"
     benchlib.report(
         f"overhead{'_quick' if args.quick else ''}",

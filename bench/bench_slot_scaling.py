@@ -78,6 +78,21 @@ def costs(num_slots: int, repeats: int) -> dict[str, float]:
         return {name: benchlib.best_of(fn, repeats) for name, fn in fns.items()}
 
 
+def plot(measured: dict[int, dict[str, float]], name: str) -> None:
+    plt = benchlib.pyplot()
+    fig, ax = plt.subplots(figsize=(4.5, 2.8))
+    slots = sorted(measured)
+    for part in ("masks", "observation", "policy", "counterfactuals", "validation"):
+        ax.plot(slots, [measured[s][part] for s in slots], "o-", label=part)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("slots (every one holding a seed)")
+    ax.set_ylabel("ms per step (one env)")
+    ax.legend(fontsize=7)
+    benchlib.save_figure(fig, name)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slots", default="1,8,32,64")
@@ -89,9 +104,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.slots, args.repeats = "1,8", 2
     print(f"machine: {benchlib.machine()}", flush=True)
-    rows = []
+    rows, measured = [], {}
     for num_slots in (int(s) for s in args.slots.split(",")):
         ms = {k: 1e3 * v for k, v in costs(num_slots, args.repeats).items()}
+        measured[num_slots] = ms
         controller = ms["masks"] + ms["observation"] + ms["policy"]
         rows.append(
             {
@@ -105,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
                 "cf / validation": f"{ms['counterfactuals'] / ms['validation']:.1f}x",
             }
         )
+    plot(measured, f"slot_scaling{'_quick' if args.quick else ''}")
     benchlib.report(
         f"slot_scaling{'_quick' if args.quick else ''}",
         "Per-step cost vs number of slots (one env, every slot holding a seed)",

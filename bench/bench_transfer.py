@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> None:
                     + _retained(mean[src + suffix], mean["ppo-in-dist" + suffix], mean["static"]),
                 }
             )
+    plot(rows, f"transfer{'_quick' if args.quick else ''}")
     note = (
         f"{args.eval} evaluation episodes per row (same seeds for every controller); "
         "policies trained with the same budget:\n" + "\n".join(f"- {c}" for c in commands)
@@ -117,6 +118,23 @@ def main(argv: list[str] | None = None) -> None:
         rows,
         note=note,
     )
+
+
+def plot(rows: list[dict], name: str) -> None:
+    plt = benchlib.pyplot()
+    rows = [r for r in rows if not r["controller"].startswith("→")]
+    depths = sorted({r["slots"] for r in rows})
+    fig, axes = plt.subplots(1, len(depths), figsize=(4 * len(depths), 2.8), squeeze=False)
+    for ax, depth in zip(axes[0], depths, strict=True):
+        mine = [r for r in rows if r["slots"] == depth]
+        means = [float(r["objective"].split(" ± ")[0]) for r in mine]
+        stds = [float(r["objective"].split(" ± ")[1]) for r in mine]
+        ax.bar([r["controller"] for r in mine], means, yerr=stds, capsize=3)
+        ax.set_ylim(max(0.0, min(m - s for m, s in zip(means, stds, strict=True)) - 0.05), None)
+        ax.set_title(f"{depth} slots: objective (mean ± std)", fontsize=9)
+        ax.tick_params(labelsize=7, axis="x", labelrotation=30)
+    benchlib.save_figure(fig, name)
+    plt.close(fig)
 
 
 def _retained(transfer: float, in_dist: float, static: float) -> str:

@@ -119,6 +119,25 @@ def report(name: str, title: str, rows: list[dict[str, Any]], columns=None, note
     return text
 
 
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (imported on use: it is slow)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, name: str) -> Path:
+    """Save a small PNG as ``out/<name>.png`` and close the figure."""
+    path = out_dir() / f"{name}.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    fig.clf()
+    return path
+
+
 def best_of(fn: Callable[[], object], repeats: int) -> float:
     """Fastest of ``repeats`` calls after one warm-up call (seconds)."""
     fn()

@@ -24,6 +24,7 @@ def read_rows(path: Path) -> list[dict[str, str]]:
 def test_overhead_quick_reports_both_modes(load, tmp_path, capsys):
     load("bench_overhead").main(["--quick"])
     assert "Controller overhead" in capsys.readouterr().out
+    assert (tmp_path / "overhead_quick.png").stat().st_size > 0
     rows = read_rows(tmp_path / "overhead_quick.csv")
     assert [(r["mode"], r["envs"]) for r in rows] == [
         ("wait", "1"), ("wait", "4"), ("policy", "1"), ("policy", "4"),
@@ -41,6 +42,7 @@ def test_overhead_refuses_more_steps_than_an_episode(load):
 def test_slot_scaling_quick_reports_each_slot_count(load, tmp_path, capsys):
     load("bench_slot_scaling").main(["--quick"])
     assert "Per-step cost vs number of slots" in capsys.readouterr().out
+    assert (tmp_path / "slot_scaling_quick.png").stat().st_size > 0
     rows = read_rows(tmp_path / "slot_scaling_quick.csv")
     assert [r["slots"] for r in rows] == ["1", "8"]
     for row in rows:

@@ -16,6 +16,7 @@ def test_quick_transfer_reports_ratio_against_in_distribution(
     transfer.main(["--quick"])
     out = capsys.readouterr().out
     assert "policy trained with 2 slots" in out and "ratio " in out
+    assert (Path(transfer.benchlib.out_dir()) / "transfer_quick.png").stat().st_size > 0
     with (Path(transfer.benchlib.out_dir()) / "transfer_quick.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     labels = [r["controller"] for r in rows]
