@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> None:
         f"seeds={list(seeds)}"
     )
     print(
-        f"{'controller':<10} {'quality':>8} {'growth':>7} {'fossils':>8} {'return':>8} {'s/ep':>6}"
+        f"{'controller':<10} {'quality':>8} {'growth':>7} {'fossils':>8} {'return':>8} "
+        f"{'penalty':>8} {'s/ep':>6}"
     )
     controllers = {
         "heuristic": HeuristicController,

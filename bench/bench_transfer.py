@@ -12,7 +12,7 @@ episodes are played by
 
 Transfer ratio = objective(ppo-3) / objective(ppo-in-dist) (goal >= 90%). Because the
 objective is dominated by the host's own accuracy, the script also reports
-gain retained = (ppo-3 − static) / (ppo-in-dist − static), where that is defined.
+gain retained = (ppo-3 − static) / (ppo-in-dist − static), where ppo-in-dist gains.
 
     OMP_NUM_THREADS=1 python bench/bench_transfer.py               # depths 5 and 8
     python bench/bench_transfer.py --quick                         # seconds (test suite)
@@ -138,10 +138,10 @@ def plot(rows: list[dict], name: str) -> None:
 
 
 def _retained(transfer: float, in_dist: float, static: float) -> str:
-    """(transfer − static) / (in-dist − static); undefined when in-dist gains nothing."""
+    """(transfer − static) / (in-dist − static); undefined unless in-dist gains."""
     gain = in_dist - static
-    if abs(gain) < 1e-3:
-        return "n/a (in-dist = static)"
+    if gain < 1e-3:
+        return "n/a (in-dist does not beat static)"
     return f"{(transfer - static) / gain:.0%}"
 
 
