@@ -151,3 +151,19 @@ def test_bad_inputs_raise_clear_errors():
         net.get_action(obs, h0, random_masks((2,), 4, gen))
     with pytest.raises(ValueError, match="num_slots"):
         FactoredRecurrentActorCritic(0, G, F, BP)
+
+
+def test_wait_bias_is_a_prior_on_the_first_decision():
+    gen = torch.Generator().manual_seed(0)
+    masks = random_masks((256,), 3, gen)
+    masks.op[:] = True  # all four ops legal
+    masks.slot[:, 1:, :] = True
+    obs = obs_batch(256, s=3, gen=gen)
+    share = {}
+    for bias in (0.0, 2.0):
+        torch.manual_seed(0)
+        net = FactoredRecurrentActorCritic(3, G, F, BP, L, hidden=32, embed=16, wait_bias=bias)
+        out = net.get_action(obs, net.get_initial_hidden(256), masks, generator=gen)
+        share[bias] = float((out.actions[:, 0] == LifecycleOp.WAIT).float().mean())
+    # Near-uniform heads give WAIT ~1/4; a +2 logit gives e^2 / (e^2 + 3) ~ 0.71.
+    assert 0.15 < share[0.0] < 0.35 and 0.6 < share[2.0] < 0.82, share

@@ -78,6 +78,7 @@ class FactoredRecurrentActorCritic(nn.Module):
         num_blends: int = 3,
         hidden: int = 128,
         embed: int = 64,
+        wait_bias: float = 0.0,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -110,9 +111,9 @@ class FactoredRecurrentActorCritic(nn.Module):
         self.blueprint_head = nn.Linear(hidden, num_blueprints)
         self.blend_head = nn.Linear(hidden, num_blends)
         self.value_head = nn.Linear(hidden, 1)
-        self._init_weights()
+        self._init_weights(wait_bias)
 
-    def _init_weights(self) -> None:
+    def _init_weights(self, wait_bias: float) -> None:
         # CleanRL/SB3 convention: orthogonal init, near-uniform initial policy (gain 0.01).
         for module in self.modules():
             if isinstance(module, nn.Linear):
@@ -122,6 +123,8 @@ class FactoredRecurrentActorCritic(nn.Module):
         for head in (self.op_head, self.slot_score, self.blueprint_head, self.blend_head):
             nn.init.orthogonal_(head.weight, gain=0.01)
         nn.init.orthogonal_(self.value_head.weight, gain=1.0)
+        with torch.no_grad():  # a prior towards WAIT; see PPOConfig.initial_wait_bias
+            self.op_head.bias[LifecycleOp.WAIT] = wait_bias
         for name, param in self.lstm.named_parameters():
             if "bias" in name:
                 nn.init.zeros_(param)

@@ -55,6 +55,10 @@ class PPOConfig:
     normalize_observations: bool = True
     normalize_returns: bool = True  # critic predicts normalised returns
     obs_clip: float = 10.0
+    # Initial logit bonus of WAIT in the op head. A seed needs ~6 quiet steps (TRAINING,
+    # blend gate, BLENDING, HOLDING) before it can be fossilized; a uniform initial
+    # policy prunes or replaces it long before, so it never sees a fossil to learn from.
+    initial_wait_bias: float = 0.0
     hidden: int = 128  # LSTM size
     embed: int = 64  # encoder width
     seed: int = 0
