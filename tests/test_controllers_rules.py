@@ -1,7 +1,5 @@
 """Controller rules on hand-built observations and masks (no training)."""
 
-from dataclasses import dataclass
-
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -10,6 +8,7 @@ from esper.actions import FactoredAction, LifecycleOp
 from esper.env.masks import compute_action_masks
 from esper.env.observations import TrainingProgress, build_observation
 from esper.lifecycle import SeedStage
+from esper.model import SlotState
 from esper.policy.controllers import (
     HeuristicConfig,
     HeuristicController,
@@ -21,27 +20,15 @@ from esper.slots import SlotConfig
 BLUEPRINTS = ("norm", "attention", "conv_light")
 
 
-@dataclass(frozen=True)
-class State:
-    slot_id: str
-    stage: SeedStage
-    contribution: float | None = None
-    alpha: float = 0.0
-    epochs_in_stage: int = 3
-    blueprint: str | None = None
-    blend: str | None = None
-    seed_params: int = 0
-    embargo_left: int = 0
-    topology: str = "cnn"
-    channels: int = 4
-    position: float = 0.5
+def state(slot_id: str, stage: SeedStage, contribution: float | None) -> SlotState:
+    return SlotState(slot_id, stage, 0.0, 3, None, None, 0, contribution, 0, "cnn", 4, 0.5)
 
 
 def scene(stages, contributions=None, plateau=0, budget=1e9):
     config = SlotConfig.for_grid(1, len(stages))
     contributions = contributions or [None] * len(stages)
     states = [
-        State(sid, stage, c) for sid, stage, c in zip(config, stages, contributions, strict=True)
+        state(sid, stage, c) for sid, stage, c in zip(config, stages, contributions, strict=True)
     ]
     progress = TrainingProgress(5, 20, 0.5, 0.5, 0.8, 0.8, plateau_epochs=plateau)
     obs = build_observation(progress, states, host_params=500, blueprints=BLUEPRINTS)

@@ -1,7 +1,6 @@
 """Observation schema: fixed per-slot width, bounded O(1) values, versioned schema."""
 
 import math
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -18,28 +17,15 @@ from esper.env.observations import (
     build_observation,
 )
 from esper.lifecycle import SeedStage
+from esper.model import SlotState
 
 BLUEPRINTS = ("norm", "attention", "conv_light")
 
 
-@dataclass(frozen=True)
-class View:
-    stage: SeedStage
-    alpha: float
-    epochs_in_stage: int
-    blueprint: str | None
-    blend: str | None
-    seed_params: int
-    contribution: float | None
-    embargo_left: int
-    topology: str
-    channels: int
-    position: float
-
-
 wild = st.floats(allow_nan=True, allow_infinity=True)
 view_st = st.builds(
-    View,
+    SlotState,
+    slot_id=st.just("r0c0"),
     stage=st.sampled_from(list(SeedStage)),
     alpha=st.floats(0, 1),
     epochs_in_stage=st.integers(0, 1000),
@@ -86,8 +72,8 @@ def test_features_are_bounded_and_shapes_fixed(progress, views):
 
 def test_slot_rows_do_not_depend_on_other_slots():
     progress = TrainingProgress(3, 10, 0.5, 0.6, 0.8, 0.7)
-    a = View(SeedStage.BLENDING, 0.5, 2, "norm", "linear", 40, 0.02, 0, "cnn", 8, 0.5)
-    b = View(SeedStage.DORMANT, 0.0, 0, None, None, 0, None, 0, "cnn", 4, 0.0)
+    a = SlotState("r0c0", SeedStage.BLENDING, 0.5, 2, "norm", "linear", 40, 0.02, 0, "cnn", 8, 0.5)
+    b = SlotState("r0c1", SeedStage.DORMANT, 0.0, 0, None, None, 0, None, 0, "cnn", 4, 0.0)
     one = build_observation(progress, [a], host_params=500, blueprints=BLUEPRINTS)
     many = build_observation(progress, [b, a, b, b], host_params=500, blueprints=BLUEPRINTS)
     assert torch.equal(one["slots"][0], many["slots"][1])
