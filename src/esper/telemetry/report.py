@@ -36,13 +36,15 @@ def _plt():
 
 
 def _rolling(values: list[float], window: int) -> np.ndarray:
+    """Trailing mean over ``window`` points (over all points so far at the start)."""
     v = np.asarray(values, dtype=float)
     if len(v) == 0:
         return v
     window = max(1, min(window, len(v)))
-    kernel = np.ones(window) / window
-    padded = np.concatenate([np.full(window - 1, v[0]), v])
-    return np.convolve(padded, kernel, mode="valid")
+    sums = np.cumsum(np.concatenate([[0.0], v]))
+    ends = np.arange(1, len(v) + 1)
+    starts = np.maximum(ends - window, 0)
+    return (sums[ends] - sums[starts]) / (ends - starts)
 
 
 def plot_learning_curves(episodes: list[dict], path: Path) -> None:
