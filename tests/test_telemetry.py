@@ -1,6 +1,8 @@
 import csv
 import random
 
+import pytest
+
 from esper.telemetry import (
     EpisodeEnded,
     EpisodeStep,
@@ -70,3 +72,10 @@ def test_torn_last_line_is_skipped(tmp_path):
     with (tmp_path / "events.jsonl").open("a") as f:
         f.write('{"kind": "episode_st')
     assert read_events(tmp_path / "events.jsonl")[-1]["kind"] == "ppo_update"
+
+
+def test_rolling_mean_uses_only_points_seen_so_far():
+    from esper.telemetry.report import _rolling
+
+    assert _rolling([1, 2, 3, 4, 5], 2).tolist() == [1.0, 1.5, 2.5, 3.5, 4.5]
+    assert _rolling([0.7, 0.9, 0.95], 10).tolist() == pytest.approx([0.7, 0.8, 0.85])
