@@ -153,17 +153,22 @@ def test_bad_inputs_raise_clear_errors():
         FactoredRecurrentActorCritic(0, G, F, BP)
 
 
-def test_wait_bias_is_a_prior_on_the_first_decision():
+def test_op_bias_is_a_prior_on_the_first_decision():
     gen = torch.Generator().manual_seed(0)
     masks = random_masks((256,), 3, gen)
     masks.op[:] = True  # all four ops legal
     masks.slot[:, 1:, :] = True
     obs = obs_batch(256, s=3, gen=gen)
-    share = {}
-    for bias in (0.0, 2.0):
+    shares = {}
+    for bias in ((0.0, 0.0, 0.0, 0.0), (2.0, 0.0, 0.0, 0.0), (0.0, 0.0, 0.0, -4.0)):
         torch.manual_seed(0)
-        net = FactoredRecurrentActorCritic(3, G, F, BP, L, hidden=32, embed=16, wait_bias=bias)
-        out = net.get_action(obs, net.get_initial_hidden(256), masks, generator=gen)
-        share[bias] = float((out.actions[:, 0] == LifecycleOp.WAIT).float().mean())
-    # Near-uniform heads give WAIT ~1/4; a +2 logit gives e^2 / (e^2 + 3) ~ 0.71.
-    assert 0.15 < share[0.0] < 0.35 and 0.6 < share[2.0] < 0.82, share
+        net = FactoredRecurrentActorCritic(3, G, F, BP, L, hidden=32, embed=16, op_bias=bias)
+        ops = net.get_action(obs, net.get_initial_hidden(256), masks, generator=gen).actions[:, 0]
+        shares[bias] = [float((ops == op).float().mean()) for op in LifecycleOp]
+    uniform, wait_prior, no_prune = shares.values()
+    # Near-uniform heads give each op ~1/4; +2 on WAIT gives e^2 / (e^2 + 3) ~ 0.71.
+    assert all(0.15 < p < 0.35 for p in uniform), uniform
+    assert 0.6 < wait_prior[LifecycleOp.WAIT] < 0.82, wait_prior
+    assert no_prune[LifecycleOp.PRUNE] < 0.03, no_prune
+    with pytest.raises(ValueError, match="one value per op"):
+        FactoredRecurrentActorCritic(3, G, F, BP, L, op_bias=(1.0,))

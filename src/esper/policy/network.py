@@ -78,7 +78,7 @@ class FactoredRecurrentActorCritic(nn.Module):
         num_blends: int = 3,
         hidden: int = 128,
         embed: int = 64,
-        wait_bias: float = 0.0,
+        op_bias: tuple[float, ...] = (0.0,) * NUM_OPS,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -111,9 +111,14 @@ class FactoredRecurrentActorCritic(nn.Module):
         self.blueprint_head = nn.Linear(hidden, num_blueprints)
         self.blend_head = nn.Linear(hidden, num_blends)
         self.value_head = nn.Linear(hidden, 1)
-        self._init_weights(wait_bias)
+        if len(op_bias) != NUM_OPS:
+            raise ValueError(
+                "op_bias needs one value per op (WAIT, GERMINATE, FOSSILIZE, PRUNE), "
+                f"got {op_bias!r}"
+            )
+        self._init_weights(op_bias)
 
-    def _init_weights(self, wait_bias: float) -> None:
+    def _init_weights(self, op_bias: tuple[float, ...]) -> None:
         # CleanRL/SB3 convention: orthogonal init, near-uniform initial policy (gain 0.01).
         for module in self.modules():
             if isinstance(module, nn.Linear):
@@ -123,8 +128,8 @@ class FactoredRecurrentActorCritic(nn.Module):
         for head in (self.op_head, self.slot_score, self.blueprint_head, self.blend_head):
             nn.init.orthogonal_(head.weight, gain=0.01)
         nn.init.orthogonal_(self.value_head.weight, gain=1.0)
-        with torch.no_grad():  # a prior towards WAIT; see PPOConfig.initial_wait_bias
-            self.op_head.bias[LifecycleOp.WAIT] = wait_bias
+        with torch.no_grad():  # a prior over ops; see PPOConfig.initial_op_bias
+            self.op_head.bias.copy_(torch.tensor(op_bias, dtype=self.op_head.bias.dtype))
         for name, param in self.lstm.named_parameters():
             if "bias" in name:
                 nn.init.zeros_(param)

@@ -91,7 +91,7 @@ class PPOAgent:
                 num_blends=len(self.blends),
                 hidden=self.config.hidden,
                 embed=self.config.embed,
-                wait_bias=self.config.initial_wait_bias,
+                op_bias=self.config.initial_op_bias,
             ).to(self.device)
         self.optimizer = torch.optim.Adam(
             self.network.parameters(), lr=self.config.learning_rate, eps=self.config.adam_eps

@@ -55,10 +55,11 @@ class PPOConfig:
     normalize_observations: bool = True
     normalize_returns: bool = True  # critic predicts normalised returns
     obs_clip: float = 10.0
-    # Initial logit bonus of WAIT in the op head. A seed needs ~6 quiet steps (TRAINING,
-    # blend gate, BLENDING, HOLDING) before it can be fossilized; a uniform initial
-    # policy prunes or replaces it long before, so it never sees a fossil to learn from.
-    initial_wait_bias: float = 0.0
+    # Initial op-head logits (WAIT, GERMINATE, FOSSILIZE, PRUNE). A seed needs ~6 quiet
+    # steps (TRAINING, blend gate, BLENDING, HOLDING) before it can be fossilized; a
+    # uniform initial policy prunes its own seeds long before (91 % of all prunes in the
+    # README main job), so it rarely sees a fossil to learn from. E.g. (0, 0, 0, -3).
+    initial_op_bias: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
     hidden: int = 128  # LSTM size
     embed: int = 64  # encoder width
     seed: int = 0
@@ -77,6 +78,12 @@ class PPOConfig:
                 f"got {self.head_entropy_weights!r}"
             )
         object.__setattr__(self, "head_entropy_weights", tuple(self.head_entropy_weights))
+        if len(self.initial_op_bias) != len(HEADS):
+            raise ValueError(
+                "initial_op_bias needs one logit per op (WAIT, GERMINATE, FOSSILIZE, PRUNE), "
+                f"got {self.initial_op_bias!r}"
+            )
+        object.__setattr__(self, "initial_op_bias", tuple(self.initial_op_bias))
 
 
 def compute_gae(
