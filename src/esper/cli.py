@@ -150,7 +150,7 @@ def _set_threads(threads: int) -> None:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from esper.config_io import load_toml
-    from esper.run import train
+    from esper.run import check_run_dir, train
     from esper.run_config import config_from_dict
     from esper.telemetry.report import build_report
 
@@ -164,8 +164,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             or any(k not in ("controller", "episodes") for k in over.get("run", {}))
         ):
             raise UsageError("--resume reuses the run's saved config; only --episodes may change")
-        if not (run_dir / "config.toml").is_file():
-            raise UsageError(f"cannot resume: {str(run_dir)!r} has no config.toml")
+        check_run_dir(run_dir, resume=True, force=False)
         saved = load_toml(run_dir / "config.toml")
         config = config_from_dict(saved)
         if config.run.controller != args.controller:

@@ -21,6 +21,7 @@ from esper.policy.controllers import HeuristicController, RandomController, Stat
 from esper.rl import PPOAgent
 from esper.run_config import RunConfig
 from esper.telemetry import EpisodeEnded, EpisodeStep, GovernorRollback, Telemetry, seed_event
+from esper.telemetry.events import SeedFossilized, SeedGerminated, SeedPruned, seed_event_class
 
 _ROUND_STRIDE = 100_000  # env index < stride keeps (round, env) -> seed one-to-one
 _EVAL_OFFSET = 10**12  # evaluation episodes never reuse a training episode's seed
@@ -154,10 +155,11 @@ def _account(record: EpisodeRecord, info: dict[str, Any], reward: float, host_pa
             record.counts[kind] += 1
 
 
+_COUNTED = {SeedGerminated: "germinated", SeedFossilized: "fossilized", SeedPruned: "pruned"}
+
+
 def _seed_kind(event: dict[str, str]) -> str | None:
-    if event["source"] == "DORMANT":
-        return "germinated"
-    return {"FOSSILIZED": "fossilized", "PRUNED": "pruned"}.get(event["target"])
+    return _COUNTED.get(seed_event_class(event["source"], event["target"]))
 
 
 def _emit_step(

@@ -32,14 +32,14 @@ from esper.checkpointing import (
     atomic_write_text,
     safe_torch_load,
 )
-from esper.config_io import ConfigError, load_toml
+from esper.config_io import ConfigError
 from esper.distributed import SINGLE, DistContext, barrier, env_shard, gather_objects
 from esper.env import DEFAULT_SCHEMA, GLOBAL_DIM, SLOT_DIM, ObservationSchema, SchemaMismatchError
 from esper.env.vector import VectorMorphogenesisEnv
 from esper.experiment import EpisodeRecord, make_scripted, run_round, summarize
 from esper.rl import PPOAgent
 from esper.rl.checkpoint import read_checkpoint, save_checkpoint
-from esper.run_config import RunConfig, config_from_dict
+from esper.run_config import RunConfig
 from esper.slots import SlotConfig
 from esper.telemetry import CheckpointSaved, PPOUpdate, RunStarted, Telemetry
 
@@ -87,10 +87,6 @@ def create_run_dir(run_dir: Path, config: RunConfig) -> None:
         shutil.rmtree(run_dir)
     (run_dir / "checkpoints").mkdir(parents=True)
     atomic_write_text(run_dir / "config.toml", config.to_toml())
-
-
-def read_run_config(run_dir: Path) -> RunConfig:
-    return config_from_dict(load_toml(run_dir / "config.toml"))
 
 
 def _truncate_telemetry(run_dir: Path, keep_rounds: int) -> None:

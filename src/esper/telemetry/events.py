@@ -72,13 +72,16 @@ class SeedPruned(SeedStageChanged):
     kind: ClassVar[str] = "seed_pruned"
 
 
-def seed_event(**fields: Any) -> SeedStageChanged:
+def seed_event_class(source: str, target: str) -> type[SeedStageChanged]:
     """The most specific seed event for a stage change (a germination passes through
     GERMINATED at once, so it is recognised by its source DORMANT)."""
-    if fields["source"] == "DORMANT" or fields["target"] == "GERMINATED":
-        return SeedGerminated(**fields)
-    cls = {"FOSSILIZED": SeedFossilized, "PRUNED": SeedPruned}
-    return cls.get(fields["target"], SeedStageChanged)(**fields)
+    if source == "DORMANT" or target == "GERMINATED":
+        return SeedGerminated
+    return {"FOSSILIZED": SeedFossilized, "PRUNED": SeedPruned}.get(target, SeedStageChanged)
+
+
+def seed_event(**fields: Any) -> SeedStageChanged:
+    return seed_event_class(fields["source"], fields["target"])(**fields)
 
 
 @dataclass(frozen=True)
