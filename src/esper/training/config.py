@@ -60,7 +60,7 @@ class TrainConfig:
     batch_size: int = 64
     batches_per_step: int | None = None  # None: one env step is one full epoch
     eval_batch_size: int = 1024
-    grad_clip: float | None = None  # global norm over host and seed parameters
+    grad_clip: float | None = None  # max grad norm, host and each seed clipped apart
     max_epochs: int = 20  # default episode length for this task (the env reads it)
     measure_fossils: bool = True  # counterfactual credit for fossils too (alpha = 1)
     plateau_tolerance: float = 1e-3  # quality gains below this count as a plateau

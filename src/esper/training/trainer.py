@@ -145,7 +145,11 @@ class Trainer:
             for opt in optimizers:  # true gradients for clipping and the norms below
                 self.scaler.unscale_(opt)
             if cfg.grad_clip is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                # One norm per optimiser (host, each seed): a seed's gradient must never
+                # rescale the host's (isolation, docs/ARCHITECTURE.md, Lifecycle).
+                for opt in optimizers:
+                    params = [p for group in opt.param_groups for p in group["params"]]
+                    nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             for sid in grad_sq:
                 grads = [p.grad for p in model.seed_parameters(sid) if p.grad is not None]
                 if grads:
