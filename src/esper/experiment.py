@@ -45,11 +45,12 @@ class EpisodeRecord:
     objective: float = math.nan
     params_added: int = 0
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTS, 0))
+    train_flops: int = 0  # cumulative compute of the episode (info["flops"])
 
     def event(self) -> EpisodeEnded:
         return EpisodeEnded(
             self.round, self.env, self.episode_return, self.quality, self.growth,
-            self.objective, self.params_added, **self.counts,
+            self.objective, self.params_added, **self.counts, train_flops=self.train_flops,
         )  # fmt: skip
 
 
@@ -147,6 +148,7 @@ def _account(record: EpisodeRecord, info: dict[str, Any], reward: float, host_pa
     record.quality, record.growth = info["quality"], info["growth"]
     record.objective = info["objective"]
     record.params_added = round(info["growth"] * host_params)
+    record.train_flops = int(info.get("flops", 0))
     record.counts["illegal"] += int(info.get("illegal_action", False))
     record.counts["rollbacks"] += int(info.get("governor_event") is not None)
     for event in info.get("events", []):

@@ -334,6 +334,11 @@ class MorphogenesisEnv(gym.Env):
             "stages": {s.slot_id: s.stage.name for s in model.slot_states()},
             "illegal_actions": self.illegal_actions,
             "episode_seed": self.episode_seed,
+            # Cumulative compute of this episode (esper.training.flops): training forward +
+            # backward, and validation + counterfactual passes (the reset's one included).
+            "flops": self.trainer.flops.total,
+            "flops_train": self.trainer.flops.train,
+            "flops_eval": self.trainer.flops.eval,
         }
 
 

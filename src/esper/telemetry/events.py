@@ -109,6 +109,9 @@ class EpisodeEnded(Event):
     pruned: int
     illegal: int
     rollbacks: int
+    # Compute spent training this episode's network, in FLOPs (esper.training.flops):
+    # forward + backward on training samples, validation and counterfactual passes.
+    train_flops: int = 0
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from esper.training.counterfactual import (
     variants_to_measure,
 )
 from esper.training.data import BatchStream, TaskData
+from esper.training.flops import FlopMeter, structure_key
 from esper.training.governor import Governor, GovernorEvent
 from esper.training.objective import EvalTotals, bits_per_char, task_loss
 from esper.training.signals import TrainingSignals
@@ -46,6 +47,10 @@ class StepResult:
     seed_grad_norms: dict[str, float] = field(default_factory=dict)  # mean per batch
     bits_per_char: float | None = None  # lm tasks only
     samples: int = 0  # training samples seen in this step
+    # FLOPs of this step (esper.training.flops): forward + backward on the training
+    # samples (host and every training seed), and validation + counterfactual passes.
+    train_flops: int = 0
+    eval_flops: int = 0
 
 
 def _make_optimizer(params: list[nn.Parameter], config: TrainConfig, lr: float):
@@ -78,6 +83,7 @@ class Trainer:
         self.stream = BatchStream(data.n_train, self.config.batch_size, seed=self.seed)
         self.signals = TrainingSignals(self.config.history, self.config.plateau_tolerance)
         self.governor = Governor(self.config.governor)
+        self.flops = FlopMeter()  # cumulative compute of this trainer (one episode)
         self.epoch = 0
         self.host_optimizer = self._new_host_optimizer()
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.amp)
@@ -172,20 +178,27 @@ class Trainer:
             if with_counterfactuals
             else {}
         )
-        result = fast_counterfactuals(
-            self.model,
-            self.data.val_x,
-            self.data.val_y,
-            self.kind,
-            variants,
-            self.config.eval_batch_size,
+        key = (structure_key(self.model), tuple(sorted(variants.items())))
+        result, _ = self.flops.measure_eval(
+            key,
+            lambda: fast_counterfactuals(
+                self.model,
+                self.data.val_x,
+                self.data.val_y,
+                self.kind,
+                variants,
+                self.config.eval_batch_size,
+            ),
         )
         self.model.train()
         return result
 
     def train_step(self) -> StepResult:
         self.sync_seed_optimizers()
+        eval_before = self.flops.eval
         train, grad_norms, samples = self._train()
+        # Before any rollback: the structure that just trained is the one to count.
+        train_flops = self.flops.add_training(self.model, self.data.train_x[:2], samples)
         result = self.validate()
         cfg = self.config.governor
         monitored = train.loss if cfg.monitor == "train_loss" else result.val_loss
@@ -218,6 +231,8 @@ class Trainer:
             seed_grad_norms=grad_norms if event is None else {},
             bits_per_char=bits_per_char(result.val_loss) if self.kind == "lm" else None,
             samples=samples,
+            train_flops=train_flops,
+            eval_flops=self.flops.eval - eval_before,
         )
         self.epoch += 1
         return step
