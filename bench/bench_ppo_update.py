@@ -1,113 +1,70 @@
-"""PPO update throughput of Esper's masked recurrent PPO, and sb3-contrib RecurrentPPO if present.
+"""PPO update throughput and minibatch padding of Esper's masked recurrent PPO.
 
-Both are timed on the update alone (rollout collection excluded), with the same batch shape
-(envs x steps), LSTM size, epochs and minibatch count. Throughput counts every transition
-once per epoch: samples/s = envs * steps * epochs / seconds.
+The update alone is timed (rollout collection excluded) on rollouts of a random masked
+env (`bench_sb3.RandomMaskedEnv`) whose episodes end at the rollout end (``end``), at
+random points inside it (``mid``: per-env lengths uniform on [1, 2 x steps]) or never
+(``never``). Throughput counts every transition once per epoch:
+samples/s = envs * steps * epochs / seconds. ``extra rows`` is how many LSTM rows the
+minibatches pad per real step (0 = no padding). `bench_sb3.py` compares the same work
+with sb3-contrib's RecurrentPPO.
 
     python bench/bench_ppo_update.py            # 64 envs x 32 steps, 4 slots, LSTM 128
     python bench/bench_ppo_update.py --quick    # a few seconds
+    python bench/bench_ppo_update.py --no-group # random minibatches (the old behaviour)
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 
 import torch
 
+from bench_sb3 import EPISODES, RandomMaskedEnv
 from esper.rl import PPOAgent, PPOConfig
-from esper.rl.synthetic import GLOBAL_DIM, SLOT_DIM, CueRecallEnv
 
 
-def esper_update_seconds(args: argparse.Namespace) -> list[float]:
-    env = CueRecallEnv(args.envs, num_slots=args.slots, length=args.steps, seed=0)
+def esper_update(args: argparse.Namespace, episodes: str) -> tuple[list[float], float]:
+    """Best-of update seconds and the mean padded LSTM rows per real step."""
+    env = RandomMaskedEnv(args.envs, args.slots, args.steps, episodes, seed=0)
     config = PPOConfig(
         hidden=args.hidden,
         n_epochs=args.epochs,
         num_minibatches=args.minibatches,
         target_kl=None,  # time every minibatch step
     )
-    agent = PPOAgent(env.slot_config, GLOBAL_DIM, SLOT_DIM, env.blueprints, config)
-    times = []
+    if args.no_group:
+        config = replace(config, group_by_length=False)
+    agent = PPOAgent(env.slot_config, env.global_dim, env.slot_dim, env.blueprints, config)
+    times, extra = [], []
+    obs, masks = env.reset()
+    hidden = agent.initial_hidden(args.envs)
     for _ in range(args.repeats + 1):  # the first update warms up and is dropped
-        obs, masks = env.reset()
-        hidden = agent.initial_hidden(args.envs)
         for _ in range(args.steps):
             step = agent.act(obs, masks, hidden)
             out = env.step(step.actions)
             agent.record(step, out.rewards, out.terminated, out.truncated)
-            hidden, obs, masks = step.hidden, out.obs, out.masks
+            hidden = agent.reset_hidden(step.hidden, out.terminated)
+            obs, masks = out.obs, out.masks
         start = time.perf_counter()
-        agent.update()
+        diag = agent.update(next_obs=obs, next_hidden=hidden)
         times.append(time.perf_counter() - start)
-    return times[1:]
+        extra.append(diag["padded_rows_per_step"])
+    return times[1:], sum(extra[1:]) / len(extra[1:])
 
 
-def sb3_update_seconds(args: argparse.Namespace) -> list[float]:
-    import gymnasium as gym
-    import numpy as np
-    from sb3_contrib import RecurrentPPO
-    from stable_baselines3.common.env_util import make_vec_env
-
-    obs_dim = GLOBAL_DIM + args.slots * SLOT_DIM
-
-    class RandomEnv(gym.Env):
-        observation_space = gym.spaces.Box(-1.0, 1.0, (obs_dim,), np.float32)
-        action_space = gym.spaces.MultiDiscrete([4, args.slots, 2, 3])
-
-        def reset(self, *, seed=None, options=None):
-            super().reset(seed=seed)
-            self.t = 0
-            return self.observation_space.sample(), {}
-
-        def step(self, action):
-            self.t += 1
-            done = self.t >= args.steps
-            return self.observation_space.sample(), float(np.random.rand()), done, False, {}
-
-    vec_env = make_vec_env(RandomEnv, n_envs=args.envs)
-    model = RecurrentPPO(
-        "MlpLstmPolicy",
-        vec_env,
-        n_steps=args.steps,
-        batch_size=args.envs * args.steps // args.minibatches,
-        n_epochs=args.epochs,
-        policy_kwargs={
-            "lstm_hidden_size": args.hidden,
-            "n_lstm_layers": 1,
-            "shared_lstm": True,  # one LSTM for actor and critic, as in Esper
-            "enable_critic_lstm": False,
-        },
-        device="cpu",
-        verbose=0,
-    )
-    model.learn(total_timesteps=args.envs * args.steps)  # warm-up: one rollout + one update
-    times = []
-    for _ in range(args.repeats):
-        _, callback = model._setup_learn(args.envs * args.steps, None, False)
-        callback.on_training_start(locals(), globals())
-        model.collect_rollouts(model.env, callback, model.rollout_buffer, args.steps)
-        start = time.perf_counter()
-        model.train()
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def report(name: str, times: list[float], samples: int) -> float:
-    best = min(times)
-    print(f"{name:<28} {samples / best:>12,.0f} samples/s  (best of {len(times)}: {best:.3f} s)")
-    return samples / best
-
-
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--envs", type=int, default=64, help="sequences per update")
-    parser.add_argument("--steps", type=int, default=32, help="steps per sequence")
+    parser.add_argument("--steps", type=int, default=32, help="steps per rollout")
     parser.add_argument("--slots", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=128, help="LSTM size")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--minibatches", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--episodes", default=",".join(EPISODES), help="end,mid,never")
+    parser.add_argument("--no-group", action="store_true", help="random minibatches")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--quick", action="store_true", help="small sizes, a few seconds")
     args = parser.parse_args(argv)
@@ -117,18 +74,18 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     samples = args.envs * args.steps * args.epochs
     print(
-        f"batch {args.envs} envs x {args.steps} steps, {args.slots} slots, LSTM {args.hidden}, "
-        f"{args.epochs} epochs x {args.minibatches} minibatches, "
-        f"{torch.get_num_threads()} threads"
+        f"esper masked recurrent PPO update: {args.envs} envs x {args.steps} steps, "
+        f"{args.slots} slots, LSTM {args.hidden}, {args.epochs} epochs x "
+        f"{args.minibatches} minibatches, {torch.get_num_threads()} threads, "
+        f"{'random' if args.no_group else 'length-grouped'} minibatches"
     )
-    esper = report("esper masked recurrent PPO", esper_update_seconds(args), samples)
-    try:
-        import sb3_contrib  # noqa: F401
-    except ImportError:
-        print("sb3-contrib RecurrentPPO: not installed (pip install 'esper[bench]' to compare)")
-        return
-    sb3 = report("sb3-contrib RecurrentPPO", sb3_update_seconds(args), samples)
-    print(f"speed-up: {esper / sb3:.1f}x")
+    print(f"{'episodes end':<14} {'samples/s':>12} {'best s':>8} {'extra rows':>11}")
+    rates = {}
+    for episodes in args.episodes.split(","):
+        times, extra = esper_update(args, episodes)
+        rates[episodes] = samples / min(times)
+        print(f"{episodes:<14} {rates[episodes]:>12,.0f} {min(times):>8.3f} {extra:>11.2f}")
+    return rates
 
 
 if __name__ == "__main__":

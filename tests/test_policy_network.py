@@ -5,6 +5,7 @@ import torch
 
 from esper.actions import ActionMasks, LifecycleOp
 from esper.policy import FactoredRecurrentActorCritic
+from esper.policy.network import two_length_split
 
 G, F, BP, L = 6, 5, 4, 3
 SLOT_COUNTS = [1, 2, 3, 4, 5, 8, 16, 32]
@@ -172,3 +173,34 @@ def test_op_bias_is_a_prior_on_the_first_decision():
     assert no_prune[LifecycleOp.PRUNE] < 0.03, no_prune
     with pytest.raises(ValueError, match="one value per op"):
         FactoredRecurrentActorCritic(3, G, F, BP, L, op_bias=(1.0,))
+
+
+@pytest.mark.parametrize("lengths", [[7, 7, 7], [7, 1, 2, 7, 3], [1, 1, 1, 7], [2, 5, 7, 4, 1, 6]])
+def test_evaluate_valid_equals_evaluate_actions_on_the_real_steps(lengths):
+    gen = torch.Generator().manual_seed(sum(lengths))
+    s, t, b = 3, max(lengths), len(lengths)
+    net = make(s)
+    obs = obs_batch(t, b, s=s, gen=gen)
+    masks = random_masks((t, b), s, gen)
+    hidden0 = tuple(torch.randn(1, b, 32, generator=gen) for _ in range(2))
+    with torch.no_grad():
+        actions = torch.stack(
+            [
+                net.get_action({k: v[i] for k, v in obs.items()}, hidden0, masks[i]).actions
+                for i in range(t)
+            ]
+        )
+        full = net.evaluate_actions(obs, actions, masks, hidden0)
+        valid = torch.arange(t)[:, None] < torch.tensor(lengths)[None, :]
+        flat = net.evaluate_valid(obs, actions, masks, hidden0, valid)
+    for name in ("log_probs", "values", "entropies", "head_used"):
+        torch.testing.assert_close(
+            getattr(flat, name), getattr(full, name)[valid], atol=1e-6, rtol=0
+        )
+
+
+def test_two_length_split_runs_short_sequences_apart_only_when_it_saves_rows():
+    order, cut, rows = two_length_split(torch.tensor([8, 1, 8, 2]), 8)
+    assert cut == 2 and rows == 2 * 2 + 2 * 8 and order[:2].tolist() == [1, 3]
+    assert two_length_split(torch.tensor([8, 7, 8, 7]), 8)[1:] == (0, 32)
+    assert two_length_split(torch.tensor([3]), 8)[1:] == (0, 8)

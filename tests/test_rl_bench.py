@@ -1,16 +1,30 @@
-"""The PPO update benchmark runs in quick mode and prints a throughput figure."""
+"""The PPO update and sb3 comparison benchmarks run in quick mode and print their figures."""
 
-import importlib.util
+import importlib
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_ppo_update.py"
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
-def test_bench_ppo_update_quick(capsys):
-    spec = importlib.util.spec_from_file_location("bench_ppo_update", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.main(["--quick"])
+@pytest.fixture
+def bench(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    return importlib.import_module
+
+
+def test_bench_ppo_update_quick(bench, capsys):
+    rates = bench("bench_ppo_update").main(["--quick"])
     out = capsys.readouterr().out
     assert "esper masked recurrent PPO" in out and "samples/s" in out
-    assert "RecurrentPPO" in out  # either a figure or "not installed"
+    assert set(rates) == {"end", "mid", "never"} and all(r > 0 for r in rates.values())
+
+
+def test_bench_sb3_quick(bench, capsys):
+    results = bench("bench_sb3").main(["--quick", "--episodes=mid"])
+    out = capsys.readouterr().out
+    assert "masked heads vs unmasked twin" in out
+    assert "RecurrentPPO" in out or "sb3 samples/s" in out  # a figure or "not installed"
+    if "sb3 samples/s" in out:
+        assert results["update/mid"] > 0 and results["act/sb3_over_esper"] > 0

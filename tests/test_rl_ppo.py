@@ -5,7 +5,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from esper.policy.network import two_length_split
 from esper.rl import PPOAgent, PPOConfig, RolloutBuffer, compute_gae
+from esper.rl.ppo import minibatch_columns
 from esper.rl.synthetic import GLOBAL_DIM, SLOT_DIM, CueRecallEnv
 
 SMALL = {"hidden": 32, "embed": 16}
@@ -156,3 +158,61 @@ def test_update_needs_next_obs_while_episodes_are_running():
         agent.update()
     diag = agent.update(next_obs=out.obs, next_hidden=step.hidden)
     assert diag["n_sequences"] == 4.0
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 40), min_size=1, max_size=30),
+    num_mb=st.integers(1, 8),
+    group=st.booleans(),
+    seed=st.integers(0, 1000),
+)
+def test_minibatches_use_every_sequence_once_and_none_is_empty(lengths, num_mb, group, seed):
+    num_mb = min(num_mb, len(lengths))
+    gen = torch.Generator().manual_seed(seed)
+    groups = minibatch_columns(torch.tensor(lengths), num_mb, group, gen)
+    assert len(groups) == num_mb and all(len(g) > 0 for g in groups)
+    assert sorted(torch.cat(groups).tolist()) == list(range(len(lengths)))
+
+
+def test_length_grouped_minibatches_pad_less_and_equal_lengths_split_like_random():
+    lengths = torch.tensor([1, 4, 16, 32] * 4)
+
+    def lstm_rows(groups):
+        return sum(two_length_split(lengths[g], int(lengths[g].max()))[2] for g in groups)
+
+    for seed in range(5):
+        grouped = minibatch_columns(lengths, 2, True, torch.Generator().manual_seed(seed))
+        shuffled = minibatch_columns(lengths, 2, False, torch.Generator().manual_seed(seed))
+        # Cut where the length changes near half the steps: {1, 4, 16} | {32}.
+        assert sorted(int(lengths[g].sum()) for g in grouped) == [84, 128]
+        assert lstm_rows(grouped) == 224 < lstm_rows(shuffled)
+    equal = torch.full((12,), 5)
+    for seed in range(3):
+        a = minibatch_columns(equal, 3, True, torch.Generator().manual_seed(seed))
+        b = minibatch_columns(equal, 3, False, torch.Generator().manual_seed(seed))
+        assert sorted(len(g) for g in a) == sorted(len(g) for g in b) == [4, 4, 4]
+    with pytest.raises(ValueError, match="num_minibatches"):
+        minibatch_columns(equal, 13, True)
+
+
+@pytest.mark.parametrize("group", [True, False])
+def test_first_minibatch_ratio_is_one_when_episodes_end_mid_rollout(group):
+    # 6 steps of 4-step episodes: every env has a 4-step and an open 2-step segment.
+    env = CueRecallEnv(16, num_slots=4, length=4, seed=5)
+    cfg = PPOConfig(**SMALL, group_by_length=group, target_kl=None)
+    agent = PPOAgent(env.slot_config, GLOBAL_DIM, SLOT_DIM, env.blueprints, cfg)
+    obs, masks = env.reset()
+    hidden = agent.initial_hidden(16)
+    for _ in range(6):
+        step = agent.act(obs, masks, hidden)
+        out = env.step(step.actions)
+        agent.record(step, out.rewards, out.terminated, out.truncated)
+        hidden = agent.reset_hidden(step.hidden, out.terminated)
+        obs, masks = out.obs, out.masks
+    diag = agent.update(next_obs=obs, next_hidden=hidden)
+    for head in ("op", "slot", "blueprint", "blend"):
+        assert diag[f"first_ratio_dev/{head}"] <= 1e-6
+    assert diag["n_minibatch_steps"] == cfg.n_epochs * cfg.num_minibatches
+    if group:  # two lengths, four minibatches: each minibatch holds one length
+        assert diag["padded_rows_per_step"] == 0.0

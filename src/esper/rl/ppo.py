@@ -29,7 +29,7 @@ from esper.distributed import (
     mean_across_ranks,
     min_across_ranks,
 )
-from esper.policy.network import HEADS, FactoredRecurrentActorCritic
+from esper.policy.network import HEADS, FactoredRecurrentActorCritic, two_length_split
 from esper.rl.buffer import SequenceBatch
 
 
@@ -52,6 +52,9 @@ class PPOConfig:
     # Stop the update (before stepping) when approx KL exceeds 1.5 * target_kl (SB3 rule).
     target_kl: float | None = 0.03
     normalize_advantages: bool = True
+    # Minibatches of sequences of similar length (random among equal lengths), so a
+    # minibatch pads few LSTM rows when episodes end mid-rollout; False: uniformly random.
+    group_by_length: bool = True
     normalize_observations: bool = True
     normalize_returns: bool = True  # critic predicts normalised returns
     obs_clip: float = 10.0
@@ -121,8 +124,49 @@ def explained_variance(predicted: torch.Tensor, target: torch.Tensor) -> float:
     return float(1.0 - (target - predicted).var(unbiased=False) / var)
 
 
-def _masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask.to(x.dtype)).sum()
+def minibatch_columns(
+    lengths: torch.Tensor,
+    num_minibatches: int,
+    group_by_length: bool,
+    generator: torch.Generator | None = None,
+) -> list[torch.Tensor]:
+    """Split sequence indices into ``num_minibatches`` non-empty minibatches.
+
+    Uniformly random, or grouped by length: a random permutation stably sorted by
+    length (so equal lengths stay in random order), cut into runs of about equal step
+    counts (so no step weighs more in the loss than in a random split), preferably where
+    the length changes, visited in random order. A minibatch then pads its sequences only
+    up to the longest of similar ones. With all lengths equal both give the same split.
+    """
+    num = lengths.shape[0]
+    if not 1 <= num_minibatches <= num:
+        raise ValueError(
+            f"num_minibatches must be in [1, {num}] (#sequences), got {num_minibatches}"
+        )
+    perm = torch.randperm(num, generator=generator).to(lengths.device)
+    if not group_by_length:
+        return list(torch.tensor_split(perm, num_minibatches))
+    order = perm[torch.sort(lengths[perm], stable=True).indices]
+    cum = torch.cumsum(lengths[order], 0).tolist()
+    total = cum[-1]
+    sorted_lengths = lengths[order].tolist()
+    # Cutting where the length changes leaves no padding across the cut; such a cut is
+    # taken when it moves the cut by at most a quarter of a minibatch's steps.
+    changes = [i for i in range(1, num) if sorted_lengths[i] != sorted_lengths[i - 1]]
+    cuts, prev = [], 0
+    for k in range(1, num_minibatches):
+        target = k * total / num_minibatches
+        at = next((i + 1 for i, c in enumerate(cum) if c >= target), num)
+        near = [i for i in changes if abs(cum[i - 1] - target) <= 0.25 * total / num_minibatches]
+        if near:
+            at = min(near, key=lambda i: abs(cum[i - 1] - target))
+        # Every minibatch keeps at least one sequence.
+        at = min(max(at, prev + 1), num - (num_minibatches - k))
+        cuts.append(at)
+        prev = at
+    groups = torch.tensor_split(order, cuts)
+    visit = torch.randperm(num_minibatches, generator=generator).tolist()
+    return [groups[i] for i in visit]
 
 
 def ppo_update(
@@ -147,6 +191,7 @@ def ppo_update(
         adv_mean, adv_std = global_mean_std(advantages[valid], ctx)
         advantages = (advantages - adv_mean) / (adv_std + 1e-8) * valid
     num_seq = batch.num_sequences
+    lengths = valid.sum(0)
     # Every rank must take the same number of steps (each one is a collective).
     num_mb = min(config.num_minibatches, min_across_ranks(num_seq, ctx))
     kl_limit = None if config.target_kl is None else 1.5 * config.target_kl
@@ -155,28 +200,30 @@ def ppo_update(
     head_entropy = torch.zeros(len(HEADS), device=advantages.device)
     first_dev: torch.Tensor | None = None
     steps, early_stopped = 0, False
+    lstm_rows = real_rows = 0
 
     for _ in range(config.n_epochs):
-        perm = torch.randperm(num_seq, generator=generator).to(advantages.device)
-        for columns in torch.tensor_split(perm, num_mb):
+        for columns in minibatch_columns(lengths, num_mb, config.group_by_length, generator):
             mb = batch.select(columns)
             mb_valid = mb.valid
             length = mb_valid.shape[0]
-            out = network.evaluate_actions(mb.obs, mb.actions, mb.masks, mb.hidden0)
-            head_logratio = out.log_probs - mb.log_probs
+            real_rows += int(mb_valid.sum())
+            lstm_rows += two_length_split(mb_valid.sum(0), length)[2]
+            # Flat rows of the real steps: padding reaches the LSTM call only.
+            out = network.evaluate_valid(mb.obs, mb.actions, mb.masks, mb.hidden0, mb_valid)
+            head_logratio = out.log_probs - mb.log_probs[mb_valid]
             if first_dev is None:
-                dev = (head_logratio.exp() - 1).abs() * mb_valid[..., None]
-                first_dev = dev.detach().amax(dim=(0, 1))
+                first_dev = (head_logratio.exp() - 1).abs().detach().amax(dim=0)
             logratio = head_logratio.sum(-1)
             ratio = logratio.exp()
-            used = out.head_used & mb_valid[..., None]
-            # Denominators of the masked means: valid steps, and steps that used each head.
-            counts = torch.cat([mb_valid.sum().reshape(1), used.sum((0, 1))]).float()
-            counts = mean_across_ranks(counts, ctx).clamp_min(1.0)
+            used = out.head_used
+            # Denominators of the means: real steps, and steps that used each head.
+            counts = torch.cat([torch.tensor([float(ratio.shape[0])]), used.sum(0).cpu()])
+            counts = mean_across_ranks(counts.to(ratio), ctx).clamp_min(1.0)
             n_valid, n_used = counts[0], counts[1:]
             with torch.no_grad():
-                approx_kl = _masked_sum((ratio - 1) - logratio, mb_valid) / n_valid
-                clip_frac = _masked_sum((ratio - 1).abs() > config.clip_coef, mb_valid) / n_valid
+                approx_kl = ((ratio - 1) - logratio).sum() / n_valid
+                clip_frac = ((ratio - 1).abs() > config.clip_coef).float().sum() / n_valid
                 # Averaged over ranks before the check: all ranks stop at the same step.
                 approx_kl, clip_frac = mean_across_ranks(torch.stack([approx_kl, clip_frac]), ctx)
             stats["kl"].append(float(approx_kl))
@@ -185,22 +232,12 @@ def ppo_update(
                 early_stopped = True
                 break
 
-            adv = advantages[:length, columns]
-            pg_loss = (
-                _masked_sum(
-                    torch.maximum(
-                        -adv * ratio,
-                        -adv * ratio.clamp(1 - config.clip_coef, 1 + config.clip_coef),
-                    ),
-                    mb_valid,
-                )
-                / n_valid
-            )
-            v_loss = 0.5 * _masked_sum(
-                (out.values - value_targets[:length, columns]) ** 2, mb_valid
-            )
-            v_loss = v_loss / n_valid
-            per_head = (out.entropies * used).sum((0, 1)) / n_used
+            adv = advantages[:length, columns][mb_valid]
+            clipped = ratio.clamp(1 - config.clip_coef, 1 + config.clip_coef)
+            pg_loss = torch.maximum(-adv * ratio, -adv * clipped).sum() / n_valid
+            v_err = out.values - value_targets[:length, columns][mb_valid]
+            v_loss = 0.5 * v_err.square().sum() / n_valid
+            per_head = (out.entropies * used).sum(0) / n_used
             entropy_bonus = (head_w * per_head).sum()
             loss = pg_loss + config.vf_coef * v_loss - config.ent_coef * entropy_bonus
 
@@ -234,6 +271,8 @@ def ppo_update(
         "grad_norm": stats["grad"][-1] if stats["grad"] else float("nan"),
         "n_minibatch_steps": float(steps),
         "early_stopped": float(early_stopped),
+        # LSTM rows run beyond the real steps, per real step (0: no padding).
+        "padded_rows_per_step": (lstm_rows - real_rows) / max(real_rows, 1),
     }
     for i, head in enumerate(HEADS):
         result[f"entropy/{head}"] = float(head_entropy[i] / max(steps, 1))
