@@ -1,0 +1,26 @@
+"""Grow your own model: seed slots on any `nn.Module`, growth in your own loop, export.
+
+- `attach(model, names, sample)` -> `SlottedModel`: slots on named submodules.
+- `Grower(slotted, optimizer, val_data)`: call ``grower.step(...)`` from your loop.
+- `load_slotted(model, path)`: re-attach and load a saved grown model.
+- `export_model(slotted)` -> plain `nn.Module`; `save_portable(...)` -> torch-only file.
+"""
+
+from esper.grow.attach import AttachError, AttachPoint, SlottedModel, attach, load_slotted
+from esper.grow.export import FoldedSeed, export_model, save_portable
+from esper.grow.grower import AgentController, Grower, GrowerConfig, GrowthStep
+
+__all__ = [
+    "AgentController",
+    "AttachError",
+    "AttachPoint",
+    "FoldedSeed",
+    "Grower",
+    "GrowerConfig",
+    "GrowthStep",
+    "SlottedModel",
+    "attach",
+    "export_model",
+    "load_slotted",
+    "save_portable",
+]
