@@ -74,6 +74,11 @@ def safe_torch_load(path: str | Path, map_location: Any = "cpu") -> Any:
         raise CheckpointError(
             f"checkpoint {str(path)!r} is corrupt or truncated ({first})"
         ) from None
+    except Exception as exc:  # arbitrary bytes break the unpickler in arbitrary ways
+        raise CheckpointError(
+            f"{str(path)!r} is not a checkpoint: torch cannot read it "
+            f"({type(exc).__name__}: {str(exc).strip() or 'no detail'})"
+        ) from None
 
 
 _BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")

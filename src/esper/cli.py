@@ -29,23 +29,43 @@ class UsageError(ValueError):
     """Bad command-line input: printed as one line, exit status 2."""
 
 
+def _defaults():
+    from esper.run_config import RunSection
+
+    return RunSection()
+
+
 def _add_env_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", help="task name (see `esper tasks`); default digits")
-    p.add_argument("--slots", nargs="+", metavar="ID", help="enabled slot ids, e.g. r0c0 r0c1")
-    p.add_argument("--envs", type=int, help="envs stepped in lockstep")
-    p.add_argument("--max-epochs", type=int, help="steps (host epochs) per episode")
-    p.add_argument("--seed", type=int, help="run seed")
-    p.add_argument("--device", help="cpu, cuda or cuda:N")
+    d = _defaults()
+    p.add_argument("--task", help=f"task name, see `esper tasks` (default: {d.task})")
     p.add_argument(
-        "--env-devices", nargs="+", metavar="DEV", help="envs' devices, round-robin (cuda:0 ...)"
+        "--slots", nargs="+", metavar="ID",
+        help="enabled slot ids, e.g. r0c0 r0c1 (default: the task's slots)",
+    )  # fmt: skip
+    p.add_argument("--envs", type=int, help=f"envs stepped in lockstep (default: {d.envs})")
+    p.add_argument(
+        "--max-epochs", type=int, help="steps (host epochs) per episode (default: the task's)"
     )
-    p.add_argument("--config", type=Path, metavar="FILE.toml", help="config file (strict)")
+    p.add_argument("--seed", type=int, help=f"run seed (default: {d.seed})")
+    p.add_argument("--device", help=f"cpu, cuda or cuda:N (default: {d.device})")
+    p.add_argument(
+        "--env-devices", nargs="+", metavar="DEV",
+        help="envs' devices, round-robin, e.g. cuda:0 cuda:1 (default: --device)",
+    )  # fmt: skip
+    p.add_argument(
+        "--threads", type=int,
+        help="torch threads of this process; 0 = auto: 1 per process stepping several envs, "
+        f"the idle cores (up to 4) for a lone env (default: {d.threads})",
+    )  # fmt: skip
+    p.add_argument(
+        "--config", type=Path, metavar="FILE.toml", help="config file, strict (default: none)"
+    )
     p.add_argument(
         "--set",
         action="append",
         default=[],
         metavar="SECTION.KEY=VALUE",
-        help="override one config value, TOML syntax (e.g. --set task.depth=5)",
+        help="override one config value, TOML syntax, e.g. --set task.depth=5; repeatable",
     )
 
 
@@ -56,19 +76,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"esper {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
+    d = _defaults()
     train = sub.add_parser("train", help="train (ppo) or run (scripted) a controller")
     train.add_argument("controller", choices=CONTROLLERS)
     _add_env_flags(train)
-    train.add_argument("--episodes", type=int, help="total episodes over all envs")
-    train.add_argument("--run-dir", type=Path, help="run folder (default runs/<controller>-<task>)")
-    train.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
+    train.add_argument(
+        "--episodes", type=int,
+        help=f"total episodes over all envs, a multiple of --envs (default: {d.episodes})",
+    )  # fmt: skip
+    train.add_argument(
+        "--run-dir", type=Path, help="run folder (default: runs/<controller>-<task>)"
+    )
+    train.add_argument(
+        "--resume", action="store_true",
+        help="continue the run in --run-dir; with --episodes N, extend it to N episodes",
+    )  # fmt: skip
     train.add_argument("--force", action="store_true", help="overwrite an existing run folder")
     train.add_argument("--no-report", action="store_true", help="skip the report at the end")
 
     ev = sub.add_parser("eval", help="evaluate a PPO checkpoint on any slot layout")
-    ev.add_argument("checkpoint", type=Path)
+    ev.add_argument("checkpoint", type=Path, help="a .pt file, e.g. runs/NAME/checkpoints/best.pt")
     _add_env_flags(ev)
-    ev.add_argument("--episodes", type=int, default=8, help="evaluation episodes (default 8)")
+    ev.add_argument("--episodes", type=int, default=8, help="evaluation episodes (default: 8)")
     ev.add_argument("--stochastic", action="store_true", help="sample instead of argmax")
 
     report = sub.add_parser("report", help="(re)build plots and summary.md of a run")
@@ -96,7 +125,10 @@ def _parse_set(items: list[str]) -> dict[str, dict[str, Any]]:
 def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     over = _parse_set(args.set)
     run = over.setdefault("run", {})
-    for flag, key in (("task", "task"), ("envs", "envs"), ("seed", "seed"), ("device", "device")):
+    for flag, key in (
+        ("task", "task"), ("envs", "envs"), ("seed", "seed"), ("device", "device"),
+        ("threads", "threads"),
+    ):  # fmt: skip
         if getattr(args, flag, None) is not None:
             run[key] = getattr(args, flag)
     if args.slots is not None:
@@ -123,29 +155,57 @@ def _merge(base: dict[str, Any], over: dict[str, dict[str, Any]]) -> dict[str, A
     return merged
 
 
-def _progress(start: float):
-    def report(done: int, total: int, last: dict[str, float]) -> None:
-        elapsed = time.monotonic() - start
-        eta = elapsed / done * (total - done) if done else 0.0
-        width = 24
-        bar = "#" * round(width * done / total) + "-" * (width - round(width * done / total))
+def _clock(seconds: float) -> str:
+    if seconds == float("inf"):
+        return "?"
+    seconds = round(seconds)
+    h, rest = divmod(seconds, 3600)
+    return f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m{rest % 60:02d}s"
+
+
+class _Console:
+    """Live progress on stderr: rewritten in place on a terminal; elsewhere (a log file)
+    one line every few seconds and one per finished round."""
+
+    EVERY_S = 3.0
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.last_print = 0.0
+        self.last_round = ""
+
+    def live(self, p) -> None:
+        now = time.monotonic()
+        end_of_round = p.step == p.steps
+        if not self.tty and not end_of_round and now - self.last_print < self.EVERY_S:
+            return
+        self.last_print = now
         line = (
-            f"[{bar}] round {done}/{total}  quality {last['quality']:.4f}  "
-            f"objective {last['objective']:.4f}  return {last['episode_return']:+.4f}  "
-            f"elapsed {elapsed:5.0f}s  eta {eta:5.0f}s"
+            f"{p.phase} round {p.round + 1}/{p.rounds} step {p.step}/{p.steps} | "
+            f"env steps {p.env_steps}/{p.env_steps_total} | {p.steps_per_s:.2f} steps/s | "
+            f"elapsed {_clock(p.elapsed_s)} eta {_clock(p.eta_s)}"
         )
-        end = "\r" if sys.stderr.isatty() and done < total else "\n"
-        print(line, end=end, file=sys.stderr, flush=True)
+        if self.last_round and p.phase == "train":
+            line += f" | {self.last_round}"
+        end = "\r" if self.tty and not (end_of_round and p.round + 1 == p.rounds) else "\n"
+        print(f"\x1b[2K{line}" if self.tty else line, end=end, file=sys.stderr, flush=True)
 
-    return report
+    def round_done(self, done: int, total: int, last: dict[str, float]) -> None:
+        self.last_round = (
+            f"last round: quality {last['quality']:.4f} objective {last['objective']:.4f} "
+            f"return {last['episode_return']:+.4f}"
+        )
+        if not self.tty:
+            print(f"esper: round {done}/{total} done; {self.last_round}", file=sys.stderr)
 
 
-def _set_threads(threads: int) -> None:
+def _set_threads(threads: int, envs_in_process: int) -> None:
     """The CLI owns its process, so it may set torch's thread count (run.threads)."""
-    if threads > 0:
-        import torch
+    import torch
 
-        torch.set_num_threads(threads)
+    from esper.run_config import auto_threads
+
+    torch.set_num_threads(threads if threads > 0 else auto_threads(envs_in_process))
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -157,11 +217,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     over = _overrides(args)
     task = over["run"].get("task", "digits")
     run_dir = args.run_dir or Path("runs") / f"{args.controller}-{task}"
+    if args.resume and args.force:
+        raise UsageError("--resume continues a run and --force overwrites it: pass one")
     if args.resume:
         if (
             args.config is not None
             or args.set
-            or any(k not in ("controller", "episodes") for k in over.get("run", {}))
+            or any(k not in ("controller", "episodes", "threads") for k in over.get("run", {}))
         ):
             raise UsageError("--resume reuses the run's saved config; only --episodes may change")
         check_run_dir(run_dir, resume=True, force=False)
@@ -171,21 +233,24 @@ def _cmd_train(args: argparse.Namespace) -> int:
             raise UsageError(
                 f"{str(run_dir)!r} is a {config.run.controller!r} run, not {args.controller!r}"
             )
-        episodes = over["run"].get("episodes", config.run.episodes)
-        config = config_from_dict(_merge(saved, {"run": {"episodes": episodes}}))
+        keep = {k: v for k, v in over["run"].items() if k in ("episodes", "threads")}
+        config = config_from_dict(_merge(saved, {"run": keep}))
     else:
         base = load_toml(args.config) if args.config is not None else {}
         config = config_from_dict(_merge(base, over))
-    _set_threads(config.run.threads)
     from esper.distributed import PeerLostError, init_distributed, shutdown
+    from esper.run_config import check_devices_available
 
+    check_devices_available(config.run)  # before torchrun's process group wants the device
     # Under torchrun: one rank of a DD-PPO job (--envs is the total over all ranks).
     dist = init_distributed(config.run.device)
+    _set_threads(config.run.threads, max(1, config.run.envs // dist.world_size))
+    console = _Console()
     try:
         result = train(
             config, run_dir, resume=args.resume, force=args.force, dist=dist,
-            progress=_progress(time.monotonic()),
-            log=lambda m: print(f"esper: {m}", file=sys.stderr),
+            progress=console.round_done, live=console.live,
+            log=lambda m: print(f"esper: {m}", file=sys.stderr), command=["esper", *args.argv],
         )  # fmt: skip
     except PeerLostError as exc:
         print(f"esper: error: {str(exc).splitlines()[0]}", file=sys.stderr)
@@ -204,7 +269,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         files = build_report(run_dir)
         print(f"esper: report written: {', '.join(str(f) for f in files)}", file=sys.stderr)
     if result.last:
-        _print_table(f"last round ({config.run.controller})", result.last)
+        _print_table(
+            f"last round ({config.run.controller}; its {config.run.envs} training episodes)",
+            result.last,
+        )
     return 130 if result.interrupted else 0
 
 
@@ -214,9 +282,15 @@ def _print_table(title: str, summary: dict[str, float]) -> None:
     for key in ("quality", "growth", "objective", "episode_return", "params_added"):
         print(f"{key:<16}{summary[key]:>10.4f}{summary[f'{key}_std']:>10.4f}")
     counts = "  ".join(
-        f"{k} {int(summary[k])}" for k in ("germinated", "fossilized", "pruned", "illegal")
+        f"{k} {int(summary[k])}"
+        for k in ("germinated", "fossilized", "pruned", "illegal", "rollbacks")
     )
     print(f"events: {counts}  (over {int(summary['episodes'])} episodes)")
+    if summary["rollbacks"]:
+        print(
+            "  (a governor rollback restores the last good host and costs a reward penalty: "
+            "it lowers episode_return, not objective)"
+        )
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -225,6 +299,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from esper.run import evaluate
     from esper.run_config import config_from_dict
 
+    if args.checkpoint.is_dir():
+        found = sorted(p.name for p in args.checkpoint.glob("*.pt"))
+        hint = f"; it holds {', '.join(found)}" if found else ""
+        raise UsageError(
+            f"{str(args.checkpoint)!r} is a folder; pass a checkpoint file in it, "
+            f"e.g. {str(args.checkpoint / 'best.pt')!r}{hint}"
+        )
     if not args.checkpoint.is_file():
         raise UsageError(f"checkpoint {str(args.checkpoint)!r} does not exist")
     base: dict[str, Any] = {}
@@ -235,14 +316,20 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.config is not None:
         base = _merge(base, load_toml(args.config))
     config = config_from_dict(_merge(base, _overrides(args)))
-    _set_threads(config.run.threads)
+    _set_threads(config.run.threads, min(config.run.envs, args.episodes))
     records = evaluate(
         config,
         checkpoint=args.checkpoint,
         episodes=args.episodes,
         deterministic=not args.stochastic,
+        live=_Console().live,
     )
-    _print_table(f"evaluation of {args.checkpoint} on {config.run.task}", summarize(records))
+    policy = "sampled" if args.stochastic else "deterministic"
+    _print_table(
+        f"evaluation of {args.checkpoint} on {config.run.task} ({policy} policy; "
+        f"{args.episodes} episodes on evaluation seeds, disjoint from training)",
+        summarize(records),
+    )
     return 0
 
 
@@ -276,12 +363,28 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
+# Library errors name Python options; from the command line they are --set values.
+_CLI_FORMS = (
+    ("pass path=<", "pass --set task.path=<"),
+    ("needs root=<", "needs --set env.data_root=<"),
+    ("pass it as root", 'pass it with --set env.data_root="DIR"'),
+    ("point root at", "point --set env.data_root at"),
+)
+
+
+def _cli_form(message: str) -> str:
+    for library, cli in _CLI_FORMS:
+        message = message.replace(library, cli)
+    return message
+
+
 COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "report": _cmd_report, "tasks": _cmd_tasks}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # for the provenance
     if args.command is None:
         parser.print_help()
         return 0
@@ -291,7 +394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("ESPER_DEBUG"):
             raise
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"esper: error: {message}", file=sys.stderr)
+        print(f"esper: error: {_cli_form(message)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("esper: interrupted", file=sys.stderr)

@@ -105,12 +105,14 @@ def run_round(
     evaluation: bool = False,
     telemetry: Telemetry | None = None,
     env_offset: int = 0,
+    on_step: Callable[[int], None] | None = None,
 ) -> list[EpisodeRecord]:
     """Play one episode in every env; with ``learn`` the agent's buffer records it.
 
     ``env_offset`` is the global index of ``vec``'s first env when the envs are split over
     processes (`esper.distributed`): env ``i`` here is global env ``env_offset + i``, with
-    that env's seeds and index in records and events."""
+    that env's seeds and index in records and events. ``on_step(t)`` is called after
+    lockstep step ``t`` (0-based) of every env, for live progress."""
     if (agent is None) == (scripted is None):
         raise ValueError("run_round needs exactly one of agent= or scripted=")
     num_envs = vec.num_envs
@@ -137,6 +139,8 @@ def run_round(
             if telemetry is not None:
                 _emit_step(telemetry, round_index, env_offset + i, step_index, vec, reward, info)
         obs, masks = out.obs, out.masks
+        if on_step is not None:
+            on_step(step_index)
     if telemetry is not None:
         for record in records:
             telemetry.emit(record.event())
@@ -182,6 +186,33 @@ def _emit_step(
     if info.get("governor_event") is not None:
         penalty = float(info.get("reward_parts", {}).get("penalty", 0.0))
         tel.emit(GovernorRollback(round_index, env, step, info["governor_event"], penalty))
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a run stands, reported after every lockstep env step (live progress).
+
+    ``phase`` is "train", "baseline" (the static-host round) or "eval"; env steps count
+    the steps of every env (one lockstep step of E envs is E env steps).
+    """
+
+    phase: str
+    round: int  # 0-based round in flight
+    rounds: int
+    step: int  # steps of this round done, 1..steps
+    steps: int
+    env_steps: int  # done in this phase, this session
+    env_steps_total: int  # to do in this phase, this session
+    elapsed_s: float  # since this phase started in this session
+
+    @property
+    def steps_per_s(self) -> float:
+        return self.env_steps / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def eta_s(self) -> float:
+        rate = self.steps_per_s
+        return (self.env_steps_total - self.env_steps) / rate if rate > 0 else math.inf
 
 
 def summarize(records: list[EpisodeRecord]) -> dict[str, float]:

@@ -3,7 +3,8 @@
 Run folder (``runs/<name>/``)::
 
     config.toml      the resolved config (what --resume reads back)
-    events.jsonl     typed telemetry events
+    provenance.json  versions, git commit, device, threads, command line of each session
+    events.jsonl     typed telemetry events, each with a ``time`` stamp
     metrics.csv      one row per finished episode
     checkpoints/     last.pt after every round, best.pt, round_XXXXXX.pt periodically
     *.png, summary.md  the report (`esper.telemetry.report`)
@@ -18,8 +19,10 @@ every rank resumes from the same checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,12 +39,22 @@ from esper.config_io import ConfigError
 from esper.distributed import SINGLE, DistContext, barrier, env_shard, gather_objects
 from esper.env import DEFAULT_SCHEMA, GLOBAL_DIM, SLOT_DIM, ObservationSchema, SchemaMismatchError
 from esper.env.vector import VectorMorphogenesisEnv
-from esper.experiment import EpisodeRecord, make_scripted, run_round, summarize
+from esper.experiment import (
+    EpisodeRecord,
+    Progress,
+    ScriptedPolicy,
+    make_scripted,
+    run_round,
+    summarize,
+)
+from esper.policy.controllers import StaticController
 from esper.rl import PPOAgent
 from esper.rl.checkpoint import read_checkpoint, save_checkpoint
-from esper.run_config import RunConfig
+from esper.run_config import RunConfig, check_devices_available, check_episodes
 from esper.slots import SlotConfig
-from esper.telemetry import CheckpointSaved, PPOUpdate, RunStarted, Telemetry
+from esper.telemetry import CheckpointSaved, PPOUpdate, RunStarted, Telemetry, provenance
+from esper.telemetry.events import BaselineEpisodeEnded, RoundEnded, RunFinished
+from esper.telemetry.sinks import tensorboard_writer
 
 RUN_STATE_FORMAT = "esper.run_state"
 
@@ -99,8 +112,8 @@ def _truncate_telemetry(run_dir: Path, keep_rounds: int) -> None:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            round_index = record.get("episode", record.get("update"))
-            if record.get("kind") == "run_started" or (
+            round_index = record.get("episode", record.get("update", record.get("round")))
+            if record.get("kind") in ("run_started", "run_finished") or (
                 round_index is not None and round_index < keep_rounds
             ):
                 kept.append(line)
@@ -169,6 +182,37 @@ def _load_state(run_dir: Path, config: RunConfig, vec) -> tuple[PPOAgent | None,
     return agent, RunState(int(run.get("round", 0)), float(run.get("best_objective", -1e300)))
 
 
+def rounds_done(run_dir: str | Path) -> int:
+    """Complete rounds recorded in ``run_dir/checkpoints/last.pt`` (0 when absent)."""
+    path = Path(run_dir) / "checkpoints" / "last.pt"
+    if not path.is_file():
+        return 0
+    payload = safe_torch_load(path)
+    run = payload.get("run", {}) if isinstance(payload, dict) else {}
+    return int(run.get("round", 0))
+
+
+def _check_before_start(config: RunConfig, run_dir: Path, resume: bool, force: bool, dist) -> None:
+    """Every check that can fail without building anything: bad input never leaves a
+    half-made run folder behind."""
+    if resume and force:
+        raise RunDirError("--resume continues a run and --force overwrites it: pass one")
+    check_devices_available(config.run)
+    check_episodes(config.run)
+    if config.run.tensorboard and dist.is_main:
+        tensorboard_writer(None)
+    if dist.is_main or resume:  # other ranks would race with rank 0 creating the folder
+        check_run_dir(run_dir, resume=resume, force=force)
+    if resume:
+        done = rounds_done(run_dir)
+        if done >= config.run.updates:
+            raise RunDirError(
+                f"nothing to do: {str(run_dir)!r} has finished {done * config.run.envs} "
+                f"episodes ({done} rounds of {config.run.envs} envs); pass --episodes N with "
+                f"N > {done * config.run.envs} to extend it"
+            )
+
+
 def train(
     config: RunConfig,
     run_dir: str | Path,
@@ -176,61 +220,89 @@ def train(
     resume: bool = False,
     force: bool = False,
     progress: Callable[[int, int, dict[str, float]], None] | None = None,
+    live: Callable[[Progress], None] | None = None,
     log: Callable[[str], None] | None = None,
     stop_after: int | None = None,
     dist: DistContext = SINGLE,
+    command: list[str] | None = None,
 ) -> TrainResult:
     """Train (or, for scripted controllers, just run) ``config`` into ``run_dir``.
 
-    ``stop_after`` ends the run after that many rounds in this call (tests use it to
-    interrupt and resume). Ctrl-C ends it cleanly after saving what was complete.
-    ``dist``: this process's rank in a data-parallel job (see the module docstring).
+    ``progress(done, total, last)`` is called after every round, ``live`` after every
+    lockstep env step (`Progress`). ``stop_after`` ends the run after that many rounds
+    in this call (tests use it to interrupt and resume). Ctrl-C ends it cleanly after
+    saving what was complete. ``dist``: this process's rank in a data-parallel job (see
+    the module docstring). ``command`` is recorded in the provenance (default sys.argv).
     """
     run_dir = Path(run_dir)
-    if dist.is_main or resume:  # other ranks would race with rank 0 creating the folder
-        check_run_dir(run_dir, resume=resume, force=force)
+    started = time.monotonic()
+    _check_before_start(config, run_dir, resume, force, dist)
     shard = env_shard(config.run.envs, dist)
     # Building the envs validates task, slots and data before anything is written.
     vec = VectorMorphogenesisEnv(
         shard.count, config.env_config(), env_devices=config.run.env_devices
     )
-    agent, state = (
-        _load_state(run_dir, config, vec)
-        if resume
-        else (_agent_for(config, vec) if config.run.controller == "ppo" else None, RunState())
-    )
-    if not resume and dist.is_main:
-        create_run_dir(run_dir, config)
-        _save(run_dir, agent, state, "last.pt")  # Ctrl-C in the first round leaves one too
+    created = False
+    try:
+        agent, state = (
+            _load_state(run_dir, config, vec)
+            if resume
+            else (_agent_for(config, vec) if config.run.controller == "ppo" else None, RunState())
+        )
+        record = provenance.collect(config.run.device, config.run.env_devices, command)
+        if dist.is_main:
+            if not resume:
+                create_run_dir(run_dir, config)
+                created = True
+                _save(run_dir, agent, state, "last.pt")  # Ctrl-C in round 0 leaves one too
+            else:  # --episodes may have grown: config.toml says what this run now is
+                atomic_write_text(run_dir / "config.toml", config.to_toml())
+                _truncate_telemetry(run_dir, state.round)
+            provenance.append(run_dir, record)
+        writer_dir = run_dir if dist.is_main else None
+        telemetry = Telemetry(writer_dir, tensorboard=config.run.tensorboard and dist.is_main)
+    except Exception:
+        vec.close()
+        if created:  # a failed start leaves nothing behind, so a retry is a plain start
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     if agent is not None:
         agent.distribute(dist, shard)  # rank 0's weights everywhere
     if not dist.is_main:
-        log = progress = None
+        log = progress = live = None
     if log is not None:
         log(
             f"{'resuming' if resume else 'training'} {config.run.controller} on "
             f"{config.run.task} (slots {' '.join(vec.slot_config.slot_ids)}; "
-            f"{config.run.envs} envs x {config.run.updates} rounds) -> {run_dir}"
+            f"{config.run.envs} envs x {config.run.updates} rounds of {vec.max_epochs} steps, "
+            f"from round {state.round}) -> {run_dir}"
         )
-    if resume and dist.is_main:
-        _truncate_telemetry(run_dir, state.round)
     barrier(dist)
     total = config.run.updates
     last: dict[str, float] = {}
     interrupted = False
-    writer_dir = run_dir if dist.is_main else None
-    with Telemetry(writer_dir, tensorboard=config.run.tensorboard and dist.is_main) as telemetry:
+    done_here, round_time = 0, 0.0
+    with telemetry:
         telemetry.emit(
             RunStarted(
                 run_dir.name, config.run.controller, config.run.task,
                 list(vec.slot_config.slot_ids), config.run.envs, config.run.seed, resume,
+                config.run.episodes, record,
             )
         )  # fmt: skip
         try:
-            done_here = 0
+            if config.run.baseline and config.run.controller != "static" and state.round == 0:
+                _baseline_round(vec, config, telemetry, dist, shard.offset, live)
+            rounds_here = total - state.round
+            if stop_after is not None:
+                rounds_here = min(rounds_here, stop_after)
+            clock = _Clock("train", rounds_here, vec.max_epochs, config.run.envs, live)
             while state.round < total and (stop_after is None or done_here < stop_after):
                 k = state.round
-                records = _play_round(vec, k, config, agent, telemetry, dist, shard.offset)
+                t0 = time.monotonic()
+                on_step = clock.on_step(k, done_here)
+                records = _play_round(vec, k, config, agent, telemetry, dist, shard.offset,
+                                      on_step)  # fmt: skip
                 if agent is not None:
                     diagnostics = agent.update()
                     telemetry.emit(PPOUpdate(k, (k + 1) * config.run.envs, diagnostics))
@@ -239,13 +311,60 @@ def train(
                 done_here += 1
                 if dist.is_main:
                     _checkpoint(run_dir, agent, state, last, config, telemetry)
+                wall = time.monotonic() - t0
+                round_time += wall
+                steps = config.run.envs * vec.max_epochs
+                telemetry.emit(RoundEnded(k, state.round * config.run.envs, steps, wall,
+                                          steps / wall if wall > 0 else 0.0))  # fmt: skip
                 telemetry.flush()
                 if progress is not None:
                     progress(state.round, total, last)
         except KeyboardInterrupt:
             interrupted = True
+        steps_here = done_here * config.run.envs * vec.max_epochs
+        telemetry.emit(
+            RunFinished(
+                state.round, state.round * config.run.envs, done_here,
+                time.monotonic() - started,
+                steps_here / round_time if round_time > 0 else 0.0, interrupted,
+            )
+        )  # fmt: skip
     vec.close()
     return TrainResult(run_dir, state.round, last, state.best_objective, interrupted)
+
+
+class _Clock:
+    """Turns per-step callbacks into `Progress` reports for one phase of a session."""
+
+    def __init__(self, phase: str, rounds: int, steps: int, envs: int, live) -> None:
+        self.phase, self.rounds, self.steps, self.envs, self.live = phase, rounds, steps, envs, live
+        self.start = time.monotonic()
+
+    def on_step(self, round_index: int, rounds_before: int) -> Callable[[int], None] | None:
+        if self.live is None:
+            return None
+
+        def report(step: int) -> None:
+            done = (rounds_before * self.steps + step + 1) * self.envs
+            self.live(
+                Progress(
+                    self.phase, round_index, self.rounds, step + 1, self.steps, done,
+                    self.rounds * self.steps * self.envs, time.monotonic() - self.start,
+                )
+            )  # fmt: skip
+
+        return report
+
+
+def _baseline_round(vec, config: RunConfig, telemetry, dist, offset: int, live) -> None:
+    """The static host on round 0's seeds: what the learning curve is compared with."""
+    clock = _Clock("baseline", 1, vec.max_epochs, config.run.envs, live)
+    scripted = ScriptedPolicy(lambda i: StaticController(), vec.num_envs)
+    records = run_round(vec, 0, config.run.seed, scripted=scripted, env_offset=offset,
+                        on_step=clock.on_step(0, 0))  # fmt: skip
+    for part in gather_objects(records, dist):
+        for r in part:
+            telemetry.emit(BaselineEpisodeEnded(**dataclasses.asdict(r.event())))
 
 
 class _EventList:
@@ -266,16 +385,17 @@ def _play_round(
     telemetry: Telemetry,
     dist: DistContext,
     offset: int,
+    on_step: Callable[[int], None] | None = None,
 ) -> list[EpisodeRecord]:
     """Round ``k`` on this rank's envs; returns the episodes of every rank's envs."""
     sink: Any = _EventList() if dist.active else telemetry
     if agent is not None:
         records = run_round(vec, k, config.run.seed, agent=agent, learn=True, telemetry=sink,
-                            env_offset=offset)  # fmt: skip
+                            env_offset=offset, on_step=on_step)  # fmt: skip
     else:
         scripted = make_scripted(config, k, vec.num_envs, env_offset=offset)
         records = run_round(vec, k, config.run.seed, scripted=scripted, telemetry=sink,
-                            env_offset=offset)  # fmt: skip
+                            env_offset=offset, on_step=on_step)  # fmt: skip
     if not dist.active:
         return records
     parts = gather_objects((sink.events, records), dist)
@@ -306,11 +426,14 @@ def evaluate(
     checkpoint: str | Path | None = None,
     episodes: int = 8,
     deterministic: bool = True,
+    live: Callable[[Progress], None] | None = None,
 ) -> list[EpisodeRecord]:
     """Play ``episodes`` evaluation episodes (seeds disjoint from training) with the
-    checkpoint's agent, or with ``config.run.controller`` when no checkpoint is given."""
+    checkpoint's agent, or with ``config.run.controller`` when no checkpoint is given;
+    ``live`` is called after every lockstep env step."""
     if episodes < 1:
         raise ConfigError(f"episodes must be >= 1, got {episodes}")
+    check_devices_available(config.run)
     num_envs = min(config.run.envs, episodes)
     vec = VectorMorphogenesisEnv(num_envs, config.env_config(), env_devices=config.run.env_devices)
     agent = None
@@ -319,13 +442,16 @@ def evaluate(
                               config.run.device)  # fmt: skip
     records: list[EpisodeRecord] = []
     k = 0
+    clock = _Clock("eval", -(-episodes // num_envs), vec.max_epochs, num_envs, live)
     while len(records) < episodes:
+        on_step = clock.on_step(k, k)
         if agent is not None:
             out = run_round(vec, k, config.run.seed, agent=agent, deterministic=deterministic,
-                            evaluation=True)  # fmt: skip
+                            evaluation=True, on_step=on_step)  # fmt: skip
         else:
             scripted = make_scripted(config, k, num_envs, evaluation=True)
-            out = run_round(vec, k, config.run.seed, scripted=scripted, evaluation=True)
+            out = run_round(vec, k, config.run.seed, scripted=scripted, evaluation=True,
+                            on_step=on_step)  # fmt: skip
         records += out
         k += 1
     vec.close()

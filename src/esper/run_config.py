@@ -14,6 +14,7 @@ Command-line flags override the file; the resolved config is saved in the run fo
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -50,14 +51,18 @@ class RunSection:
     env_devices: tuple[str, ...] | None = None  # envs placed round-robin, e.g. cuda:0 cuda:1
     checkpoint_every: int = 10  # rounds between kept copies (last.pt is written every round)
     tensorboard: bool = False
-    # torch intra-op threads of this process (0 = torch's default). The hosts are tiny:
+    # torch intra-op threads of this process; 0 = auto (`auto_threads`): one per process
+    # stepping several envs, the idle cores (up to 4) for a lone env. The hosts are tiny:
     # a second thread gains little and costs 8x when the cores are busy (measured on
     # 2 cores under load), so scale with envs or processes (torchrun), not threads.
-    threads: int = 1
+    threads: int = 0
+    # play one round of the static host (no controller) on round 0's seeds first: the
+    # baseline line of the learning curves (one round of extra time)
+    baseline: bool = True
 
     def __post_init__(self) -> None:
         if self.threads < 0:
-            raise ValueError(f"threads must be >= 0 (0 = torch's default), got {self.threads}")
+            raise ValueError(f"threads must be >= 0 (0 = auto), got {self.threads}")
         if self.envs < 1 or self.episodes < 1 or self.checkpoint_every < 1:
             raise ValueError(
                 f"envs, episodes and checkpoint_every must be >= 1, got {self.envs}, "
@@ -147,6 +152,53 @@ def load_config(path: str | Path | None, overrides: dict[str, dict[str, Any]] | 
             raise ConfigError(f"[{section}] must be a table")
         data[section].update(values)
     return config_from_dict(data)
+
+
+def check_devices_available(run: RunSection) -> None:
+    """Refuse a device this machine lacks (before anything is built or written)."""
+    for name in (run.device, *(run.env_devices or ())):
+        device = torch.device(name)
+        if device.type == "cuda":
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            index = device.index or 0
+            if count == 0:
+                raise ConfigError(
+                    f"device {name!r} is not available: this machine has no CUDA device "
+                    "(torch.cuda.is_available() is False); use --device cpu"
+                )
+            if index >= count:
+                raise ConfigError(
+                    f"device {name!r} is not available: this machine has {count} CUDA "
+                    f"device(s), cuda:0 .. cuda:{count - 1}"
+                )
+        elif device.type == "mps" and not torch.backends.mps.is_available():
+            raise ConfigError(f"device {name!r} is not available on this machine; use --device cpu")
+        elif device.type not in ("cpu", "cuda", "mps"):
+            raise ConfigError(f"device {name!r} is not supported; allowed: cpu, cuda, cuda:N, mps")
+
+
+def check_episodes(run: RunSection) -> None:
+    """A round plays one episode in every env, so ``episodes`` must fill whole rounds."""
+    if run.episodes % run.envs:
+        down, up = run.episodes // run.envs * run.envs, run.updates * run.envs
+        options = f"{down} or {up}" if down else f"{up}"
+        raise ConfigError(
+            f"episodes {run.episodes} is not a multiple of envs {run.envs} (one round plays "
+            f"one episode in each env): use --episodes {options}, or --envs dividing it"
+        )
+
+
+def auto_threads(envs_in_process: int) -> int:
+    """Threads for ``run.threads = 0``: 1 when this process steps several envs (they
+    share the cores), else the cores that are idle now (1 .. 4)."""
+    if envs_in_process > 1:
+        return 1
+    cores = os.cpu_count() or 1
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:  # not on this platform
+        busy = 0.0
+    return max(1, min(4, cores - round(busy)))
 
 
 def replace_section(config: RunConfig, section: str, **changes: Any) -> RunConfig:

@@ -1,4 +1,5 @@
-"""Typed telemetry events. Each is a dataclass; its ``kind`` names it in ``events.jsonl``."""
+"""Typed telemetry events. Each is a dataclass; its ``kind`` names it in ``events.jsonl``,
+where every line also carries ``time`` (Unix seconds, written by the sink)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ class RunStarted(Event):
     num_envs: int
     seed: int
     resumed: bool = False
+    episodes: int = 0  # the run's target (total over all envs)
+    provenance: dict[str, Any] = field(default_factory=dict)  # see telemetry.provenance
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,39 @@ class EpisodeEnded(Event):
     # Compute spent training this episode's network, in FLOPs (esper.training.flops):
     # forward + backward on training samples, validation and counterfactual passes.
     train_flops: int = 0
+
+
+@dataclass(frozen=True)
+class BaselineEpisodeEnded(EpisodeEnded):
+    """An episode of the static host (no controller) on the seeds of round ``episode``:
+    the learning curve's baseline. Not a training episode, so not in ``metrics.csv``."""
+
+    kind: ClassVar[str] = "baseline_episode_ended"
+
+
+@dataclass(frozen=True)
+class RoundEnded(Event):
+    """Timing of one round (one episode of every env; one PPO update for PPO)."""
+
+    kind: ClassVar[str] = "round_ended"
+    round: int
+    episodes: int  # finished over the run so far
+    env_steps: int  # in this round, over all envs
+    wall_s: float  # rollout, update and checkpoint
+    env_steps_per_s: float
+
+
+@dataclass(frozen=True)
+class RunFinished(Event):
+    """The end of one session (a run resumed twice has three)."""
+
+    kind: ClassVar[str] = "run_finished"
+    rounds: int  # done over the run
+    episodes: int
+    rounds_this_session: int
+    wall_s: float  # this session, start to end
+    env_steps_per_s: float  # training env steps of this session / its round time
+    interrupted: bool = False
 
 
 @dataclass(frozen=True)

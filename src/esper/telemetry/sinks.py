@@ -11,6 +11,7 @@ import csv
 import dataclasses
 import json
 import math
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -44,24 +45,21 @@ class Telemetry:
             metrics_path = run_dir / "metrics.csv"
             new = not metrics_path.exists() or metrics_path.stat().st_size == 0
             self._metrics = metrics_path.open("a", newline="", encoding="utf-8")
-            self._csv = csv.DictWriter(self._metrics, fieldnames=METRIC_COLUMNS)
+            # "\n" as everywhere else in the run folder: a resumed run stays byte-identical.
+            self._csv = csv.DictWriter(
+                self._metrics, fieldnames=METRIC_COLUMNS, lineterminator="\n"
+            )
             if new:
                 self._csv.writeheader()
             if tensorboard:
-                try:
-                    from torch.utils.tensorboard import SummaryWriter
-                except ImportError as exc:
-                    raise ValueError(
-                        "TensorBoard logging needs the optional extra: "
-                        "pip install 'esper[tensorboard]'"
-                    ) from exc
-                self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+                self._tb = tensorboard_writer(run_dir / "tensorboard")
 
     def emit(self, event: Event) -> None:
         self.counts[event.kind] += 1
         if self._events is not None:
-            self._events.write(json.dumps(_jsonable(event.to_record())) + "\n")
-        if isinstance(event, EpisodeEnded):
+            record = {"kind": event.kind, "time": round(time.time(), 3), **event.to_record()}
+            self._events.write(json.dumps(_jsonable(record)) + "\n")
+        if type(event) is EpisodeEnded:  # not its baseline subclass
             self.episodes.append(event)
             if self._csv is not None:
                 self._csv.writerow({k: getattr(event, k) for k in METRIC_COLUMNS})
@@ -95,6 +93,21 @@ class Telemetry:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+TENSORBOARD_HINT = (
+    "run.tensorboard = true needs the tensorboard package, which is not installed: "
+    "pip install tensorboard (or, in a source checkout, pip install -e '.[tensorboard]')"
+)
+
+
+def tensorboard_writer(log_dir: str | Path | None = None):
+    """A ``SummaryWriter`` (``log_dir=None``: only check that TensorBoard is installed)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ValueError(TENSORBOARD_HINT) from None
+    return SummaryWriter(log_dir=str(log_dir)) if log_dir is not None else None
 
 
 def read_events(path: str | Path) -> list[dict[str, Any]]:
