@@ -36,6 +36,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "distributed": ("bench_distributed.py", []),
     "growth": ("bench_growth.py", []),
     "transfer": ("bench_transfer.py", []),
+    "pareto": ("bench_pareto.py", []),
 }
 
 

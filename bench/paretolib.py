@@ -1,0 +1,179 @@
+"""Pieces of the Pareto protocol (issue 12) shared by `bench_pareto.py` and
+`pareto_text.py`: the always-grow schedule, one episode with its FLOPs, paired
+statistics and interpolation on the static front."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from esper.actions import ActionMasks, FactoredAction, LifecycleOp
+from esper.env import MorphogenesisEnv
+from esper.telemetry.events import SeedFossilized, SeedGerminated, SeedPruned, seed_event_class
+from esper.training.data import BatchStream
+from esper.training.flops import BACKWARD_FACTOR, forward_flops
+
+# Two-sided 95 % quantiles of Student's t for 1..30 degrees of freedom (no scipy here).
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+         2.060, 2.056, 2.052, 2.048, 2.045, 2.042)  # fmt: skip
+
+
+def t975(df: int) -> float:
+    if df < 1:
+        raise ValueError(f"a t interval needs >= 1 degree of freedom, got {df}")
+    return _T975[df - 1] if df <= len(_T975) else 1.96
+
+
+def paired(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
+    """Mean of ``a - b`` (same seeds), its standard error and 95 % t interval."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired differences need equal non-empty lists, got {len(a)}, {len(b)}")
+    d = [float(x) - float(y) for x, y in zip(a, b, strict=True)]
+    mean = statistics.fmean(d)
+    if len(d) < 2:
+        return {"mean": mean, "se": math.nan, "lo": math.nan, "hi": math.nan, "n": 1}
+    se = statistics.stdev(d) / math.sqrt(len(d))
+    half = t975(len(d) - 1) * se
+    return {"mean": mean, "se": se, "lo": mean - half, "hi": mean + half, "n": len(d)}
+
+
+def interp_log(xs: Sequence[float], ys: Sequence[float], x: float) -> tuple[float, bool]:
+    """``ys`` at ``x``, linear in log(x) between the sorted points ``xs``; outside them
+    the nearest end value, with ``True`` (clamped) as second element."""
+    pts = sorted(zip(xs, ys, strict=True))
+    if x <= pts[0][0]:
+        return pts[0][1], x < pts[0][0]
+    if x >= pts[-1][0]:
+        return pts[-1][1], x > pts[-1][0]
+    for (x0, y0), (x1, y1) in itertools.pairwise(pts):
+        if x0 <= x <= x1:
+            t = (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
+            return y0 + t * (y1 - y0), False
+    raise AssertionError("unreachable")
+
+
+# -- the fixed always-grow schedule ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AlwaysGrowState:
+    steps: int = 0
+
+
+class AlwaysGrowController:
+    """A fixed schedule that grows whenever it may: the growth baseline of issue 12.
+
+    Each step, from step ``start`` on: FOSSILIZE the first slot where that is legal;
+    else GERMINATE ``blueprint`` (an index of the env's blueprint head) into the first
+    free slot where it is legal (shallowest first, or deepest with ``deep=True``); else
+    WAIT. It never prunes; the lifecycle's own gates still may.
+    """
+
+    def __init__(self, blueprint: int, start: int = 0, blend: int = 0, deep: bool = False):
+        if blueprint < 0 or start < 0 or blend < 0:
+            raise ValueError(
+                f"blueprint, start and blend must be >= 0, got {blueprint}, {start}, {blend}"
+            )
+        self.blueprint, self.start, self.blend, self.deep = blueprint, start, blend, deep
+
+    def initial_state(self) -> AlwaysGrowState:
+        return AlwaysGrowState()
+
+    def act(self, observation, masks: ActionMasks, state: AlwaysGrowState):
+        step, state = state.steps, replace(state, steps=state.steps + 1)
+        fossilize = masks.slot[LifecycleOp.FOSSILIZE].reshape(-1).nonzero().reshape(-1)
+        if bool(masks.op[LifecycleOp.FOSSILIZE]) and len(fossilize):
+            return FactoredAction(LifecycleOp.FOSSILIZE, int(fossilize[0])), state
+        if step >= self.start and bool(masks.op[LifecycleOp.GERMINATE]):
+            free = masks.slot[LifecycleOp.GERMINATE].reshape(-1).nonzero().reshape(-1).tolist()
+            for slot in reversed(free) if self.deep else free:
+                if bool(masks.blueprint[slot][self.blueprint]) and bool(masks.blend[self.blend]):
+                    action = FactoredAction(LifecycleOp.GERMINATE, slot, self.blueprint, self.blend)
+                    return action, state
+        return FactoredAction.wait(), state
+
+
+def blueprint_index(names: Sequence[str], preference: Sequence[str]) -> int:
+    """Index in ``names`` of the first of ``preference`` that the topology offers."""
+    for name in preference:
+        if name in names:
+            return list(names).index(name)
+    raise ValueError(f"none of {list(preference)} among the blueprints {list(names)}")
+
+
+# -- FLOPs ------------------------------------------------------------------------------
+
+
+def trained_samples(env: MorphogenesisEnv, steps: int) -> int:
+    """Training samples of ``steps`` env steps (the batch pattern of `BatchStream` does not
+    depend on the seed, only on the data size, batch size and steps)."""
+    cfg = env.train_config
+    stream = BatchStream(env.data.n_train, cfg.batch_size, seed=0)
+    return sum(
+        int(i.numel()) for _ in range(steps) for i in stream.step_batches(cfg.batches_per_step)
+    )
+
+
+def scratch_flops(env: MorphogenesisEnv, steps: int) -> int:
+    """What the env's FLOPs counter reports for training ``env.model``'s current
+    architecture from scratch, with no controller, for ``steps`` steps: forward + backward
+    on the training samples and one validation pass per step plus the reset's. Every
+    module counts (train mode), live seeds included."""
+    x = env.data.train_x[:2]
+    per_sample = forward_flops(env.model, x, train=True) / x.shape[0]
+    samples = (1 + BACKWARD_FACTOR) * trained_samples(env, steps) + env.data.n_val * (steps + 1)
+    return round(per_sample * samples)
+
+
+# -- one episode --------------------------------------------------------------------------
+
+_KINDS = {SeedGerminated: "germinated", SeedFossilized: "fossilized", SeedPruned: "pruned"}
+
+
+def play(env: MorphogenesisEnv, controller, seed: int, flops_limit: float | None = None) -> dict:
+    """One episode of ``controller`` on ``env`` reset with ``seed``.
+
+    Returns final quality, params, growth, objective (quality − λ·growth, growth against
+    the host the episode started with), seed event counts, the episode's training FLOPs
+    as the env counts them (``train_flops``: forward + backward of host and seeds,
+    validation and counterfactual passes; ``flops_train`` / ``flops_eval`` its parts),
+    the FLOPs of training the final architecture from scratch for the same steps, and a
+    per-step curve of (step, val_loss, quality, cumulative FLOPs). With ``flops_limit``
+    the episode stops after the first step whose cumulative FLOPs reach it."""
+    obs, info = env.reset(seed=seed)
+    state = controller.initial_state()
+    host_params = env.model.param_counts().total
+    counts = dict.fromkeys(_KINDS.values(), 0)
+    curve = []
+    for step in range(env.max_epochs):
+        action, state = controller.act(obs, env.conditional_masks(), state)
+        obs, _, _, _, info = env.step(action)
+        for event in info["events"]:
+            kind = _KINDS.get(seed_event_class(event["source"], event["target"]))
+            if kind is not None:
+                counts[kind] += 1
+        curve.append((step + 1, float(info["val_loss"]), float(info["quality"]),
+                      float(info["flops"])))  # fmt: skip
+        if flops_limit is not None and curve[-1][3] >= flops_limit:
+            break
+    params = env.model.param_counts().total
+    growth = (params - host_params) / host_params
+    quality = float(info["quality"])
+    return {
+        "quality": quality,
+        "val_loss": float(info["val_loss"]),
+        "params": params,
+        "growth": growth,
+        "objective": quality - env.reward_config.growth_penalty * growth,
+        "env_objective": float(info["objective"]),
+        **counts,
+        "train_flops": float(info["flops"]),
+        "flops_train": float(info["flops_train"]),
+        "flops_eval": float(info["flops_eval"]),
+        "scratch_flops": float(scratch_flops(env, len(curve))),
+        "curve": curve,
+    }
