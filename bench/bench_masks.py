@@ -28,7 +28,7 @@ NUM_BLUEPRINTS = 5
 class _Slot:
     slot_id: str
     stage: SeedStage
-    contribution: float | None
+    contribution_lower: float | None
 
 
 def _median_ms(fn, repeats: int) -> float:

@@ -24,7 +24,7 @@ from esper.slots import InjectionSpec, SlotConfig, SlotMismatchError
 class Slot:
     slot_id: str
     stage: SeedStage
-    contribution: float | None
+    contribution_lower: float | None  # what the FOSSILIZE mask compares
 
 
 stage_st = st.sampled_from(list(SeedStage))
@@ -85,8 +85,8 @@ def test_mask_semantics(num_slots, num_blueprints, data):
         assert masks.slot[LifecycleOp.PRUNE, i] == (slot.stage in LIVE_STAGES)
         fossil_ok = (
             slot.stage == SeedStage.HOLDING
-            and slot.contribution is not None
-            and slot.contribution >= 0.0
+            and slot.contribution_lower is not None
+            and slot.contribution_lower >= 0.0
         )
         assert masks.slot[LifecycleOp.FOSSILIZE, i] == fossil_ok
     for op in (LifecycleOp.GERMINATE, LifecycleOp.FOSSILIZE, LifecycleOp.PRUNE):

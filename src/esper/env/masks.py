@@ -5,8 +5,8 @@ Semantics (the rows `esper.actions.ActionMasks` documents):
 * ``op[o]``          op ``o`` is legal in at least one slot; WAIT is always legal.
 * ``slot[o, s]``     op ``o`` is legal in slot ``s``:
   GERMINATE — the slot is DORMANT and at least one blueprint fits it;
-  FOSSILIZE — the seed is HOLDING with a known contribution >= ``fossilize_threshold``
-  (the rule of ``MorphogeneticModel.can_fossilize``);
+  FOSSILIZE — the seed is HOLDING with a known ``contribution_lower`` (contribution minus
+  ``gate_z`` standard errors) >= ``fossilize_threshold`` (``MorphogeneticModel.can_fossilize``);
   PRUNE     — a live seed (GERMINATED, TRAINING, BLENDING or HOLDING).
   The WAIT row is all True: WAIT ignores the slot head, so any value is acceptable.
 * ``blueprint[s, b]`` blueprint ``b`` fits slot ``s``'s topology and costs no more
@@ -47,7 +47,7 @@ class SlotStateLike(Protocol):
 
     slot_id: str
     stage: SeedStage
-    contribution: float | None
+    contribution_lower: float | None  # what FOSSILIZE's gate compares with its threshold
 
 
 def blueprint_cost_table(
@@ -122,8 +122,8 @@ def compute_action_masks(
             for j, cost in enumerate(costs[i].tolist()):
                 blueprint[i, j] = 0 <= cost <= budget_left
             slot[_GERMINATE, i] = bool(blueprint[i].any())
-        if stage == SeedStage.HOLDING and state.contribution is not None:
-            slot[_FOSSILIZE, i] = float(state.contribution) >= fossilize_threshold
+        if stage == SeedStage.HOLDING and state.contribution_lower is not None:
+            slot[_FOSSILIZE, i] = float(state.contribution_lower) >= fossilize_threshold
         slot[_PRUNE, i] = stage in LIVE_STAGES
     op = slot.any(dim=1)
     op[int(LifecycleOp.WAIT)] = True
@@ -142,7 +142,7 @@ def compute_batch_masks(
     """Masks for E envs at once, with tensor operations only.
 
     stages:          [E, S] integer `SeedStage` codes
-    contributions:   [E, S] float, NaN where no contribution is known yet
+    contributions:   [E, S] float `contribution_lower`, NaN where none is known yet
     blueprint_costs: [S, B] (shared) or [E, S, B] int, ``-1`` = wrong topology
     budget_left:     [E] or scalar, parameters each env may still add
     Returns `ActionMasks` with a leading E dimension; env i's masks equal
@@ -184,10 +184,13 @@ def compute_batch_masks(
 
 
 def stage_tensors(slot_states: Sequence[SlotStateLike]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``([S] stage codes, [S] contributions with NaN for unknown)`` of one env."""
+    """``([S] stage codes, [S] `contribution_lower` with NaN for unknown)`` of one env."""
     stages = torch.tensor([int(s.stage) for s in slot_states], dtype=torch.int64)
     contributions = torch.tensor(
-        [math.nan if s.contribution is None else float(s.contribution) for s in slot_states],
+        [
+            math.nan if s.contribution_lower is None else float(s.contribution_lower)
+            for s in slot_states
+        ],
         # float64: the threshold test must agree with the Python-float comparison exactly.
         dtype=torch.float64,
     )

@@ -138,19 +138,26 @@ class MorphogeneticModel(nn.Module):
     def fossilize(self, slot_id: str) -> None:
         self._slot(slot_id).fossilize()
 
-    def record_contribution(self, slot_id: str, value: float) -> None:
+    def record_contribution(self, slot_id: str, value: float, stderr: float | None = None) -> None:
         """Latest counterfactual (BLENDING/HOLDING/FOSSILIZED) or prospective (TRAINING)
-        contribution; `step_epoch` reads it. A NaN passes no gate and triggers no prune."""
-        self._slot(slot_id).contribution = float(value)
+        contribution (> 0: the seed helps) and its standard error (None: exact); the
+        gates of `step_epoch` and `can_fossilize` read both (`LifecycleConfig.gate_z`).
+        A NaN passes no gate and triggers no prune."""
+        slot = self._slot(slot_id)
+        if stderr is not None and float(stderr) < 0:
+            raise ValueError(f"stderr of slot {slot_id}'s contribution must be >= 0, got {stderr}")
+        slot.contribution = float(value)
+        slot.contribution_se = None if stderr is None else float(stderr)
 
     def step_epoch(self) -> list[StageChange]:
         """Apply the mechanical transitions once per env step, in slot order.
 
-        TRAINING -> BLENDING after ``min_train_epochs`` if contribution >=
+        TRAINING -> BLENDING after ``min_train_epochs`` if contribution + z*se >=
         ``blend_threshold``, else PRUNED after ``max_train_epochs``; BLENDING ramps alpha
         (k/blend_epochs in its k-th epoch, then HOLDING at alpha 1); BLENDING/HOLDING
-        with contribution < ``prune_threshold`` or HOLDING beyond ``max_hold_epochs`` is
-        pruned; PRUNED -> EMBARGOED for ``embargo_epochs`` -> DORMANT.
+        with contribution + z*se < ``prune_threshold`` or HOLDING beyond
+        ``max_hold_epochs`` is pruned; PRUNED -> EMBARGOED for ``embargo_epochs`` ->
+        DORMANT. (z = ``LifecycleConfig.gate_z``, se = the recorded standard error.)
         """
         changes: list[StageChange] = []
         for slot in self.slots.values():

@@ -62,9 +62,24 @@ class LifecycleConfig:
     blend_epochs: int = 3  # BLENDING epochs; alpha = k/blend_epochs in the k-th
     max_hold_epochs: int = 5  # HOLDING longer than this without FOSSILIZE -> auto prune
     embargo_epochs: int = 2  # epochs EMBARGOED before the slot is DORMANT again
-    blend_threshold: float = 0.0  # prospective contribution >= this: TRAINING -> BLENDING
-    fossilize_threshold: float = 0.0  # FOSSILIZE legal only while contribution >= this
-    prune_threshold: float = 0.0  # BLENDING/HOLDING with contribution < this -> auto prune
+    # Thresholds are in units of the recorded contribution c (the trainer records the
+    # paired validation-loss contribution, nats, > 0 = the seed helps) and each gate
+    # allows gate_z standard errors (se) of tolerance, in the direction that keeps a
+    # seed from being blended, kept or pruned on noise:
+    # - blend gate (TRAINING -> BLENDING): c + z*se >= blend_threshold, i.e. not
+    #   significantly harmful. Blending is reversible (auto-prune, PRUNE), so a seed with
+    #   no measurable effect yet gets its chance;
+    # - FOSSILIZE legal: c - z*se >= fossilize_threshold, i.e. significantly helpful.
+    #   A fossil is kept for good and paid for in parameters, so the benefit must be
+    #   real; a seed that never shows it times out of HOLDING (max_hold_epochs);
+    # - auto-prune (BLENDING/HOLDING): c + z*se < prune_threshold, i.e. significantly
+    #   harmful; one noisy reading below the threshold no longer kills a seed.
+    blend_threshold: float = 0.0
+    fossilize_threshold: float = 0.0
+    prune_threshold: float = 0.0
+    # z = 2: ~2.3 % one-sided false-alarm rate per reading for a seed of exactly zero
+    # effect, against ~50 % with z = 0 (see bench/bench_governor.py --gates).
+    gate_z: float = 2.0
 
     def __post_init__(self) -> None:
         for name in ("min_train_epochs", "max_train_epochs", "blend_epochs"):
@@ -75,6 +90,10 @@ class LifecycleConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"LifecycleConfig.{name} must be an int >= 0, got {value!r}")
+        if not (math.isfinite(self.gate_z) and self.gate_z >= 0):
+            raise ValueError(
+                f"LifecycleConfig.gate_z must be a finite number >= 0, got {self.gate_z!r}"
+            )
         if self.max_train_epochs < self.min_train_epochs:
             raise ValueError(
                 f"LifecycleConfig.max_train_epochs={self.max_train_epochs} must be >= "
@@ -104,6 +123,14 @@ class SlotState:
     topology: str
     channels: int
     position: float
+    contribution_se: float | None = None  # standard error of `contribution` (None: exact)
+    # What FOSSILIZE's gate compares with fossilize_threshold: contribution - gate_z * se.
+    contribution_lower: float | None = None
+
+    def __post_init__(self) -> None:
+        # An exact contribution (no error) is its own lower bound, whatever gate_z is.
+        if self.contribution_lower is None and self.contribution_se is None:
+            object.__setattr__(self, "contribution_lower", self.contribution)
 
 
 def blend_alpha(blend: str, progress: float) -> float:
@@ -154,6 +181,7 @@ class SeedSlot(nn.Module):
         self.blueprint: str | None = None
         self.blend: str | None = None
         self.contribution: float | None = None
+        self.contribution_se: float | None = None
         self.embargo_left = 0
         self.seed, self.gate = None, None
 
@@ -185,14 +213,26 @@ class SeedSlot(nn.Module):
     def can_prune(self) -> bool:
         return is_live(self.stage)
 
+    def contribution_bounds(self) -> tuple[float, float] | None:
+        """``(c - z*se, c + z*se)`` with ``z = gate_z``; None while nothing is recorded.
+        A NaN error gives NaN bounds: no gate passes and no auto-prune fires."""
+        c = self.contribution
+        if c is None:
+            return None
+        se = 0.0 if self.contribution_se is None else self.contribution_se
+        margin = self.lifecycle.gate_z * se if self.lifecycle.gate_z > 0 else 0.0
+        return c - margin, c + margin
+
     def can_fossilize(self) -> bool:
+        bounds = self.contribution_bounds()
         return (
             self.stage == SeedStage.HOLDING
-            and self.contribution is not None
-            and self.contribution >= self.lifecycle.fossilize_threshold
+            and bounds is not None
+            and bounds[0] >= self.lifecycle.fossilize_threshold
         )
 
     def state(self) -> SlotState:
+        bounds = self.contribution_bounds()
         return SlotState(
             slot_id=self.slot_id,
             stage=self.stage,
@@ -206,6 +246,8 @@ class SeedSlot(nn.Module):
             topology=self.spec.topology,
             channels=self.spec.channels,
             position=self.spec.position,
+            contribution_se=self.contribution_se,
+            contribution_lower=None if bounds is None else bounds[0],
         )
 
     def _error(self, op: str, allowed: str) -> SlotStateError:
@@ -260,14 +302,18 @@ class SeedSlot(nn.Module):
             if self.stage != SeedStage.HOLDING:
                 raise self._error("fossilize", "while HOLDING")
             raise SlotStateError(
-                f"cannot fossilize slot {self.slot_id}: contribution {self.contribution!r} is "
-                f"below fossilize_threshold={self.lifecycle.fossilize_threshold} (or unrecorded)"
+                f"cannot fossilize slot {self.slot_id}: contribution {self.contribution!r} "
+                f"(standard error {self.contribution_se!r}, gate_z={self.lifecycle.gate_z}) is "
+                f"not significantly above fossilize_threshold="
+                f"{self.lifecycle.fossilize_threshold} (or unrecorded)"
             )
         return self._move(SeedStage.FOSSILIZED, "fossilize")
 
     def step_epoch(self) -> list[StageChange]:
         """Mechanical transitions after one epoch; see `MorphogeneticModel.step_epoch`."""
-        cfg, stage, c = self.lifecycle, self.stage, self.contribution
+        cfg, stage = self.lifecycle, self.stage
+        bounds = self.contribution_bounds()
+        upper = None if bounds is None else bounds[1]  # c + z*se: "not significantly below"
         if stage == SeedStage.DORMANT:
             return []
         if stage == SeedStage.PRUNED:
@@ -288,8 +334,8 @@ class SeedSlot(nn.Module):
         if stage == SeedStage.TRAINING:
             if (
                 self.epochs_in_stage >= cfg.min_train_epochs
-                and c is not None
-                and c >= cfg.blend_threshold
+                and upper is not None
+                and upper >= cfg.blend_threshold
             ):
                 change = self._move(SeedStage.BLENDING, "blend_gate_passed")
                 self._set_blend_step(1)
@@ -298,7 +344,7 @@ class SeedSlot(nn.Module):
                 return [self.prune("train_timeout")]
             return []
         if stage in (SeedStage.BLENDING, SeedStage.HOLDING):
-            if c is not None and c < cfg.prune_threshold:
+            if upper is not None and upper < cfg.prune_threshold:
                 return [self.prune("negative_contribution")]
             if stage == SeedStage.BLENDING:
                 if self.blend_step >= cfg.blend_epochs:
@@ -328,6 +374,7 @@ class SeedSlot(nn.Module):
             "blueprint": self.blueprint,
             "blend": self.blend,
             "contribution": None if self.contribution is None else float(self.contribution),
+            "contribution_se": _opt_float(self.contribution_se),
             "embargo_left": int(self.embargo_left),
         }
 
@@ -349,4 +396,9 @@ class SeedSlot(nn.Module):
         self.blend_step = int(state["blend_step"])
         contribution = state["contribution"]
         self.contribution = None if contribution is None else float(contribution)
+        self.contribution_se = _opt_float(state.get("contribution_se"))  # absent: older files
         self.embargo_left = int(state["embargo_left"])
+
+
+def _opt_float(value: float | None) -> float | None:
+    return None if value is None else float(value)

@@ -1,8 +1,15 @@
 """Counterfactual contributions of seeds, in one shared validation pass.
 
-For a seed with alpha > 0: ``quality(live) - quality(seed off)``. For a seed still in
-TRAINING (alpha 0, its value hidden from the host): the prospective contribution
-``quality(seed on at alpha 1) - quality(live)``.
+A contribution is measured on the validation *loss*, paired per sample: the live model
+and the variant see the same samples, so for a seed with alpha > 0 the contribution is
+``mean_i(loss_i(seed off) - loss_i(live))`` and for a seed still in TRAINING (alpha 0,
+its value hidden from the host) the prospective contribution is
+``mean_i(loss_i(live) - loss_i(seed on at alpha 1))``. Positive means the seed helps.
+Its standard error is ``std_i(d_i) / sqrt(n)`` of those paired differences, so the
+lifecycle gates can tell a real effect from noise (on ~360 digits images one image
+moves accuracy by 0.28 points; the paired loss difference is far less noisy). The same
+comparison in quality units (accuracy, or -loss for lm) is kept as
+``quality_contributions``.
 
 The fast pass shares everything two variants have in common. Variant "slot j changed"
 equals the live forward up to block j's output, so the live activations are computed
@@ -25,7 +32,7 @@ from torch import Tensor
 
 from esper.lifecycle import SeedStage, is_live
 from esper.training.data import TaskKind
-from esper.training.objective import EvalTotals, evaluate, quality
+from esper.training.objective import EvalTotals, quality
 
 LIVE = "live"
 
@@ -37,9 +44,39 @@ class CounterfactualResult:
     val_loss: float
     val_acc: float
     quality: float
+    # Paired validation-loss contribution (nats; > 0: the seed helps) and its standard error.
     contributions: dict[str, float] = field(default_factory=dict)
+    contribution_se: dict[str, float] = field(default_factory=dict)
     prospective: frozenset[str] = frozenset()  # which contributions are prospective
     variant_losses: dict[str, float] = field(default_factory=dict)
+    # The same comparison in quality units (accuracy / -loss), same sign convention.
+    quality_contributions: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class PairedDiff:
+    """Running sums of ``d_i = loss_i(variant) - loss_i(live)`` over the same samples."""
+
+    total: Tensor | float = 0.0
+    total_sq: Tensor | float = 0.0
+    count: int = 0
+
+    def add(self, variant_losses: Tensor, live_losses: Tensor) -> None:
+        d = variant_losses.double() - live_losses.double()
+        self.total = self.total + d.sum()
+        self.total_sq = self.total_sq + (d * d).sum()
+        self.count += int(d.numel())
+
+    def mean_and_se(self) -> tuple[float, float]:
+        """Mean difference and its standard error (inf with fewer than 2 samples)."""
+        n = self.count
+        if n == 0:
+            return math.nan, math.nan
+        mean = float(self.total) / n
+        if n < 2:
+            return mean, math.inf
+        var = max(float(self.total_sq) - n * mean * mean, 0.0) / (n - 1)
+        return mean, math.sqrt(var / n)
 
 
 def variants_to_measure(model, measure_fossils: bool = True) -> dict[str, float]:
@@ -57,30 +94,62 @@ def variants_to_measure(model, measure_fossils: bool = True) -> dict[str, float]
     return out
 
 
-def _contribution(live_q: float, variant_q: float, alpha_override: float) -> float:
-    c = live_q - variant_q if alpha_override == 0.0 else variant_q - live_q
-    if math.isnan(c):
-        return 0.0
+def _clip(c: float) -> float:
     # A variant that diverges (loss inf) is worth "a lot", not an inf in an observation.
     return max(-1e6, min(1e6, c))
 
 
+def _contribution(live_q: float, variant_q: float, alpha_override: float) -> float:
+    c = live_q - variant_q if alpha_override == 0.0 else variant_q - live_q
+    return 0.0 if math.isnan(c) else _clip(c)
+
+
+def _loss_contribution(diff: PairedDiff, alpha_override: float) -> tuple[float, float]:
+    """(contribution, standard error) from ``d = loss(variant) - loss(live)``."""
+    mean, se = diff.mean_and_se()
+    c = mean if alpha_override == 0.0 else -mean
+    if math.isnan(c):
+        return 0.0, math.nan  # a NaN error passes no gate and triggers no prune
+    if math.isinf(c):
+        return _clip(c), 0.0  # decisive either way
+    return c, se if math.isfinite(se) else math.inf
+
+
+def _accumulate(
+    totals: Mapping[str, EvalTotals],
+    paired: Mapping[str, PairedDiff],
+    names: list[str],
+    logits: Tensor,
+    y: Tensor,
+    n: int,
+) -> None:
+    """Row block k of ``logits`` (n rows each) belongs to ``names[k]``; block 0 is live."""
+    live = totals[names[0]].add(logits[:n], y)
+    for k, name in enumerate(names[1:], start=1):
+        paired[name].add(totals[name].add(logits[k * n : (k + 1) * n], y), live)
+
+
 def _result(
-    kind: TaskKind, totals: Mapping[str, EvalTotals], variants: Mapping[str, float]
+    kind: TaskKind,
+    totals: Mapping[str, EvalTotals],
+    paired: Mapping[str, PairedDiff],
+    variants: Mapping[str, float],
 ) -> CounterfactualResult:
     live = totals[LIVE]
     live_q = quality(kind, live.loss, live.accuracy)
-    contributions = {
-        sid: _contribution(live_q, quality(kind, totals[sid].loss, totals[sid].accuracy), a)
-        for sid, a in variants.items()
-    }
+    measured = {sid: _loss_contribution(paired[sid], a) for sid, a in variants.items()}
     return CounterfactualResult(
         val_loss=live.loss,
         val_acc=live.accuracy,
         quality=live_q,
-        contributions=contributions,
+        contributions={sid: c for sid, (c, _) in measured.items()},
+        contribution_se={sid: se for sid, (_, se) in measured.items()},
         prospective=frozenset(sid for sid, a in variants.items() if a > 0.0),
         variant_losses={sid: totals[sid].loss for sid in variants},
+        quality_contributions={
+            sid: _contribution(live_q, quality(kind, totals[sid].loss, totals[sid].accuracy), a)
+            for sid, a in variants.items()
+        },
     )
 
 
@@ -105,6 +174,7 @@ def fast_counterfactuals(
     slot_at_block = {model.block_index(sid): sid for sid in model.slot_config.slot_ids}
     order = sorted(variants, key=model.block_index)
     totals = {name: EvalTotals() for name in (LIVE, *order)}
+    paired = {name: PairedDiff() for name in order}
     cap = max_stacked_rows if max_stacked_rows is not None else 8 * eval_batch_size
     chunk = max(1, min(eval_batch_size, cap // (1 + len(order))))
     for start in range(0, x.shape[0], chunk):
@@ -124,10 +194,8 @@ def fast_counterfactuals(
                 out = torch.cat([out, slot(h[:n], variants[sid])])
                 names.append(sid)
             stack = out
-        logits = host.head(stack)
-        for k, name in enumerate(names):
-            totals[name].add(logits[k * n : (k + 1) * n], yc)
-    return _result(kind, totals, variants)
+        _accumulate(totals, paired, names, host.head(stack), yc, n)
+    return _result(kind, totals, paired, variants)
 
 
 @torch.no_grad()
@@ -140,7 +208,12 @@ def reference_counterfactuals(
     eval_batch_size: int = 1024,
 ) -> CounterfactualResult:
     """The plain definition: one full validation pass per variant (for tests and bench)."""
-    totals = {LIVE: evaluate(model, x, y, eval_batch_size)}
-    for sid, alpha in variants.items():
-        totals[sid] = evaluate(model, x, y, eval_batch_size, alpha_override={sid: alpha})
-    return _result(kind, totals, variants)
+    totals = {name: EvalTotals() for name in (LIVE, *variants)}
+    paired = {sid: PairedDiff() for sid in variants}
+    for start in range(0, x.shape[0], eval_batch_size):
+        xc, yc = x[start : start + eval_batch_size], y[start : start + eval_batch_size]
+        live = totals[LIVE].add(model(xc), yc)
+        for sid, alpha in variants.items():
+            losses = totals[sid].add(model(xc, alpha_override={sid: alpha}), yc)
+            paired[sid].add(losses, live)
+    return _result(kind, totals, paired, variants)

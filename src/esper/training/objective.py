@@ -34,11 +34,15 @@ class EvalTotals:
     correct: Tensor | float = 0.0
     count: int = 0
 
-    def add(self, logits: Tensor, targets: Tensor) -> None:
+    def add(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """Add one batch; returns its per-sample losses ``[N]``: per image, or the mean
+        over a sequence's characters (sequences are the independent units for error bars)."""
         flat, tgt = flat_logits(logits, targets)
-        self.loss_sum = self.loss_sum + F.cross_entropy(flat, tgt, reduction="sum").detach()
+        losses = F.cross_entropy(flat, tgt, reduction="none").detach()
+        self.loss_sum = self.loss_sum + losses.sum()
         self.correct = self.correct + (flat.argmax(dim=-1) == tgt).sum()
         self.count += int(tgt.numel())
+        return losses.view(targets.shape[0], -1).mean(dim=1)
 
     @property
     def loss(self) -> float:

@@ -39,8 +39,12 @@ class StepResult:
     val_loss: float
     val_acc: float
     quality: float  # val accuracy (classification) or -val loss (lm)
+    # Paired validation-loss contributions (> 0: the seed helps) and their standard
+    # errors: what the lifecycle gates read (esper.training.counterfactual).
     contributions: dict[str, float] = field(default_factory=dict)
     prospective: frozenset[str] = frozenset()  # contributions measured with the seed on
+    contribution_se: dict[str, float] = field(default_factory=dict)
+    quality_contributions: dict[str, float] = field(default_factory=dict)  # accuracy units
     stage_changes: tuple = ()  # StageChange records, rollback first, then step_epoch
     governor_event: GovernorEvent | None = None
     penalty: float = 0.0
@@ -209,7 +213,7 @@ class Trainer:
             result = self.validate(with_counterfactuals=False)
         else:
             for sid, value in result.contributions.items():
-                self.model.record_contribution(sid, value)
+                self.model.record_contribution(sid, value, result.contribution_se.get(sid))
         changes = [*rollback_changes, *self.model.step_epoch()]
         if verdict == "ok":
             self.governor.snapshot(self.model, self.epoch)
@@ -224,6 +228,8 @@ class Trainer:
             val_acc=result.val_acc,
             quality=result.quality,
             contributions=dict(result.contributions),
+            contribution_se=dict(result.contribution_se),
+            quality_contributions=dict(result.quality_contributions),
             prospective=result.prospective,
             stage_changes=tuple(changes),
             governor_event=event,
