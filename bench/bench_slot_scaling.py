@@ -42,7 +42,7 @@ def costs(num_slots: int, repeats: int) -> dict[str, float]:
     host_params = sum(p.numel() for p in host.parameters())
     model = grow(host, [f"r0c{i}" for i in range(num_slots)])
     blueprints = blueprints_for(model.topology)
-    table = blueprint_cost_table(model.slot_config, blueprints)
+    table = blueprint_cost_table(model.slot_config, blueprints, model=model)
     x, y = torch.rand(VAL_IMAGES, 1, 8, 8), torch.randint(0, 10, (VAL_IMAGES,))
     agent = PPOAgent(model.slot_config, GLOBAL_DIM, SLOT_DIM, blueprints)
     progress = TrainingProgress(5, 20, 0.5, 0.6, 0.8, 0.75, growth=0.1)

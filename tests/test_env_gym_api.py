@@ -9,7 +9,9 @@ from gymnasium.utils.env_checker import check_env
 
 from esper.actions import ActionIndexError, FactoredAction, LifecycleOp
 from esper.env import ENV_ID, EpisodeOverError, JointActionWrapper, MorphogenesisEnv
-from esper.model import LifecycleConfig
+from esper.model import LifecycleConfig, blueprints_for
+
+NUM_BLUEPRINTS = len(blueprints_for("cnn"))
 
 TINY = {"batches_per_step": 1, "max_epochs": 3}
 FAST_LIFECYCLE = LifecycleConfig(min_train_epochs=1, blend_epochs=1, embargo_epochs=1)
@@ -56,7 +58,7 @@ def test_combination_passing_flat_masks_but_illegal_runs_as_wait():
     env.reset(seed=0)
     env.step(FactoredAction(LifecycleOp.GERMINATE, 0, 0, 0))
     flat = env.action_masks()
-    assert flat.dtype == bool and flat.shape == (4 + 3 + 5 + 3,)
+    assert flat.dtype == bool and flat.shape == (4 + 3 + NUM_BLUEPRINTS + 3,)
     prune_empty = np.array([LifecycleOp.PRUNE, 1, 0, 0])
     heads = np.split(flat, np.cumsum(env.action_space.nvec)[:-1])
     assert all(head[value] for head, value in zip(heads, prune_empty, strict=True))
@@ -81,8 +83,11 @@ def test_actions_outside_the_space_raise():
     with pytest.raises(ActionIndexError, match="4 integers"):
         env.step(np.array([0.5, 0, 0, 0]))
     joint = JointActionWrapper(env)
-    with pytest.raises(ActionIndexError, match="joint action 52 out of range: allowed 0..51"):
-        joint.step(52)
+    size = 1 + 3 * NUM_BLUEPRINTS * 3 + 2 * 3  # WAIT, GERMINATE x S x B x L, 2 ops x S
+    with pytest.raises(
+        ActionIndexError, match=f"joint action {size} out of range: allowed 0..{size - 1}"
+    ):
+        joint.step(size)
 
 
 def test_episode_truncates_and_then_refuses_steps():
@@ -103,7 +108,7 @@ def test_make_without_arguments_gives_the_digits_default():
     base = env.unwrapped
     assert base.config.task == "digits" and base.max_epochs == 20
     assert base.slot_config.slot_ids == ("r0c0", "r0c1", "r0c2")
-    assert tuple(base.action_space.nvec) == (4, 3, 5, 3)
+    assert tuple(base.action_space.nvec) == (4, 3, NUM_BLUEPRINTS, 3)
 
 
 def test_bad_options_name_the_value():

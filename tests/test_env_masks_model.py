@@ -44,7 +44,7 @@ step_st = st.tuples(
 def test_random_legal_episodes(depth, max_growth, steps):
     model = fresh_model(depth)
     config = model.slot_config
-    costs = blueprint_cost_table(config, BLUEPRINTS)
+    costs = blueprint_cost_table(config, BLUEPRINTS, model=model)
     host = model.param_counts().host
     budget = float("inf") if max_growth is None else max_growth * host
     layout = JointActionLayout(config.num_slots, len(BLUEPRINTS), len(BLEND_ALGORITHMS))
@@ -69,9 +69,15 @@ def test_random_legal_episodes(depth, max_growth, steps):
             slot_id = config.slot_id_for_index(action.slot)
             if action.op == LifecycleOp.GERMINATE:
                 bp, blend = BLUEPRINTS[action.blueprint], BLEND_ALGORITHMS[action.blend]
+                before = model.param_counts()
                 model.germinate(slot_id, bp, blend)
                 after = model.param_counts()
                 assert after.live_seeds + after.fossils <= budget
+                # Exact counts; the table holds the dearest blend (gated: its gate too).
+                added = after.total - before.total
+                assert added == model.seed_param_count(slot_id, bp, blend)
+                cost = int(costs[action.slot, action.blueprint])
+                assert cost == model.seed_param_count(slot_id, bp, "gated") >= added
             elif action.op == LifecycleOp.FOSSILIZE:
                 model.fossilize(slot_id)
             elif action.op == LifecycleOp.PRUNE:

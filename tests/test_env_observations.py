@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from esper.env.observations import (
     DEFAULT_SCHEMA,
     GLOBAL_DIM,
+    MAX_BLUEPRINTS,
     SLOT_DIM,
     ObservationSchema,
     SchemaMismatchError,
@@ -17,7 +18,8 @@ from esper.env.observations import (
     build_observation,
 )
 from esper.lifecycle import SeedStage
-from esper.model import SlotState
+from esper.model import SlotState, blueprints_for
+from esper.slots import TOPOLOGIES
 
 BLUEPRINTS = ("norm", "attention", "conv_light")
 
@@ -90,7 +92,7 @@ def test_schema_round_trip_and_mismatch():
     assert ObservationSchema.from_dict(stored) == DEFAULT_SCHEMA
     DEFAULT_SCHEMA.check_matches(ObservationSchema.from_dict(stored))
     older = ObservationSchema(version=0)
-    with pytest.raises(SchemaMismatchError, match="v1.*checkpoint has v0"):
+    with pytest.raises(SchemaMismatchError, match="v2.*checkpoint has v0"):
         DEFAULT_SCHEMA.check_matches(older)
     renamed = ObservationSchema(slot_features=(*DEFAULT_SCHEMA.slot_features[:-1], "other"))
     with pytest.raises(SchemaMismatchError, match="slot_features differ"):
@@ -104,5 +106,13 @@ def test_schema_round_trip_and_mismatch():
 def test_too_many_blueprints_is_an_error():
     with pytest.raises(ValueError, match="MAX_BLUEPRINTS"):
         build_observation(
-            TrainingProgress(0, 1, 1, 1, 0, 0), [], host_params=1, blueprints=list("abcdefghi")
+            TrainingProgress(0, 1, 1, 1, 0, 0),
+            [],
+            host_params=1,
+            blueprints=[f"b{i}" for i in range(MAX_BLUEPRINTS + 1)],
         )
+
+
+def test_every_topologys_blueprints_fit_the_one_hot():
+    for topology in TOPOLOGIES:
+        assert len(blueprints_for(topology)) <= MAX_BLUEPRINTS

@@ -18,17 +18,45 @@ def _input(topology: str, channels: int) -> torch.Tensor:
     return torch.randn(3, channels)
 
 
+WIDE = ("wide_half", "wide_x1", "wide_x2")
+
+
 def test_registry_names_and_order() -> None:
-    assert blueprints_for("cnn") == ("norm", "attention", "depthwise", "conv_light", "conv_heavy")
-    assert blueprints_for("transformer") == ("norm", "lora", "attention", "mlp")
-    assert blueprints_for("mlp") == ("lora", "mlp")
+    assert blueprints_for("cnn") == (
+        "norm",
+        "attention",
+        "depthwise",
+        "conv_light",
+        "conv_heavy",
+        "inverted",
+        *WIDE,
+    )
+    assert blueprints_for("transformer") == ("norm", "lora", "attention", "mlp", "layer", *WIDE)
+    assert blueprints_for("mlp") == ("lora", "mlp", *WIDE)
     for topology, table in BLUEPRINTS.items():
         for name, bp in table.items():
             assert (bp.name, bp.topology) == (name, topology)
+            assert bp.is_width == (name in WIDE)
+
+
+def test_width_units_are_a_fraction_of_the_layer_at_least_one() -> None:
+    units = {name: get_blueprint("cnn", name).units for name in WIDE}
+    assert [units[n](4) for n in WIDE] == [2, 4, 8]
+    assert [units[n](1) for n in WIDE] == [1, 1, 2]
+    with pytest.raises(UnknownBlueprintError, match="not a width blueprint"):
+        get_blueprint("cnn", "norm").units(4)
+
+
+def test_depth_seeds_have_capacity_beyond_the_slot_width() -> None:
+    inverted = get_blueprint("cnn", "inverted").factory(2)
+    assert inverted.expand.out_channels == 16  # 4x, at least 16: not capped by 2 channels
+    layer = get_blueprint("transformer", "layer").factory(8)
+    assert layer.mlp_seed[1].out_features == 32
 
 
 @pytest.mark.parametrize(
-    ("topology", "name"), [(t, n) for t, table in BLUEPRINTS.items() for n in table]
+    ("topology", "name"),
+    [(t, n) for t, table in BLUEPRINTS.items() for n, bp in table.items() if not bp.is_width],
 )
 def test_param_count_exact_and_identity_at_init(topology: str, name: str) -> None:
     bp = get_blueprint(topology, name)

@@ -116,7 +116,10 @@ class MorphogenesisEnv(gym.Env):
         self.topology = probe.topology
         self.action_spec = ActionSpace(self.slot_config, blueprints_for(self.topology))
         self.blueprint_costs = blueprint_cost_table(
-            self.slot_config, self.action_spec.blueprints, blends=self.action_spec.blends
+            self.slot_config,
+            self.action_spec.blueprints,
+            blends=self.action_spec.blends,
+            model=probe,
         )
         self.host_params = probe.param_counts().host
         self.param_budget = (

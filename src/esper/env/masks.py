@@ -50,38 +50,63 @@ class SlotStateLike(Protocol):
     contribution_lower: float | None  # what FOSSILIZE's gate compares with its threshold
 
 
+class SeedCostModel(Protocol):
+    """What the cost table asks a model (``esper.model.MorphogeneticModel`` has it)."""
+
+    def seed_param_count(
+        self, slot_id: str, blueprint: str, blend: str | None = None
+    ) -> int | None: ...
+
+
 def blueprint_cost_table(
     slot_config: SlotConfig,
     blueprints: Sequence[str],
     param_count: Callable[[str, str, int], int | None] | None = None,
     *,
     blends: Sequence[str] = BLEND_ALGORITHMS,
+    model: SeedCostModel | None = None,
 ) -> torch.Tensor:
     """Parameter cost of each blueprint in each slot, ``[S, B]`` int64.
 
-    ``-1`` marks a blueprint that does not exist for the slot's topology.
-    ``param_count(topology, blueprint, channels)`` returns the seed's parameter count or
-    None where the blueprint does not apply; by default it asks ``esper.model``. When the
-    gated blend is allowed its per-channel gate (``channels`` parameters) is included, so
-    a germination within budget stays within it whatever blend the agent picks. The slot
-    config must carry injection specs (``SlotConfig.from_specs``).
+    ``-1`` marks a blueprint that does not fit the slot. With ``model`` the costs are
+    the model's own exact counts (``model.seed_param_count``), which a width blueprint
+    needs: its cost depends on the host's layers around the slot, not only on the
+    slot's channels. Without it, ``param_count(topology, blueprint, channels)`` returns
+    the seed's parameter count or None where the blueprint does not apply; by default
+    it asks ``esper.model``, which knows residual blueprints only. When the gated blend
+    is allowed its gate is included, so a germination within budget stays within it
+    whatever blend the agent picks. The slot config must carry injection specs
+    (``SlotConfig.from_specs``).
     """
+    if model is not None and param_count is not None:
+        raise ValueError("pass model or param_count, not both")
     count = _model_param_count if param_count is None else param_count
     gate = "gated" in blends
     table = torch.full((slot_config.num_slots, len(blueprints)), -1, dtype=torch.int64)
     for i, slot_id in enumerate(slot_config.slot_ids):
         spec = slot_config.spec_for(slot_id)
         for j, name in enumerate(blueprints):
-            params = count(spec.topology, name, spec.channels)
+            if model is not None:
+                params = model.seed_param_count(slot_id, name, "gated" if gate else None)
+            else:
+                params = count(spec.topology, name, spec.channels)
+                if params is not None and gate:
+                    params = int(params) + spec.channels
             if params is not None:
-                table[i, j] = int(params) + (spec.channels if gate else 0)
+                table[i, j] = int(params)
     return table
 
 
 def _model_param_count(topology: str, name: str, channels: int) -> int | None:
     if name not in blueprints_for(topology):
         return None
-    return get_blueprint(topology, name).param_count(channels)
+    blueprint = get_blueprint(topology, name)
+    if blueprint.is_width:
+        raise ValueError(
+            f"width blueprint {name!r}: its cost depends on the host's layers; "
+            f"pass model= to blueprint_cost_table"
+        )
+    return blueprint.param_count(channels)  # type: ignore[misc]
 
 
 def _check_inputs(costs: torch.Tensor, num_slots: int, num_blends: int) -> None:

@@ -24,9 +24,10 @@ from esper.actions import BLEND_ALGORITHMS, NUM_OPS, LifecycleOp
 from esper.lifecycle import LIVE_STAGES, SeedStage
 from esper.slots import TOPOLOGIES
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # Blueprint one-hot width: fixed so that F does not change with the task's blueprint list.
-MAX_BLUEPRINTS = 8
+# v2: 12 (was 8) to hold the width and depth-capacity blueprints.
+MAX_BLUEPRINTS = 12
 # Counters (epochs in stage, plateau) saturate here after scaling to [0, 1].
 COUNTER_SCALE = 10.0
 # Accuracy / contribution changes of a few points matter: tanh(10 * delta).

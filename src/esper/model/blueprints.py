@@ -1,10 +1,13 @@
 """Blueprints: the seed modules a controller can germinate, keyed by host topology.
 
-Every blueprint builds a module ``f`` with ``f(h).shape == h.shape`` whose last layer is
-zero-initialised, so ``f(h) == 0`` exactly at birth and the residual ``h + α·f(h)``
-starts as the identity. No blueprint uses BatchNorm: its batch statistics would make a
-seed's output depend on the rest of the batch and its running stats would change in
-counterfactual passes; GroupNorm/LayerNorm do neither.
+Two kinds. A *residual* blueprint builds a module ``f`` with ``f(h).shape == h.shape``
+whose last layer is zero-initialised, so ``f(h) == 0`` exactly at birth and the residual
+``h + α·f(h)`` starts as the identity (depth growth). No residual blueprint uses
+BatchNorm: its batch statistics would make a seed's output depend on the rest of the
+batch; GroupNorm/LayerNorm do not. A *width* blueprint (``wide_*``) adds
+``max(1, round(fraction · units))`` units to the host layer at the slot
+(`esper.model.width`); the host builds it, and its cost depends on the host's layers,
+so ask `MorphogeneticModel.seed_param_count` for it.
 
 The order of ``blueprints_for(topology)`` is the order of the blueprint action head.
 """
@@ -28,8 +31,21 @@ class UnknownBlueprintError(ValueError):
 class Blueprint:
     name: str
     topology: str
-    factory: Callable[[int], nn.Module]  # channels -> module with f(h).shape == h.shape
-    param_count: Callable[[int], int]  # channels -> exact number of parameters of factory(c)
+    # Residual blueprints: channels -> module with f(h).shape == h.shape, and its exact
+    # parameter count. None for width blueprints (the host builds those).
+    factory: Callable[[int], nn.Module] | None
+    param_count: Callable[[int], int] | None
+    width_fraction: float | None = None  # width blueprints: new units / current units
+
+    @property
+    def is_width(self) -> bool:
+        return self.width_fraction is not None
+
+    def units(self, current: int) -> int:
+        """New units a width blueprint adds to a layer of ``current`` units."""
+        if self.width_fraction is None:
+            raise UnknownBlueprintError(f"blueprint {self.name!r} is not a width blueprint")
+        return max(1, round(self.width_fraction * current))
 
 
 def _zero(layer: nn.Module) -> nn.Module:
@@ -52,6 +68,16 @@ def attention_heads(channels: int) -> int:
 
 def squeeze_width(channels: int) -> int:
     return max(1, channels // 4)
+
+
+def expanded_width(channels: int) -> int:
+    """Hidden width of the inverted-residual seed: 4x, and at least 16, so a seed in a
+    narrow slot still brings real capacity."""
+    return max(16, 4 * channels)
+
+
+# New units / current units of the width blueprints, in action-head order.
+WIDTH_FRACTIONS = {"wide_half": 0.5, "wide_x1": 1.0, "wide_x2": 2.0}
 
 
 # --------------------------------------------------------------------------------------
@@ -104,6 +130,38 @@ class CausalAttentionSeed(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(b, t, d))
 
 
+class InvertedResidual(nn.Module):
+    """MobileNetV2 block: 1x1 expand, GroupNorm, ReLU, depthwise 3x3, ReLU, 1x1 project
+    (zero at init). The hidden width is ``expanded_width(c)``, not capped by ``c``."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        e = expanded_width(channels)
+        self.expand = nn.Conv2d(channels, e, 1, bias=False)
+        self.norm = nn.GroupNorm(1, e)
+        self.depthwise = nn.Conv2d(e, e, 3, padding=1, groups=e, bias=False)
+        self.project = _zero(nn.Conv2d(e, channels, 1))
+
+    def forward(self, h: Tensor) -> Tensor:
+        z = F.relu(self.norm(self.expand(h)))
+        return self.project(F.relu(self.depthwise(z)))
+
+
+class DecoderLayerSeed(nn.Module):
+    """A whole pre-norm decoder layer as a residual seed: ``f(h) = a + mlp(ln2(h + a))``
+    with ``a = attn(ln1(h))``, so ``h + f(h)`` is the layer. The attention output
+    projection and the MLP's last layer start at zero, so ``f(h) == 0`` at birth."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.attn_seed = CausalAttentionSeed(channels)  # ln1, qkv, proj (zero)
+        self.mlp_seed = _transformer_mlp(channels, expansion=4)  # ln2, fc, GELU, fc (zero)
+
+    def forward(self, h: Tensor) -> Tensor:
+        a = self.attn_seed(h)
+        return a + self.mlp_seed(h + a)
+
+
 def _norm_cnn(c: int) -> nn.Module:
     return _zero(nn.GroupNorm(1, c))
 
@@ -133,9 +191,12 @@ def _layer_norm(c: int) -> nn.Module:
     return _zero(nn.LayerNorm(c))
 
 
-def _transformer_mlp(c: int) -> nn.Module:
+def _transformer_mlp(c: int, expansion: int = 2) -> nn.Module:
     return nn.Sequential(
-        nn.LayerNorm(c), nn.Linear(c, 2 * c), nn.GELU(), _zero(nn.Linear(2 * c, c))
+        nn.LayerNorm(c),
+        nn.Linear(c, expansion * c),
+        nn.GELU(),
+        _zero(nn.Linear(expansion * c, c)),
     )
 
 
@@ -146,6 +207,16 @@ def _hidden_mlp(c: int) -> nn.Module:
 def _registry() -> dict[str, dict[str, Blueprint]]:
     def bp(topology: str, name: str, factory, count) -> tuple[str, Blueprint]:
         return name, Blueprint(name, topology, factory, count)
+
+    def wide(topology: str) -> list[tuple[str, Blueprint]]:
+        return [
+            (name, Blueprint(name, topology, None, None, fraction))
+            for name, fraction in WIDTH_FRACTIONS.items()
+        ]
+
+    def inverted_count(c: int) -> int:
+        e = expanded_width(c)
+        return c * e + 2 * e + 9 * e + e * c + c
 
     cnn = dict(
         [
@@ -159,6 +230,8 @@ def _registry() -> dict[str, dict[str, Blueprint]]:
             bp("cnn", "depthwise", _depthwise, lambda c: 9 * c + c * c + c),
             bp("cnn", "conv_light", _conv_light, lambda c: 9 * c * c + c),
             bp("cnn", "conv_heavy", _conv_heavy, lambda c: 18 * c * c + 3 * c),
+            bp("cnn", "inverted", InvertedResidual, inverted_count),
+            *wide("cnn"),
         ]
     )
     transformer = dict(
@@ -167,12 +240,15 @@ def _registry() -> dict[str, dict[str, Blueprint]]:
             bp("transformer", "lora", LowRankAdapter, lambda c: 2 * c * lora_rank(c)),
             bp("transformer", "attention", CausalAttentionSeed, lambda c: 4 * c * c + 6 * c),
             bp("transformer", "mlp", _transformer_mlp, lambda c: 4 * c * c + 5 * c),
+            bp("transformer", "layer", DecoderLayerSeed, lambda c: 12 * c * c + 13 * c),
+            *wide("transformer"),
         ]
     )
     mlp = dict(
         [
             bp("mlp", "lora", LowRankAdapter, lambda c: 2 * c * lora_rank(c)),
             bp("mlp", "mlp", _hidden_mlp, lambda c: 2 * c * c + 2 * c),
+            *wide("mlp"),
         ]
     )
     return {"cnn": cnn, "transformer": transformer, "mlp": mlp}

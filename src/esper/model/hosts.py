@@ -3,14 +3,23 @@
 A host is split into ``embed -> blocks[0] -> ... -> blocks[k-1] -> head``. The output of
 ``blocks[i]`` is where slot ``r0c{i}`` sits, so `MorphogeneticModel` can run the blocks
 itself and insert seeds between them without knowing anything host-specific.
+
+Width growth (`esper.model.width`) needs three more things from a host, all by block
+index: `width_site` (sizes and builders of a width seed's fan-in/fan-out),
+`block_forward` (a block that also takes a pending fan-out term for its first linear op
+and returns the width input a seed at that block reads) and `width_layers` (the layers a
+fold widens). A host without them offers no width blueprints.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from esper.model.width import GlobalAvgPool, WidthSite
 from esper.slots import InjectionSpec, Topology, format_slot_id
 
 
@@ -44,6 +53,33 @@ class Host(nn.Module):
             h = block(h)
         return self.head(h)
 
+    # -- width growth ----------------------------------------------------------------
+    def width_site(self, i: int) -> WidthSite | None:
+        """How a width seed at block ``i`` is built; None: no width growth there."""
+        return None
+
+    def width_layers(self, i: int) -> tuple[list[nn.Module], nn.Module]:
+        """(layers that make block ``i``'s grown units, the layer that reads them)."""
+        raise NotImplementedError(f"{type(self).__name__} offers no width growth")
+
+    def block_forward(
+        self, i: int, h: Tensor, pre: Tensor | None = None, tap: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """``blocks[i](h)`` with ``pre`` added to its first linear op's output; also
+        returns the width input of block ``i`` when ``tap`` (else None)."""
+        if pre is not None:
+            raise ValueError(f"{type(self).__name__} block {i} takes no width term")
+        return self.blocks[i](h), (h if tap else None)
+
+    def head_forward(self, h: Tensor, pre: Tensor | None = None) -> Tensor:
+        """``head(h)``, plus a width term on the logits (units of the last block)."""
+        logits = self.head(h)
+        return logits if pre is None else logits + pre
+
+    def _check_block(self, i: int) -> None:
+        if not 0 <= i < len(self.blocks):
+            raise IndexError(f"block {i} out of range: blocks are 0..{len(self.blocks) - 1}")
+
 
 def _check_positive_int(name: str, value: object, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -75,6 +111,7 @@ class CNNHost(Host):
         depth: int = 3,
         image_size: int | tuple[int, int] = 8,
         pool_at: tuple[int, ...] | list[int] | None = None,
+        widths: tuple[int, ...] | list[int] | None = None,
     ) -> None:
         super().__init__()
         if in_channels not in (1, 3):
@@ -108,7 +145,11 @@ class CNNHost(Host):
                     )
                 spatial //= 2
         self.pool_at = tuple(sorted(pools))
-        self.widths = [width * 2 ** min(i, 3) for i in range(depth)]
+        if widths is None:
+            widths = [width * 2 ** min(i, 3) for i in range(depth)]
+        elif len(widths) != depth or not all(isinstance(w, int) and w >= 1 for w in widths):
+            raise ValueError(f"widths must be {depth} ints >= 1 (one per block), got {widths!r}")
+        self.widths = list(widths)
         blocks, c_in = [], in_channels
         for i, c_out in enumerate(self.widths):
             layers: list[nn.Module] = [
@@ -124,7 +165,42 @@ class CNNHost(Host):
         self.classifier = nn.Linear(c_in, num_classes)
 
     def block_channels(self) -> list[int]:
-        return list(self.widths)
+        # Read from the layers: a fold (or a bench) may have widened them.
+        return [block[0].out_channels for block in self.blocks]
+
+    def block_forward(
+        self, i: int, h: Tensor, pre: Tensor | None = None, tap: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        block = self.blocks[i]
+        z = block[0](h)
+        if pre is not None:
+            z = z + pre
+        for layer in block[1:]:
+            z = layer(z)
+        return z, (h if tap else None)
+
+    def width_site(self, i: int) -> WidthSite:
+        self._check_block(i)
+        block = self.blocks[i]
+        conv = block[0]
+        pool = any(isinstance(m, nn.MaxPool2d) for m in block)
+        if i + 1 < len(self.blocks):
+            fan_out = partial(_conv3x3, out_channels=self.blocks[i + 1][0].out_channels)
+        else:
+            fan_out = partial(_pooled_linear, out_features=self.classifier.out_features)
+        return WidthSite(
+            units=conv.out_channels,
+            target="next",
+            unit_dim_last=False,
+            fan_in=partial(_cnn_units, conv.in_channels, pool=pool),
+            fan_out=fan_out,
+        )
+
+    def width_layers(self, i: int) -> tuple[list[nn.Module], nn.Module]:
+        self._check_block(i)
+        block = self.blocks[i]
+        consumer = self.blocks[i + 1][0] if i + 1 < len(self.blocks) else self.classifier
+        return [block[0], block[1]], consumer
 
     def embed(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels or min(x.shape[-2:]) < 8:
@@ -220,6 +296,36 @@ class TransformerHost(Host):
     def block_channels(self) -> list[int]:
         return [self.d_model] * len(self.blocks)
 
+    def block_forward(
+        self, i: int, h: Tensor, pre: Tensor | None = None, tap: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        if pre is not None:
+            raise ValueError(f"TransformerHost block {i} takes no width term (target 'output')")
+        if not tap:
+            return self.blocks[i](h), None
+        *first, last = self.blocks[i]
+        for layer in first:
+            h = layer(h)
+        x = h + last.attn(last.ln1(h))
+        z = last.ln2(x)
+        return x + last.mlp(z), z
+
+    def width_site(self, i: int) -> WidthSite:
+        self._check_block(i)
+        mlp = self.blocks[i][-1].mlp
+        return WidthSite(
+            units=mlp[0].out_features,
+            target="output",
+            unit_dim_last=True,
+            fan_in=partial(_linear_units, self.d_model, act=nn.GELU),
+            fan_out=partial(_linear, out_features=self.d_model),
+        )
+
+    def width_layers(self, i: int) -> tuple[list[nn.Module], nn.Module]:
+        self._check_block(i)
+        mlp = self.blocks[i][-1].mlp
+        return [mlp[0]], mlp[2]
+
     def embed(self, x: Tensor) -> Tensor:
         if x.dim() != 2 or x.dtype not in (torch.int64, torch.int32):
             raise ValueError(
@@ -244,21 +350,60 @@ class MLPHost(Host):
 
     topology: Topology = "mlp"
 
-    def __init__(self, in_features: int, num_classes: int, hidden: int = 32, depth: int = 3):
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        hidden: int = 32,
+        depth: int = 3,
+        widths: tuple[int, ...] | list[int] | None = None,
+    ):
         super().__init__()
         _check_positive_int("in_features", in_features)
         _check_positive_int("num_classes", num_classes, 2)
         _check_positive_int("hidden", hidden)
         _check_positive_int("depth", depth)
+        if widths is None:
+            widths = [hidden] * depth
+        elif len(widths) != depth or not all(isinstance(w, int) and w >= 1 for w in widths):
+            raise ValueError(f"widths must be {depth} ints >= 1 (one per block), got {widths!r}")
         self.in_features, self.hidden = in_features, hidden
+        sizes = [in_features, *widths]
         self.blocks = nn.ModuleList(
-            nn.Sequential(nn.Linear(in_features if i == 0 else hidden, hidden), nn.ReLU())
-            for i in range(depth)
+            nn.Sequential(nn.Linear(sizes[i], sizes[i + 1]), nn.ReLU()) for i in range(depth)
         )
-        self.classifier = nn.Linear(hidden, num_classes)
+        self.classifier = nn.Linear(sizes[-1], num_classes)
 
     def block_channels(self) -> list[int]:
-        return [self.hidden] * len(self.blocks)
+        return [block[0].out_features for block in self.blocks]
+
+    def block_forward(
+        self, i: int, h: Tensor, pre: Tensor | None = None, tap: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        block = self.blocks[i]
+        z = block[0](h)
+        if pre is not None:
+            z = z + pre
+        for layer in block[1:]:
+            z = layer(z)
+        return z, (h if tap else None)
+
+    def width_site(self, i: int) -> WidthSite:
+        self._check_block(i)
+        linear = self.blocks[i][0]
+        consumer = self.blocks[i + 1][0] if i + 1 < len(self.blocks) else self.classifier
+        return WidthSite(
+            units=linear.out_features,
+            target="next",
+            unit_dim_last=True,
+            fan_in=partial(_linear_units, linear.in_features, act=nn.ReLU),
+            fan_out=partial(_linear, out_features=consumer.out_features),
+        )
+
+    def width_layers(self, i: int) -> tuple[list[nn.Module], nn.Module]:
+        self._check_block(i)
+        consumer = self.blocks[i + 1][0] if i + 1 < len(self.blocks) else self.classifier
+        return [self.blocks[i][0]], consumer
 
     def embed(self, x: Tensor) -> Tensor:
         h = x.flatten(1)
@@ -270,6 +415,38 @@ class MLPHost(Host):
 
     def head(self, h: Tensor) -> Tensor:
         return self.classifier(h)
+
+
+# --------------------------------------------------------------------------------------
+# Width-seed builders (module-level so a `WidthSite` holds sizes, never host layers)
+
+
+def _cnn_units(in_channels: int, k: int, pool: bool) -> nn.Module:
+    """k new output channels of a CNN block: the block's own layer structure."""
+    layers: list[nn.Module] = [
+        nn.Conv2d(in_channels, k, 3, padding=1, bias=False),
+        nn.BatchNorm2d(k),
+        nn.ReLU(),
+    ]
+    if pool:
+        layers.append(nn.MaxPool2d(2))
+    return nn.Sequential(*layers)
+
+
+def _conv3x3(k: int, out_channels: int) -> nn.Module:
+    return nn.Conv2d(k, out_channels, 3, padding=1, bias=False)
+
+
+def _pooled_linear(k: int, out_features: int) -> nn.Module:
+    return nn.Sequential(GlobalAvgPool(), nn.Linear(k, out_features, bias=False))
+
+
+def _linear_units(in_features: int, k: int, act: type[nn.Module]) -> nn.Module:
+    return nn.Sequential(nn.Linear(in_features, k), act())
+
+
+def _linear(k: int, out_features: int) -> nn.Module:
+    return nn.Linear(k, out_features, bias=False)
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -1,7 +1,15 @@
-"""`MorphogeneticModel`: a host plus one `SeedSlot` per enabled injection point."""
+"""`MorphogeneticModel`: a host plus one `SeedSlot` per enabled injection point.
+
+Residual seeds transform a block's output. A width seed at block ``i`` reads the
+block's width input and yields a term that is either added to block ``i``'s output or
+*pending*: fed into the next block's first linear op (or the logits after the last
+block). `run_block` / `apply_slot` / `head` are that walk, one step at a time, so a
+caller (the shared counterfactual pass) can split it without host-specific code.
+"""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -9,7 +17,14 @@ from torch import Tensor, nn
 
 from esper.lifecycle import SeedStage, is_live
 from esper.model.hosts import Host
-from esper.model.slot import LifecycleConfig, SeedSlot, SlotState, StageChange
+from esper.model.slot import LifecycleConfig, SeedSlot, SlotState, SlotStateError, StageChange
+from esper.model.width import (
+    DEFAULT_WIDTH_INIT,
+    WIDTH_INITS,
+    WIDTH_SPLIT_NOISE,
+    copy_units,
+)
+from esper.model.width import fold_seed as fold_width_seed
 from esper.slots import SlotConfig, SlotIdError
 
 
@@ -31,6 +46,7 @@ class MorphogeneticModel(nn.Module):
     stored config carries the host's specs. Lifecycle operations raise `SlotStateError`
     for a stage that does not allow them, `UnknownBlueprintError` for a blueprint the
     slot's topology does not offer, and `SlotIdError` for an unknown slot id.
+    ``width_init`` is how a width seed's fan-in starts (`esper.model.width.WIDTH_INITS`).
     """
 
     def __init__(
@@ -38,8 +54,12 @@ class MorphogeneticModel(nn.Module):
         host: Host,
         slot_config: SlotConfig | Iterable[str] | None = None,
         lifecycle: LifecycleConfig | None = None,
+        width_init: str = DEFAULT_WIDTH_INIT,
     ) -> None:
         super().__init__()
+        if width_init not in WIDTH_INITS:
+            raise ValueError(f"width_init must be one of {WIDTH_INITS}, got {width_init!r}")
+        self.width_init = width_init
         specs = host.injection_specs()
         if len(specs) != len(host.blocks):
             raise ValueError(
@@ -53,8 +73,12 @@ class MorphogeneticModel(nn.Module):
         self.host = host
         self.slot_config = SlotConfig.from_specs(specs, enabled)
         self.lifecycle = lifecycle if lifecycle is not None else LifecycleConfig()
+        index = {s.slot_id: i for i, s in enumerate(specs)}
         self.slots = nn.ModuleDict(
-            {s.slot_id: SeedSlot(s, self.lifecycle) for s in self.slot_config.specs}
+            {
+                s.slot_id: SeedSlot(s, self.lifecycle, host.width_site(index[s.slot_id]))
+                for s in self.slot_config.specs
+            }
         )
         # Block i feeds the slot with the i-th offered id (None: slot not enabled).
         self._block_slots: tuple[str | None, ...] = tuple(
@@ -73,12 +97,16 @@ class MorphogeneticModel(nn.Module):
     def forward(self, x: Tensor, alpha_override: Mapping[str, float] | None = None) -> Tensor:
         """Host forward with seeds. ``alpha_override`` maps slot ids to the alpha used
         for this call only (``0.0`` = seed off, ``1.0`` = fully on)."""
-        return self.host.head(self.forward_features(x, alpha_override))
+        h, pending = self.run_blocks(
+            self.host.embed(x), 0, self.num_blocks, alpha_override, with_pending=True
+        )
+        return self.head(h, pending)
 
     def forward_features(
         self, x: Tensor, alpha_override: Mapping[str, float] | None = None
     ) -> Tensor:
-        """Activations after the last block and its slot, before the head."""
+        """Activations after the last block and its slot, before the head (raises when
+        a width seed at the last block feeds the head: use `forward`)."""
         return self.run_blocks(self.host.embed(x), 0, self.num_blocks, alpha_override)
 
     def run_blocks(
@@ -87,9 +115,14 @@ class MorphogeneticModel(nn.Module):
         start: int,
         stop: int,
         alpha_override: Mapping[str, float] | None = None,
-    ) -> Tensor:
+        pending: Tensor | None = None,
+        *,
+        with_pending: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor | None]:
         """Run ``blocks[start:stop]``, each followed by its slot: lets callers share a
-        prefix between several counterfactual passes."""
+        prefix between several counterfactual passes. ``pending`` is a width term for
+        block ``start``; ``with_pending`` returns ``(h, pending for block stop)``, else
+        a pending term left at ``stop`` is an error (it would be dropped)."""
         if not 0 <= start <= stop <= self.num_blocks:
             raise ValueError(
                 f"block range [{start}, {stop}) invalid: need 0 <= start <= stop <= "
@@ -97,11 +130,48 @@ class MorphogeneticModel(nn.Module):
             )
         overrides = self._check_overrides(alpha_override)
         for i in range(start, stop):
-            h = self.host.blocks[i](h)
+            out, tap = self.run_block(i, h, pending)
             slot_id = self._block_slots[i]
-            if slot_id is not None:
-                h = self.slots[slot_id](h, overrides.get(slot_id))
+            alpha = overrides.get(slot_id) if slot_id is not None else None
+            h, pending = self.apply_slot(i, out, tap, alpha)
+        if with_pending:
+            return h, pending
+        if pending is not None:
+            raise ValueError(
+                f"a width seed at block {stop - 1} feeds block {stop}; pass with_pending=True"
+            )
         return h
+
+    def run_block(
+        self, i: int, h: Tensor, pending: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """Host block ``i`` fed the pending term of block ``i-1``: ``(output, width
+        input)``, the width input only when slot ``i`` holds a width seed."""
+        slot_id = self._block_slots[i]
+        tap = slot_id is not None and self.slots[slot_id].holds_width
+        return self.host.block_forward(i, h, pending, tap)
+
+    def apply_slot(
+        self, i: int, out: Tensor, tap: Tensor | None, alpha: float | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """Slot ``i`` on block ``i``'s output: ``(h, pending term for block i+1)``.
+        ``alpha`` overrides the seed's multiplier (None: the seed's own)."""
+        slot_id = self._block_slots[i]
+        if slot_id is None:
+            return out, None
+        slot: SeedSlot = self.slots[slot_id]  # type: ignore[assignment]
+        if not slot.holds_width:
+            return slot(out, alpha), None
+        term = slot.width_term(tap, alpha)
+        if term is None:
+            return out, None
+        if slot.width_site is not None and slot.width_site.target == "output":
+            return out + term, None
+        return out, term
+
+    def head(self, h: Tensor, pending: Tensor | None = None) -> Tensor:
+        """The host's head, with the pending width term of the last block."""
+        return self.host.head_forward(h, pending)
 
     def block_index(self, slot_id: str) -> int:
         """Index of the host block whose output the slot transforms."""
@@ -130,7 +200,18 @@ class MorphogeneticModel(nn.Module):
 
     def germinate(self, slot_id: str, blueprint: str, blend: str = "linear") -> None:
         """Plant a seed; the slot goes DORMANT -> GERMINATED -> TRAINING at once."""
-        self._slot(slot_id).germinate(blueprint, blend)
+        slot = self._slot(slot_id)
+        slot.germinate(blueprint, blend)
+        if slot.holds_width and self.width_init == "split":
+            sources, _ = self.host.width_layers(self.block_index(slot_id))
+            copy_units(sources, slot.seed, WIDTH_SPLIT_NOISE)  # type: ignore[arg-type]
+
+    def seed_param_count(
+        self, slot_id: str, blueprint: str, blend: str | None = None
+    ) -> int | None:
+        """Exact parameters ``germinate(slot_id, blueprint, blend)`` would add (the gate
+        of the gated blend included); None where the blueprint does not fit the slot."""
+        return self._slot(slot_id).seed_param_count(blueprint, blend)
 
     def prune(self, slot_id: str, reason: str = "policy") -> None:
         self._slot(slot_id).prune(reason)
@@ -201,3 +282,28 @@ class MorphogeneticModel(nn.Module):
     def growth_ratio(self) -> float:
         counts = self.param_counts()
         return (counts.live_seeds + counts.fossils) / counts.host
+
+    # -- export ----------------------------------------------------------------------
+    def fold_width(self) -> MorphogeneticModel:
+        """A copy whose host physically contains every FOSSILIZED width seed (wider
+        layers, same function); those slots are DORMANT in the copy, the others keep
+        their seeds. Every width seed must be fossilized (or gone) first."""
+        for slot in self.slots.values():
+            if slot.holds_width and slot.stage != SeedStage.FOSSILIZED:
+                raise SlotStateError(
+                    f"cannot fold width seeds: slot {slot.slot_id} holds one that is "
+                    f"{slot.stage.name}; fossilize or prune it first"
+                )
+        host = copy.deepcopy(self.host)
+        folded = set()
+        for i, slot_id in enumerate(self._block_slots):
+            slot = self.slots[slot_id] if slot_id is not None else None
+            if slot is not None and slot.holds_width:
+                sources, consumer = host.width_layers(i)
+                fold_width_seed(sources, consumer, slot.seed, slot.unit_scale())
+                folded.add(slot_id)
+        out = MorphogeneticModel(host, self.slot_config.slot_ids, self.lifecycle, self.width_init)
+        for slot_id, slot in self.slots.items():
+            if slot_id not in folded:
+                out.slots[slot_id].load_state_dict(slot.state_dict())
+        return out.train(self.training)

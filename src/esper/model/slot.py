@@ -15,6 +15,11 @@ Forward rule (``h`` is the host activation at the slot, ``f`` the seed module):
 - FOSSILIZED: ``h + α·f(h)`` with ``α = 1``: the seed is part of the host and gradient
   flows through both paths.
 
+A width seed (`esper.model.width`) follows the same rules on its fan-out term ``t``
+instead of ``f``: `width_term` reads the block's width input (detached before
+FOSSILIZED) and returns ``t - t.detach()`` (TRAINING), ``α·t`` or ``t`` (fossil), or None
+where it adds nothing; `MorphogeneticModel` adds it where the host's site says.
+
 An alpha override (a float per call, from `MorphogeneticModel.forward`) replaces the
 whole multiplier, gate included: ``0.0`` switches the seed off, ``1.0`` fully on. It is
 an argument, never stored, so concurrent evaluations cannot see each other's overrides.
@@ -35,7 +40,8 @@ from torch import Tensor, nn
 
 from esper.actions import BLEND_ALGORITHMS
 from esper.lifecycle import SeedStage, check_transition, is_live
-from esper.model.blueprints import get_blueprint
+from esper.model.blueprints import UnknownBlueprintError, blueprints_for, get_blueprint
+from esper.model.width import WidthSeed, WidthSite
 from esper.slots import InjectionSpec
 
 GATE_INIT_LOGIT = 2.0  # sigmoid(2) ≈ 0.88: a gated seed starts nearly fully open.
@@ -160,9 +166,14 @@ class LearnedGate(nn.Module):
 
 
 class SeedSlot(nn.Module):
-    def __init__(self, spec: InjectionSpec, lifecycle: LifecycleConfig) -> None:
+    def __init__(
+        self,
+        spec: InjectionSpec,
+        lifecycle: LifecycleConfig,
+        width_site: WidthSite | None = None,
+    ) -> None:
         super().__init__()
-        self.spec, self.lifecycle = spec, lifecycle
+        self.spec, self.lifecycle, self.width_site = spec, lifecycle, width_site
         self.seed: nn.Module | None = None
         self.gate: LearnedGate | None = None
         # Follows .to(device/dtype) so rebuilt seeds land where the model lives.
@@ -190,6 +201,10 @@ class SeedSlot(nn.Module):
         seed, stage = self.seed, self.stage
         if seed is None or stage not in _HAS_MODULE:
             return h
+        if isinstance(seed, WidthSeed):
+            raise SlotStateError(
+                f"slot {self.slot_id} holds a width seed: its term comes from width_term"
+            )
         h_in = h if stage == SeedStage.FOSSILIZED else h.detach()
         if alpha is not None:
             return h if alpha == 0.0 else h + alpha * seed(h_in)
@@ -202,6 +217,54 @@ class SeedSlot(nn.Module):
         if self.gate is not None:
             f = self.gate(f)
         return h + self.alpha * f
+
+    @property
+    def holds_width(self) -> bool:
+        return isinstance(self.seed, WidthSeed)
+
+    def width_term(self, x: Tensor | None, alpha: float | None = None) -> Tensor | None:
+        """A width seed's fan-out term from the block's width input ``x`` (see the
+        module docstring); None when it adds nothing (no seed, seed off)."""
+        seed, stage = self.seed, self.stage
+        if not isinstance(seed, WidthSeed) or stage not in _HAS_MODULE or x is None:
+            return None
+        x_in = x if stage == SeedStage.FOSSILIZED else x.detach()
+        if alpha is not None:
+            return None if alpha == 0.0 else alpha * seed(x_in)
+        if stage in (SeedStage.GERMINATED, SeedStage.TRAINING):
+            if not (self.training and torch.is_grad_enabled()):
+                return None
+            t = seed(x_in)
+            return t - t.detach()
+        u = seed.fan_in(x_in)
+        if self.gate is not None:
+            u = self.gate(u)
+        return self.alpha * seed.fan_out(u)
+
+    def unit_scale(self) -> Tensor:
+        """Per-unit multiplier of a width seed's fan-out now: alpha times the gate."""
+        if not isinstance(self.seed, WidthSeed):
+            raise SlotStateError(f"slot {self.slot_id} holds no width seed")
+        scale = torch.full((self.seed.units,), float(self.alpha), device=self._anchor.device)
+        if self.gate is not None:
+            scale = scale * torch.sigmoid(self.gate.logit.detach())
+        return scale
+
+    def seed_param_count(self, blueprint: str, blend: str | None = None) -> int | None:
+        """Exact parameters of germinating ``blueprint`` here (gate included for the
+        gated blend); None where the blueprint does not fit this slot."""
+        if blueprint not in blueprints_for(self.spec.topology):
+            return None
+        bp = get_blueprint(self.spec.topology, blueprint)
+        if bp.is_width:
+            if self.width_site is None:
+                return None
+            units = bp.units(self.width_site.units)
+            count = self.width_site.param_count(units)
+        else:
+            units = self.spec.channels
+            count = bp.param_count(units)  # type: ignore[misc]
+        return count + (units if blend == "gated" else 0)
 
     # -- queries ---------------------------------------------------------------------
     def num_seed_params(self) -> int:
@@ -265,10 +328,17 @@ class SeedSlot(nn.Module):
         return StageChange(self.slot_id, source, target, reason)
 
     def _build(self, blueprint: str, blend: str) -> None:
-        module = get_blueprint(self.spec.topology, blueprint).factory(self.spec.channels)
+        bp = get_blueprint(self.spec.topology, blueprint)
+        if bp.is_width:
+            site = self._width_site(blueprint)
+            module: nn.Module = site.build(bp.units(site.units))
+            channels, last = module.units, site.unit_dim_last
+        else:
+            module = bp.factory(self.spec.channels)  # type: ignore[misc]
+            channels, last = self.spec.channels, self.spec.topology != "cnn"
         gate = None
         if blend == "gated":
-            gate = LearnedGate(self.spec.channels, self.spec.topology != "cnn")
+            gate = LearnedGate(channels, last)
         like = {"device": self._anchor.device, "dtype": self._anchor.dtype}
         self.seed = module.to(**like)
         self.gate = gate.to(**like) if gate is not None else None
@@ -282,12 +352,22 @@ class SeedSlot(nn.Module):
                 f"unknown blend {blend!r} for slot {self.slot_id}; "
                 f"allowed: {', '.join(BLEND_ALGORITHMS)}"
             )
-        get_blueprint(self.spec.topology, blueprint)  # validate before any state changes
+        # Validate before any state changes.
+        if get_blueprint(self.spec.topology, blueprint).is_width:
+            self._width_site(blueprint)
         changes = [self._move(SeedStage.GERMINATED, "germinate")]
         self._build(blueprint, blend)
         self.blueprint, self.blend = blueprint, blend
         changes.append(self._move(SeedStage.TRAINING, "germinated"))
         return changes
+
+    def _width_site(self, blueprint: str) -> WidthSite:
+        if self.width_site is None:
+            raise UnknownBlueprintError(
+                f"width blueprint {blueprint!r} does not fit slot {self.slot_id}: its host "
+                f"offers no width growth there"
+            )
+        return self.width_site
 
     def prune(self, reason: str = "policy") -> StageChange:
         if not self.can_prune():

@@ -27,6 +27,8 @@ import torch
 from esper.actions import ActionMasks, FactoredAction, LifecycleOp
 from esper.env.observations import COUNTER_SCALE, DEFAULT_SCHEMA, DELTA_GAIN
 from esper.lifecycle import LIVE_STAGES, SeedStage
+from esper.model import blueprints_for
+from esper.slots import TOPOLOGIES
 
 Observation = Mapping[str, "np.ndarray | torch.Tensor"]
 
@@ -110,6 +112,12 @@ class HeuristicConfig:
     embargo_steps: int = 2
     # Blend algorithm index used for every germination.
     blend: int = 0
+    # Blueprints to germinate, best first: the first one the masks allow in the chosen
+    # slot wins; names a host does not offer are skipped. Width seeds by default: a host
+    # too narrow for its task gains most from more units (issue 12: growing digits
+    # width 1 to width 2 is worth ~+0.09 objective). Empty, or none legal: rotate through
+    # every blueprint.
+    blueprint_preference: tuple[str, ...] = ("wide_x1", "wide_half", "wide_x2")
 
     def __post_init__(self) -> None:
         if self.slot_preference not in ("deep", "shallow"):
@@ -138,7 +146,7 @@ class HeuristicState:
 
 
 class HeuristicController:
-    """Germinate on plateau (blueprint rotation), fossilize helpful seeds, prune harmful.
+    """Germinate on plateau, fossilize helpful seeds, prune harmful ones.
 
     Each step, in this order:
     1. FOSSILIZE the first slot where the masks allow it (a HOLDING seed whose
@@ -148,13 +156,22 @@ class HeuristicController:
        hold germination for ``embargo_steps``.
     3. GERMINATE when quality has plateaued for ``plateau_patience`` steps, fewer than
        ``max_live_seeds`` seeds are alive and the cooldown is over: the deepest (or
-       shallowest) legal slot, the next blueprint of the rotation that fits it.
+       shallowest) legal slot, the first of ``blueprint_preference`` that fits it, else
+       the next blueprint of the rotation that fits it.
     4. Otherwise WAIT.
+
+    Blueprint names come from ``blueprints`` (the action space's list) or, by default,
+    from ``esper.model.blueprints_for`` of the slot's topology read from the
+    observation: the list every Esper env uses.
     """
 
-    def __init__(self, config: HeuristicConfig | None = None) -> None:
+    def __init__(
+        self, config: HeuristicConfig | None = None, blueprints: tuple[str, ...] | None = None
+    ) -> None:
         self.config = config or HeuristicConfig()
+        self.blueprints = blueprints
         s = DEFAULT_SCHEMA
+        self._topology0 = s.slot_index(f"topology_{TOPOLOGIES[0]}")
         self._plateau = s.global_index("plateau_epochs")
         self._stage0 = s.slot_index("stage_dormant")
         self._contribution = s.slot_index("contribution")
@@ -208,12 +225,33 @@ class HeuristicController:
             slot = germinable[-1] if cfg.slot_preference == "deep" else germinable[0]
             legal_bps = masks.blueprint[slot]
             num_bps = legal_bps.numel()
-            for k in range(num_bps):
-                bp = (state.blueprint_cursor + k) % num_bps
-                if bool(legal_bps[bp]):
-                    break
+            preferred = self._preferred(slot, slots, legal_bps)
+            cursor = state.blueprint_cursor
+            if preferred is not None:
+                bp = preferred
+            else:
+                for k in range(num_bps):
+                    bp = (cursor + k) % num_bps
+                    if bool(legal_bps[bp]):
+                        break
+                cursor = (bp + 1) % num_bps
             blends = _legal(masks.blend)
             blend = cfg.blend if cfg.blend in blends else blends[0]
             action = FactoredAction(LifecycleOp.GERMINATE, slot, bp, blend)
-            return action, replace(state, blueprint_cursor=(bp + 1) % num_bps)
+            return action, replace(state, blueprint_cursor=cursor)
         return FactoredAction.wait(), state
+
+    def _preferred(self, slot: int, slots: torch.Tensor, legal: torch.Tensor) -> int | None:
+        """Index of the first preferred blueprint legal in ``slot`` (None: none is)."""
+        names = self.blueprints
+        if names is None:
+            onehot = slots[slot, self._topology0 : self._topology0 + len(TOPOLOGIES)]
+            if not bool(onehot.any()):
+                return None
+            names = blueprints_for(TOPOLOGIES[int(onehot.argmax())])
+        if len(names) != legal.numel():
+            return None  # not the action space these names describe: rotate instead
+        for name in self.config.blueprint_preference:
+            if name in names and bool(legal[names.index(name)]):
+                return names.index(name)
+        return None

@@ -153,6 +153,22 @@ def _result(
     )
 
 
+def _stack_pending(
+    live: Tensor | None, variant: Tensor | None, live_rows: int, variant_rows: int
+) -> Tensor | None:
+    """Width terms of the live rows and of one variant's rows, stacked like the rows
+    (a side that adds nothing contributes zeros; None when neither adds anything)."""
+    if live is None and variant is None:
+        return None
+    like = live if live is not None else variant
+    assert like is not None
+    if live is None:
+        live = like.new_zeros((live_rows, *like.shape[1:]))
+    if variant is None:
+        variant = like.new_zeros((variant_rows, *like.shape[1:]))
+    return torch.cat([live, variant])
+
+
 @torch.no_grad()
 def fast_counterfactuals(
     model,
@@ -180,21 +196,22 @@ def fast_counterfactuals(
     for start in range(0, x.shape[0], chunk):
         xc, yc = x[start : start + chunk], y[start : start + chunk]
         n = xc.shape[0]
-        stack = host.embed(xc)
+        stack, pending = host.embed(xc), None
         names = [LIVE]  # row-block order in `stack`
-        for i, block in enumerate(host.blocks):
-            h = block(stack)
+        for i in range(model.num_blocks):
+            # A width seed's term at block i is pending for block i+1 (or the head).
+            h, tap = model.run_block(i, stack, pending)
             sid = slot_at_block.get(i)
-            if sid is None:
-                stack = h
-                continue
-            slot = model.slots[sid]
-            out = slot(h)
+            out, pending = model.apply_slot(i, h, tap)
             if sid in variants:
-                out = torch.cat([out, slot(h[:n], variants[sid])])
+                v_out, v_pending = model.apply_slot(
+                    i, h[:n], None if tap is None else tap[:n], variants[sid]
+                )
+                out = torch.cat([out, v_out])
+                pending = _stack_pending(pending, v_pending, h.shape[0], n)
                 names.append(sid)
             stack = out
-        _accumulate(totals, paired, names, host.head(stack), yc, n)
+        _accumulate(totals, paired, names, model.head(stack, pending), yc, n)
     return _result(kind, totals, paired, variants)
 
 
