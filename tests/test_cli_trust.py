@@ -106,7 +106,7 @@ def test_run_folder_holds_provenance_timings_and_live_progress(tmp_path, capsys)
     code, _, err = _run(capsys, "train", "heuristic", *TINY, "--episodes", "4", "--no-report",
                         "--run-dir", run_dir)  # fmt: skip
     assert code == 0, err
-    assert "train round 2/2 step 3/3 | env steps 12/12" in err
+    assert "round 2/2 done | env steps 12/12" in err
     assert "baseline round 1/1" in err
     session = json.loads((run_dir / "provenance.json").read_text())["sessions"][0]
     assert session["torch"] == torch.__version__ and session["device"] == "cpu"

@@ -79,3 +79,28 @@ def test_rolling_mean_uses_only_points_seen_so_far():
 
     assert _rolling([1, 2, 3, 4, 5], 2).tolist() == [1.0, 1.5, 2.5, 3.5, 4.5]
     assert _rolling([0.7, 0.9, 0.95], 10).tolist() == pytest.approx([0.7, 0.8, 0.85])
+
+
+def test_report_states_baseline_timing_and_provenance(tmp_path):
+    from esper.telemetry.events import BaselineEpisodeEnded, RoundEnded, RunFinished
+
+    with Telemetry(tmp_path) as tel:
+        origin = {"esper": "9.9", "torch": "2.x", "command": ["esper", "train"]}
+        tel.emit(RunStarted("t", "heuristic", "digits", SLOTS, 2, 0, False, 4, origin))
+        for env in range(2):
+            tel.emit(BaselineEpisodeEnded(0, env, 0.4, 0.7, 0.0, 0.7, 0, 0, 0, 0, 0, 0))
+        for ep in range(2):
+            for env in range(2):
+                tel.emit(EpisodeStep(ep, env, 0, "WAIT", "WAIT", 0.1, 0.8, 0.0, ["DORMANT"] * 3))
+                tel.emit(EpisodeEnded(ep, env, 0.5, 0.8, 0.05, 0.79, 40, 1, 0, 1, 0, 1))
+            tel.emit(RoundEnded(ep, 2 * ep + 2, 6, 1.5, 4.0))
+        tel.emit(RunFinished(2, 4, 2, 4.0, 3.0))
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
+    assert len(rows) == 4  # baseline episodes are not training episodes
+    build_report(tmp_path)
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| quality | 0.8000 ± 0.0000 | 0.7000 ± 0.0000 |" in summary
+    assert "static host, round-0 seeds" in summary and "last 1 of 2 rounds: their 2" in summary
+    assert "2 rounds: 1.5 s per round" in summary and "4.00 env steps/s" in summary
+    assert "esper 9.9" in summary and "`esper train`" in summary
+    assert "| governor rollbacks | 4 |" in summary

@@ -164,8 +164,8 @@ def _clock(seconds: float) -> str:
 
 
 class _Console:
-    """Live progress on stderr: rewritten in place on a terminal; elsewhere (a log file)
-    one line every few seconds and one per finished round."""
+    """Live progress on stderr: one line rewritten in place on a terminal; elsewhere (a
+    log file) a line every few seconds within a round and one per finished round."""
 
     EVERY_S = 3.0
 
@@ -173,30 +173,47 @@ class _Console:
         self.tty = sys.stderr.isatty()
         self.last_print = 0.0
         self.last_round = ""
+        self.p = None
 
-    def live(self, p) -> None:
-        now = time.monotonic()
-        end_of_round = p.step == p.steps
-        if not self.tty and not end_of_round and now - self.last_print < self.EVERY_S:
-            return
-        self.last_print = now
-        line = (
-            f"{p.phase} round {p.round + 1}/{p.rounds} step {p.step}/{p.steps} | "
+    @staticmethod
+    def _where(p) -> str:
+        return (
             f"env steps {p.env_steps}/{p.env_steps_total} | {p.steps_per_s:.2f} steps/s | "
             f"elapsed {_clock(p.elapsed_s)} eta {_clock(p.eta_s)}"
         )
+
+    def live(self, p) -> None:
+        self.p = p
+        now = time.monotonic()
+        end_of_round = p.step == p.steps
+        if not self.tty:
+            if end_of_round and p.phase == "train":
+                return  # round_done prints this round's line with its results
+            if not end_of_round and now - self.last_print < self.EVERY_S:
+                return
+        self.last_print = now
+        line = f"{p.phase} round {p.round + 1}/{p.rounds} step {p.step}/{p.steps} | "
+        line += self._where(p)
         if self.last_round and p.phase == "train":
             line += f" | {self.last_round}"
-        end = "\r" if self.tty and not (end_of_round and p.round + 1 == p.rounds) else "\n"
-        print(f"\x1b[2K{line}" if self.tty else line, end=end, file=sys.stderr, flush=True)
+        if self.tty:
+            last = end_of_round and p.round + 1 == p.rounds and p.phase != "train"
+            print(f"\x1b[2K{line}", end="\n" if last else "\r", file=sys.stderr, flush=True)
+        else:
+            print(line, file=sys.stderr, flush=True)
 
     def round_done(self, done: int, total: int, last: dict[str, float]) -> None:
         self.last_round = (
             f"last round: quality {last['quality']:.4f} objective {last['objective']:.4f} "
             f"return {last['episode_return']:+.4f}"
         )
-        if not self.tty:
-            print(f"esper: round {done}/{total} done; {self.last_round}", file=sys.stderr)
+        where = f" | {self._where(self.p)}" if self.p is not None else ""
+        line = f"round {done}/{total} done{where} | {self.last_round}"
+        if self.tty:
+            print(f"\x1b[2K{line}", end="\n" if done == total else "\r", file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
+        self.last_print = time.monotonic()
 
 
 def _set_threads(threads: int, envs_in_process: int) -> None:

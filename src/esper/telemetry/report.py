@@ -47,10 +47,18 @@ def _rolling(values: list[float], window: int) -> np.ndarray:
     return (sums[ends] - sums[starts]) / (ends - starts)
 
 
-def plot_learning_curves(episodes: list[dict], path: Path) -> None:
+def rolling_window(n: int) -> int:
+    """The learning curves' rolling-mean window for ``n`` episodes (stated on the plot)."""
+    return max(3, n // 10)
+
+
+def plot_learning_curves(episodes: list[dict], path: Path, baseline: list[dict] = ()) -> None:
+    """Every finished episode, a trailing rolling mean and, when the run played one, the
+    static host on round 0's seeds as a dashed line."""
     plt = _plt()
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     order = list(range(len(episodes)))
+    window = rolling_window(len(episodes))
     for ax, key, label in zip(
         axes,
         ("quality", "episode_return", "objective"),
@@ -58,21 +66,42 @@ def plot_learning_curves(episodes: list[dict], path: Path) -> None:
         strict=True,
     ):
         values = [e[key] for e in episodes]
-        ax.plot(order, values, ".", alpha=0.35, label="episodes")
-        ax.plot(order, _rolling(values, max(3, len(values) // 10)), "-", label="rolling mean")
-        ax.set_xlabel("finished episode")
-        ax.set_title(label)
+        ax.plot(order, values, ".", alpha=0.35, label="one episode")
+        ax.plot(order, _rolling(values, window), "-", label=f"rolling mean ({window} episodes)")
+        if baseline:
+            level = float(np.mean([b[key] for b in baseline]))
+            ax.axhline(
+                level, color="k", ls="--", lw=1,
+                label=f"static host, round-0 seeds ({len(baseline)} eps): {level:.3f}",
+            )  # fmt: skip
+        ax.set_xlabel("finished episode (in order)")
+        ax.set_ylabel(key)
+        ax.set_title(label, fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0].legend(loc="lower right")
+        ax.legend(loc="best", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def plot_lifecycle(steps: list[dict], slot_ids: list[str], path: Path, max_envs: int = 8) -> None:
-    """Stage of every slot over the last recorded episode of each env."""
+_MARKERS = {"seed_germinated": ("^", "germinated"), "seed_fossilized": ("*", "fossilized"),
+            "seed_pruned": ("x", "pruned")}  # fmt: skip
+
+
+def plot_lifecycle(
+    steps: list[dict],
+    slot_ids: list[str],
+    path: Path,
+    max_envs: int = 8,
+    seed_events: list[dict] = (),
+) -> None:
+    """Stage of every slot after each step of the last recorded episode of each env, with
+    a marker at every germination, fossilization and prune (a prune passes PRUNED within
+    the step, so the stage colours alone would hide it)."""
     from matplotlib.colors import ListedColormap
+    from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
+    from matplotlib.ticker import MaxNLocator
 
     plt = _plt()
     last: dict[int, int] = {}
@@ -80,94 +109,149 @@ def plot_lifecycle(steps: list[dict], slot_ids: list[str], path: Path, max_envs:
         last[s["env"]] = max(last.get(s["env"], -1), s["episode"])
     envs = sorted(last)[:max_envs]
     fig, axes = plt.subplots(
-        len(envs), 1, figsize=(10, 0.5 + 0.35 * len(slot_ids) * len(envs) + 0.6), squeeze=False
+        len(envs), 1, figsize=(10, 1.2 + 0.35 * len(slot_ids) * len(envs) + 0.6), squeeze=False
     )
     cmap = ListedColormap(STAGE_COLOURS)
+    seen: set[int] = set()
+    marked: set[str] = set()
     for ax, env in zip(axes[:, 0], envs, strict=True):
         rows = sorted(
             (s for s in steps if s["env"] == env and s["episode"] == last[env]),
             key=lambda s: s["step"],
         )
         grid = np.array([[STAGES.index(x) for x in s["stages"]] for s in rows]).T
+        seen.update(int(v) for v in np.unique(grid))
         ax.imshow(
             grid, aspect="auto", cmap=cmap, vmin=0, vmax=len(STAGES) - 1, interpolation="nearest"
         )
+        for e in seed_events:
+            if e["env"] == env and e["episode"] == last[env] and e["kind"] in _MARKERS:
+                marker = _MARKERS[e["kind"]][0]
+                ax.plot(e["step"], slot_ids.index(e["slot_id"]), marker, color="k", ms=6)
+                marked.add(e["kind"])
         ax.set_yticks(range(len(slot_ids)), slot_ids, fontsize=7)
-        ax.set_ylabel(f"env {env}\nep {last[env]}", fontsize=8)
-        ax.set_xlabel("step")
-    handles = [Patch(color=c, label=n) for c, n in zip(STAGE_COLOURS, STAGES, strict=True)]
-    fig.legend(handles=handles, loc="upper center", ncol=8, fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, 0, 1, 0.93))
+        ax.set_ylabel(f"env {env}\nepisode {last[env]}", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlim(-0.5, len(rows) - 0.5)
+    axes[-1, 0].set_xlabel("step (host epoch) of the episode; colour = stage after the step")
+    handles = [Patch(color=STAGE_COLOURS[i], label=STAGES[i]) for i in sorted(seen)]
+    handles += [
+        Line2D([], [], marker=_MARKERS[k][0], color="k", ls="", label=_MARKERS[k][1])
+        for k in _MARKERS
+        if k in marked
+    ]
+    episodes = sorted(set(last[e] for e in envs))
+    shown = f"episode {episodes[0]}" if len(episodes) == 1 else f"episodes {episodes}"
+    fig.suptitle(f"slot stages in the last recorded {shown} of each env", fontsize=10)
+    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.955),
+               ncol=min(len(handles), 8), fontsize=7, frameon=False)  # fmt: skip
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def plot_action_mix(steps: list[dict], path: Path, bins: int = 20) -> None:
+    """Share of each op among the decisions of consecutive groups of rounds."""
     plt = _plt()
-    episodes = sorted({(s["episode"]) for s in steps})
-    edges = np.linspace(0, len(episodes), min(bins, len(episodes)) + 1).astype(int)
-    index = {ep: i for i, ep in enumerate(episodes)}
-    counts = np.zeros((len(edges) - 1, len(OPS)))
+    rounds = sorted({s["episode"] for s in steps})
+    per_bin = -(-len(rounds) // min(bins, len(rounds)))
+    index = {r: i // per_bin for i, r in enumerate(rounds)}
+    nbins = max(index.values()) + 1
+    counts = np.zeros((nbins, len(OPS)))
     for s in steps:
-        b = min(np.searchsorted(edges, index[s["episode"]], side="right") - 1, len(counts) - 1)
-        counts[b, OPS.index(s["op"])] += 1
+        counts[index[s["episode"]], OPS.index(s["op"])] += 1
     share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    bottom = np.zeros(len(share))
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    bottom = np.zeros(nbins)
     for j, op in enumerate(OPS):
-        ax.bar(range(len(share)), share[:, j], bottom=bottom, label=op)
+        ax.bar(range(nbins), share[:, j], bottom=bottom, label=op)
         bottom += share[:, j]
-    ax.set_xlabel("episode bin (time →)")
+    labels = []
+    for b in range(nbins):
+        members = [r for r in rounds if index[r] == b]
+        labels.append(f"{members[0]}" if len(members) == 1 else f"{members[0]}–{members[-1]}")
+    ax.set_xticks(range(nbins), labels, fontsize=7, rotation=45 if nbins > 10 else 0)
+    ax.set_xlabel(f"round (each bar: {per_bin} round{'s' if per_bin > 1 else ''}, all envs)")
     ax.set_ylabel("share of decisions")
-    ax.set_title("action mix")
-    ax.legend(ncol=4, fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_title("action mix (executed ops; an illegal action runs as WAIT)", fontsize=10)
+    ax.legend(ncol=4, fontsize=8, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def plot_ppo(updates: list[dict], path: Path) -> None:
+# What a PPO user reads, in this order: (title, y label, diagnostics keys).
+_PPO_PANELS = [
+    ("mean episode return", "return", ["_return"]),
+    ("value loss", "loss (normalised targets)", ["value_loss"]),
+    ("explained variance", "1 − Var(R − V) / Var(R)", ["explained_variance"]),
+    ("approx KL (old ‖ new)", "nats", ["approx_kl"]),
+    ("entropy per head (1 = uniform)", "entropy / log(#legal)",
+     [f"entropy/{h}" for h in ("op", "slot", "blueprint", "blend")]),
+    ("clip fraction", "share of samples clipped", ["clip_frac"]),
+]  # fmt: skip
+
+
+def plot_ppo(updates: list[dict], path: Path, episodes: list[dict] = ()) -> None:
+    """PPO diagnostics per update, with the mean return of the episodes each update used."""
     plt = _plt()
-    keys = sorted({k for u in updates for k in u["diagnostics"]})
-    cols = 3
-    rows = max(1, -(-len(keys) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(12, 2.6 * rows), squeeze=False)
+    returns: dict[int, list[float]] = defaultdict(list)
+    for e in episodes:
+        returns[e["episode"]].append(e["episode_return"])
     x = [u["update"] for u in updates]
-    for ax, key in zip(axes.ravel(), keys, strict=False):
-        ax.plot(x, [u["diagnostics"].get(key, np.nan) for u in updates], ".-")
-        ax.set_title(key, fontsize=9)
+    fig, axes = plt.subplots(2, 3, figsize=(12, 5.6))
+    for ax, (title, ylabel, keys) in zip(axes.ravel(), _PPO_PANELS, strict=True):
+        for key in keys:
+            if key == "_return":
+                y = [np.mean(returns[u["update"]]) if returns[u["update"]] else np.nan
+                     for u in updates]  # fmt: skip
+            else:
+                y = [u["diagnostics"].get(key, np.nan) for u in updates]
+            style = "-" if len(keys) == 1 else ["o-", "s--", "^:", "x-."][keys.index(key)]
+            ax.plot(x, y, style, ms=4, label=key.split("/")[-1] if len(keys) > 1 else None)
+        if len(keys) > 1:
+            ax.legend(fontsize=7)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("PPO update (round)")
+        ax.set_ylabel(ylabel, fontsize=8)
         ax.grid(alpha=0.3)
-    for ax in axes.ravel()[len(keys) :]:
-        ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def _summary(run: dict, episodes: list[dict], counts: Counter, plots: list[str]) -> str:
-    tail = episodes[-max(1, len(episodes) // 5) :] if episodes else []
+def _mean_std(rows: list[dict], key: str) -> str:
+    if not rows:
+        return "n/a"
+    v = np.array([r[key] for r in rows], dtype=float)
+    return f"{v.mean():.4f} ± {v.std():.4f}"
 
-    def mean(key: str) -> str:
-        if not tail:
-            return "n/a"
-        v = np.array([e[key] for e in tail], dtype=float)
-        return f"{v.mean():.4f} ± {v.std():.4f}"
 
+def _summary(by_kind: dict[str, list[dict]], plots: list[str]) -> str:
+    runs = by_kind["run_started"]
+    run = runs[-1] if runs else {}
+    episodes, baseline = by_kind["episode_ended"], by_kind["baseline_episode_ended"]
+    envs = int(run.get("num_envs") or 1)
+    rounds = sorted({e["episode"] for e in episodes})
+    last_rounds = rounds[-max(1, len(rounds) // 5) :]  # the last fifth, whole rounds
+    tail = [e for e in episodes if e["episode"] >= last_rounds[0]] if episodes else []
     lines = [
         f"# Run `{run.get('run_name', '?')}`",
         "",
         f"- controller: **{run.get('controller', '?')}**, task: **{run.get('task', '?')}**",
-        f"- slots: {' '.join(run.get('slot_ids', []))}; envs: {run.get('num_envs', '?')}; "
-        f"seed: {run.get('seed', '?')}",
-        f"- finished episodes: {len(episodes)}; PPO updates: {counts.get('ppo_update', 0)}",
+        f"- slots: {' '.join(run.get('slot_ids', []))}; envs: {envs}; seed: {run.get('seed', '?')}",
+        f"- finished episodes: {len(episodes)} of {run.get('episodes', '?')}; "
+        f"PPO updates: {len(by_kind['ppo_update'])}; sessions: {len(runs)}",
         "",
-        f"## Final table (last {len(tail)} episodes, mean ± std)",
+        f"## Final table (the last {len(last_rounds)} of {len(rounds)} rounds: their "
+        f"{len(tail)} training episodes, mean ± std)",
         "",
-        "| metric | value |",
-        "|---|---|",
+        "| metric | value | static host, round-0 seeds |",
+        "|---|---|---|",
     ]
     for key in ("quality", "growth", "objective", "episode_return", "params_added"):
-        lines.append(f"| {key} | {mean(key)} |")
+        lines.append(f"| {key} | {_mean_std(tail, key)} | {_mean_std(baseline, key)} |")
     total = Counter()
     for e in episodes:
         for key in ("germinated", "fossilized", "pruned", "illegal", "rollbacks"):
@@ -176,8 +260,44 @@ def _summary(run: dict, episodes: list[dict], counts: Counter, plots: list[str])
     lines += [f"| {k} | {total[k]} |" for k in ("germinated", "fossilized", "pruned")]
     lines += [f"| illegal actions run as WAIT | {total['illegal']} |"]
     lines += [f"| governor rollbacks | {total['rollbacks']} |", ""]
+    lines += _timing_lines(by_kind) + _provenance_lines(runs)
     lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     return "\n".join(lines)
+
+
+def _timing_lines(by_kind: dict[str, list[dict]]) -> list[str]:
+    rounds, finished = by_kind["round_ended"], by_kind["run_finished"]
+    if not rounds:
+        return []
+    walls = np.array([r["wall_s"] for r in rounds])
+    rates = np.array([r["env_steps_per_s"] for r in rounds])
+    total = sum(f["wall_s"] for f in finished)
+    return [
+        "## Timing",
+        "",
+        f"- {len(rounds)} rounds: {walls.mean():.1f} s per round (min {walls.min():.1f}, "
+        f"max {walls.max():.1f}); {rates.mean():.2f} env steps/s",
+        f"- wall time of the sessions that finished: {total:.0f} s "
+        f"({len(finished)} of {len(by_kind['run_started'])} sessions)",
+        "",
+    ]
+
+
+def _provenance_lines(runs: list[dict]) -> list[str]:
+    lines = ["## Provenance (per session; all of it in provenance.json)", ""]
+    for r in runs:
+        p = r.get("provenance") or {}
+        if not p:
+            continue
+        commit = p.get("git_commit")
+        where = f"git {commit[:10]}{' (dirty)' if p.get('git_dirty') else ''}" if commit else ""
+        lines.append(
+            f"- {p.get('started', '?')}: esper {p.get('esper', '?')} {where}; torch "
+            f"{p.get('torch', '?')}, Python {p.get('python', '?')}; device {p.get('device')}, "
+            f"{p.get('torch_threads')} threads of {p.get('cpu_count')} cores; "
+            f"`{' '.join(p.get('command', []))}`"
+        )
+    return [*lines, ""] if len(lines) > 2 else []
 
 
 def build_report(run_dir: str | Path) -> list[Path]:
@@ -191,20 +311,23 @@ def build_report(run_dir: str | Path) -> list[Path]:
     for r in records:
         by_kind[r["kind"]].append(r)
     run = by_kind["run_started"][-1] if by_kind["run_started"] else {}
-    counts = Counter({k: len(v) for k, v in by_kind.items()})
     episodes = by_kind["episode_ended"]
     steps = by_kind["episode_step"]
     written: list[Path] = []
     if episodes:
-        plot_learning_curves(episodes, run_dir / "learning_curves.png")
+        plot_learning_curves(
+            episodes, run_dir / "learning_curves.png", by_kind["baseline_episode_ended"]
+        )
         written.append(run_dir / "learning_curves.png")
     if steps:
-        plot_lifecycle(steps, run.get("slot_ids") or [], run_dir / "lifecycle.png")
+        seed_events = [r for k in _MARKERS for r in by_kind[k]]
+        plot_lifecycle(steps, run.get("slot_ids") or [], run_dir / "lifecycle.png",
+                       seed_events=seed_events)  # fmt: skip
         plot_action_mix(steps, run_dir / "action_mix.png")
         written += [run_dir / "lifecycle.png", run_dir / "action_mix.png"]
     if by_kind["ppo_update"]:
-        plot_ppo(by_kind["ppo_update"], run_dir / "ppo.png")
+        plot_ppo(by_kind["ppo_update"], run_dir / "ppo.png", episodes)
         written.append(run_dir / "ppo.png")
     summary = run_dir / "summary.md"
-    summary.write_text(_summary(run, episodes, counts, [p.name for p in written]))
+    summary.write_text(_summary(by_kind, [p.name for p in written]), encoding="utf-8")
     return [*written, summary]
