@@ -47,9 +47,9 @@ def esper_update(args: argparse.Namespace, episodes: str) -> tuple[list[float], 
             agent.record(step, out.rewards, out.terminated, out.truncated)
             hidden = agent.reset_hidden(step.hidden, out.terminated)
             obs, masks = out.obs, out.masks
-        start = time.perf_counter()
+        start = time.process_time()
         diag = agent.update(next_obs=obs, next_hidden=hidden)
-        times.append(time.perf_counter() - start)
+        times.append(time.process_time() - start)
         extra.append(diag["padded_rows_per_step"])
     return times[1:], sum(extra[1:]) / len(extra[1:])
 

@@ -7,6 +7,8 @@ env whose episodes end at the rollout end (``end``), at random points inside it
 alone (best of ``--repeats``, after a warm-up update), and choosing actions for
 ``--act-envs`` envs (Esper's ``act`` with its masks vs sb3's ``predict``; median of many
 calls). Also: Esper's masked heads vs an unmasked policy of the same trunk and size.
+Times are CPU time of this process (``time.process_time``), not wall time: on a machine
+shared with other jobs it is the steadier figure; run with ``--threads 1``.
 
     pip install -e '.[bench]'          # sb3-contrib
     python bench/bench_sb3.py          # 64 envs x 32 steps, 4 slots, LSTM 128, 4 x 4
@@ -127,8 +129,7 @@ def _sb3_model(args: argparse.Namespace, episodes: str):
             )
 
     vec_env = DummyVecEnv([lambda i=i: Env(i) for i in range(args.envs)])
-    # Trunk and heads sized so the parameter count is close to Esper's network (printed).
-    width = args.hidden
+    width = args.width
     return RecurrentPPO(
         "MlpLstmPolicy",
         vec_env,
@@ -149,6 +150,19 @@ def _sb3_model(args: argparse.Namespace, episodes: str):
     )
 
 
+def _sb3_width(args: argparse.Namespace, target: int) -> int:
+    """Width of sb3's actor/critic MLPs that brings its parameter count closest to ``target``."""
+    obs_dim, h = GLOBAL_DIM + args.slots * SLOT_DIM, args.hidden
+    actions = NUM_OPS + args.slots + NUM_BLUEPRINTS + NUM_BLENDS
+    lstm = 4 * h * (obs_dim + h) + 8 * h
+
+    def count(w: int) -> int:
+        pi = h * w + w + w * w + w
+        return lstm + pi + (h * w + w) + (w * actions + actions) + (w + 1)
+
+    return min(range(8, 4 * h + 1), key=lambda w: abs(count(w) - target))
+
+
 def sb3_update_seconds(model, args: argparse.Namespace) -> list[float]:
     model.learn(total_timesteps=args.envs * args.steps)  # warm-up: one rollout + one update
     times = []
@@ -156,29 +170,41 @@ def sb3_update_seconds(model, args: argparse.Namespace) -> list[float]:
         _, callback = model._setup_learn(args.envs * args.steps, None, False)
         callback.on_training_start(locals(), globals())
         model.collect_rollouts(model.env, callback, model.rollout_buffer, args.steps)
-        start = time.perf_counter()
+        start = time.process_time()
         model.train()
-        times.append(time.perf_counter() - start)
+        times.append(time.process_time() - start)
     return times
 
 
 def _median_ms(fn, calls: int) -> float:
+    """Median CPU time of this process per call (less disturbed by other jobs than wall
+    time on a shared machine; torch runs on this one thread)."""
     fn()
     times = []
     for _ in range(calls):
-        start = time.perf_counter()
+        start = time.process_time()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append(time.process_time() - start)
     return 1e3 * statistics.median(times)
 
 
 class UnmaskedPolicy(torch.nn.Module):
-    """Esper's trunk with independent, unmasked heads (one linear layer, as sb3 uses)."""
+    """Esper's trunk with independent, unmasked heads (an MLP with one hidden layer, as
+    wide as makes its parameter count equal to Esper's masked heads)."""
 
     def __init__(self, net: FactoredRecurrentActorCritic, sizes: tuple[int, ...]) -> None:
         super().__init__()
         self.net, self.sizes = net, sizes
-        self.head = torch.nn.Linear(net.hidden_size, sum(sizes))
+        trunk = {"global_encoder", "slot_encoder", "lstm", "value_head"}
+        target = sum(
+            p.numel() for name, p in net.named_parameters() if name.split(".")[0] not in trunk
+        )
+        h, out = net.hidden_size, sum(sizes)
+        width = max(1, round((target - out) / (h + 1 + out)))
+        self.head = torch.nn.Sequential(
+            torch.nn.Linear(h, width), torch.nn.ReLU(), torch.nn.Linear(width, out)
+        )
+        self.head_params = (target, sum(p.numel() for p in self.head.parameters()))
 
     @torch.no_grad()
     def act(self, obs, hidden):
@@ -191,7 +217,7 @@ class UnmaskedPolicy(torch.nn.Module):
         return actions, log_probs, values, new_hidden
 
 
-def act_timings(args: argparse.Namespace, sb3_model) -> dict[str, float]:
+def act_timings(args: argparse.Namespace, sb3_model) -> tuple[dict[str, float], tuple[int, int]]:
     n = args.act_envs
     env = RandomMaskedEnv(n, args.slots, args.steps, "never")
     agent = PPOAgent(env.slot_config, GLOBAL_DIM, SLOT_DIM, env.blueprints, _config(args))
@@ -201,9 +227,16 @@ def act_timings(args: argparse.Namespace, sb3_model) -> dict[str, float]:
     sizes = (NUM_OPS, args.slots, NUM_BLUEPRINTS, NUM_BLENDS)
     unmasked = UnmaskedPolicy(agent.network, sizes)
     norm = agent.obs_normalizer.normalize(obs)
+    noise = torch.rand(n, 4)
+
+    @torch.no_grad()
+    def masked_heads():
+        agent.network.get_action(norm, hidden, masks, noise=noise)
+
     out = {
         "esper act (masked)": _median_ms(lambda: agent.act(obs, masks, hidden), args.calls),
-        "unmasked twin": _median_ms(lambda: unmasked.act(norm, hidden), args.calls),
+        "network, masked heads": _median_ms(masked_heads, args.calls),
+        "network, unmasked twin": _median_ms(lambda: unmasked.act(norm, hidden), args.calls),
     }
     if sb3_model is not None:
         import numpy as np
@@ -216,7 +249,7 @@ def act_timings(args: argparse.Namespace, sb3_model) -> dict[str, float]:
             sb3_model.predict(flat, state=state, episode_start=starts, deterministic=False)
 
         out["sb3 predict"] = _median_ms(predict, args.calls)
-    return out
+    return out, unmasked.head_params
 
 
 def _config(args: argparse.Namespace) -> PPOConfig:
@@ -240,6 +273,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--calls", type=int, default=200, help="timed act/predict calls")
     parser.add_argument("--episodes", default=",".join(EPISODES))
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--act-only", action="store_true", help="skip the update timings")
     parser.add_argument("--quick", action="store_true", help="small sizes, a few seconds")
     args = parser.parse_args(argv)
     if args.quick:
@@ -256,34 +290,41 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         f"--{k}={getattr(args, k)}"
         for k in ("envs", "steps", "slots", "hidden", "epochs", "minibatches", "repeats")
     ]
-    ours = bench_ppo_update.main([*common, f"--episodes={args.episodes}"])
-    results: dict[str, float] = {}
     esper_params = sum(
         p.numel()
         for p in FactoredRecurrentActorCritic(
             args.slots, GLOBAL_DIM, SLOT_DIM, NUM_BLUEPRINTS, NUM_BLENDS, hidden=args.hidden
         ).parameters()
     )
-    if sb3_contrib is not None:
-        model = None
+    args.width = _sb3_width(args, esper_params)
+    results: dict[str, float] = {}
+    model = None
+    if not args.act_only:
+        ours = bench_ppo_update.main([*common, f"--episodes={args.episodes}"])
+    if sb3_contrib is not None and not args.act_only:
         print(f"{'episodes end':<14} {'sb3 samples/s':>14} {'esper / sb3':>12}")
         for episodes in args.episodes.split(","):
             model = _sb3_model(args, episodes)
             rate = samples / min(sb3_update_seconds(model, args))
             results[f"update/{episodes}"] = ours[episodes] / rate
             print(f"{episodes:<14} {rate:>14,.0f} {ours[episodes] / rate:>11.2f}x")
+    elif sb3_contrib is not None:
+        model = _sb3_model(args, "never")
+    if model is not None:
         sb3_params = sum(p.numel() for p in model.policy.parameters())
-        print(f"parameters: esper {esper_params:,}, sb3 {sb3_params:,}")
-    else:
-        model = None
-    acts = act_timings(args, model)
+        print(
+            f"parameters: esper {esper_params:,}, sb3 {sb3_params:,} "
+            f"(LSTM {args.hidden}, pi [{args.width}, {args.width}], vf [{args.width}])"
+        )
+    acts, acts_params = act_timings(args, model)
     print(f"choosing actions for {args.act_envs} envs (median ms per call):")
     for name, ms in acts.items():
         print(f"  {name:<22} {ms:8.3f} ms")
     if "sb3 predict" in acts:
         results["act/sb3_over_esper"] = acts["sb3 predict"] / acts["esper act (masked)"]
         print(f"  esper act speed-up over sb3 predict: {results['act/sb3_over_esper']:.2f}x")
-    ratio = acts["unmasked twin"] / acts["esper act (masked)"]
+    ratio = acts["network, unmasked twin"] / acts["network, masked heads"]
+    print(f"  head parameters: masked {acts_params[0]:,}, unmasked twin {acts_params[1]:,}")
     print(f"  masked heads vs unmasked twin: {ratio:.2f}x (>= 1: masked is no slower)")
     return results
 

@@ -9,11 +9,18 @@ log-softmax over a bf16/fp16 row loses the small probability differences PPO rat
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
 class InvalidMaskError(ValueError):
     """A mask row allows no action, or the mask does not fit the logits."""
+
+
+def _masked_log_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    filled = logits.float().masked_fill(~mask, torch.finfo(torch.float32).min)
+    return torch.log_softmax(filled, dim=-1)
 
 
 class MaskedCategorical:
@@ -30,21 +37,27 @@ class MaskedCategorical:
             raise InvalidMaskError(
                 f"mask shape {tuple(mask.shape)} does not match logits shape {tuple(logits.shape)}"
             )
-        self.num_valid = mask.sum(-1)
-        empty = self.num_valid == 0
-        if bool(empty.any()):
-            rows = torch.nonzero(empty).tolist()
+        if not bool(mask.any(-1).all()):
+            rows = torch.nonzero(~mask.any(-1)).tolist()
             raise InvalidMaskError(
                 f"{len(rows)} mask row(s) allow no action (first at index {rows[0]}); "
                 "every row must allow at least one of its "
                 f"{logits.shape[-1]} actions"
             )
         self.mask = mask
-        with torch.autocast(device_type=logits.device.type, enabled=False):
-            logits32 = logits.float()
-            filled = logits32.masked_fill(~mask, torch.finfo(torch.float32).min)
-            self.log_probs = torch.log_softmax(filled, dim=-1)
-        self.probs = self.log_probs.exp()
+        if torch.is_autocast_enabled(logits.device.type):
+            with torch.autocast(device_type=logits.device.type, enabled=False):
+                self.log_probs = _masked_log_softmax(logits, mask)
+        else:  # entering the context costs more than the softmax at acting batch sizes
+            self.log_probs = _masked_log_softmax(logits, mask)
+
+    @functools.cached_property
+    def probs(self) -> torch.Tensor:
+        return self.log_probs.exp()
+
+    @property
+    def num_valid(self) -> torch.Tensor:
+        return self.mask.sum(-1)
 
     def sample(
         self, generator: torch.Generator | None = None, uniform: torch.Tensor | None = None

@@ -42,16 +42,18 @@ class RunningMeanStd:
             return
         if n == 0:
             return
-        self._fold(n, batch.mean(0), batch.var(0, unbiased=False))
+        var, mean = torch.var_mean(batch, 0, correction=0)
+        self._fold(n, mean, var)
 
     def _fold(self, n: float | torch.Tensor, batch_mean: torch.Tensor, batch_var: torch.Tensor):
         if float(n) == 0.0:
             return
         delta = batch_mean - self.mean
         total = self.count + n
-        self.mean = self.mean + delta * n / total
-        m2 = self.var * self.count + batch_var * n + delta.square() * self.count * n / total
-        self.var = m2 / total
+        weight = n / total  # the batch's share of the merged count
+        self.mean = self.mean + delta * weight
+        # Chan et al.: M2 / total = old share * (var + delta^2 * batch share) + batch share * var
+        self.var = (1 - weight) * (self.var + delta.square() * weight) + weight * batch_var
         self.count = total
 
     @property
