@@ -54,8 +54,9 @@ from paretolib import (
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "bench"
 ARMS = ("heuristic", "always-grow", "random")
 # Blueprints the always-grow schedule plants, in order of preference (the first one the
-# host's topology offers): a width seed where one exists, else the largest depth seed.
-ALWAYS_GROW_BLUEPRINTS = ("width", "conv_heavy", "mlp")
+# host's topology offers): the width seed that doubles a layer where it exists (one per
+# slot grows a width-w CNN into a width-2w one), else the largest depth seed.
+ALWAYS_GROW_BLUEPRINTS = ("wide_x1", "conv_heavy", "mlp")
 
 
 @dataclass(frozen=True)
@@ -228,8 +229,13 @@ def write_tables(name, setup, summary, static, grown, args, lam) -> None:
     env = MorphogenesisEnv(env_config(setup, setup.widths[0], None))
     note = (
         f"{args.seeds} evaluation seeds (paired: same host-init and data-order seeds in "
-        f"every row); {env.max_epochs} steps of {setup.env.get('batches_per_step') or 'one epoch'}"
-        f" batches; narrow host = width {setup.widths[0]} ({env.host_params} params); "
+        f"every row); {env.max_epochs} steps of "
+        + (
+            f"{setup.env['batches_per_step']} batches"
+            if "batches_per_step" in setup.env
+            else "one epoch"
+        )
+        + f"; narrow host = width {setup.widths[0]} ({env.host_params} params); "
         f"λ = {lam}. Front values are interpolated linearly in log(params) between the "
         f"static widths {setup.widths} ('edge': outside them, clamped). FLOPs: the env's "
         "counter (esper.training.flops: forward + backward on training samples, validation "
@@ -250,40 +256,54 @@ def write_tables(name, setup, summary, static, grown, args, lam) -> None:
 
 def plot_image(name, static, grown, args) -> None:
     plt = benchlib.pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    for ax, key, xlabel in (
-        (axes[0], "params", "parameters (log scale)"),
-        (axes[1], "train_flops", "training FLOPs (log scale)"),
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, xlabel, unit in (
+        (axes[0], "params", "parameters (log scale)", 1.0),
+        (axes[1], "train_flops", "training GFLOPs per episode (log scale)", 1e9),
     ):
         pts = [
             (
-                *benchlib.mean_std([r[key] for r in s.rows]),
+                *benchlib.mean_std([r[key] / unit for r in s.rows]),
                 *benchlib.mean_std([r["quality"] for r in s.rows]),
             )
             for s in static.values()
         ]
         ax.errorbar(
             [p[0] for p in pts], [p[2] for p in pts], yerr=[p[3] for p in pts],
-            fmt="-o", color="black", capsize=3, label="static front (mean ± std)",
+            fmt="-o", color="black", capsize=3, label="static hosts (mean ± std)",
         )  # fmt: skip
         for (w, _), p in zip(static.items(), pts, strict=True):
-            ax.annotate(f"w={w}", (p[0], p[2]), textcoords="offset points", xytext=(4, -10),
-                        fontsize=7)  # fmt: skip
+            ax.annotate(f"w={w}", (p[0], p[2]), textcoords="offset points", xytext=(4, -12),
+                        fontsize=8)  # fmt: skip
         for arm, marker in zip(ARMS, ("s", "^", "v"), strict=True):
             rows = grown[arm].rows
-            x, xs = benchlib.mean_std([r[key] for r in rows])
+            x, xs = benchlib.mean_std([r[key] / unit for r in rows])
             y, ys = benchlib.mean_std([r["quality"] for r in rows])
             ax.errorbar([x], [y], xerr=[xs], yerr=[ys], fmt=marker, capsize=3, markersize=7,
                         label=f"grown from w={grown[arm].width}: {arm}")  # fmt: skip
         ax.set_xscale("log")
-        ax.set_xlabel(xlabel, fontsize=8)
-        ax.set_ylabel("final validation accuracy", fontsize=8)
-        ax.tick_params(labelsize=7)
+        ax.margins(x=0.12)
+        if key == "params":  # label the static sizes themselves, not log decades
+            ax.set_xticks([p[0] for p in pts], [f"{p[0]:.0f}" for p in pts])
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        else:
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.set_xlabel(xlabel, fontsize=9)
+        ax.set_ylabel("final validation accuracy", fontsize=9)
+        ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="lower right")
-    fig.suptitle(f"{name}: grown networks vs the static front ({args.seeds} seeds)", fontsize=9)
-    publish(benchlib.save_figure(fig, f"pareto_{name}{'_quick' if args.quick else ''}"), args)
+    axes[0].legend(fontsize=8, loc="lower right")
+    fig.suptitle(
+        f"{name}: grown networks vs static hosts, mean ± std over {args.seeds} paired seeds",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    path = benchlib.out_dir() / f"pareto_{name}{'_quick' if args.quick else ''}.png"
+    fig.savefig(path, dpi=100)
     plt.close(fig)
+    publish(path, args)
 
 
 def publish(path: Path, args) -> None:

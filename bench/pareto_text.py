@@ -29,8 +29,8 @@ from esper.policy import StaticController
 from esper.training import datasets
 from paretolib import AlwaysGrowController, blueprint_index, play
 
-# Whole-block seed first; the transformer MLP seed is the stand-in where it is missing.
-BLOCK_BLUEPRINTS = ("block", "mlp")
+# The whole decoder-layer seed; the transformer MLP seed stands in where it is missing.
+BLOCK_BLUEPRINTS = ("layer", "mlp")
 KJV_HINT = (
     "install the Debian KJV (`sudo apt-get install bible-kjv`) and export it: "
     "`bible -f gen1:1-rev22:21 > kjv.txt`, then pass --text-path kjv.txt"

@@ -12,7 +12,7 @@ from esper.lifecycle import (
 )
 
 S = SeedStage
-# DESIGN.md's diagram, written out edge by edge.
+# The diagram in docs/ARCHITECTURE.md, Lifecycle: written out edge by edge.
 DESIGN_EDGES = {
     (S.DORMANT, S.GERMINATED),
     (S.GERMINATED, S.TRAINING),

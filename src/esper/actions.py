@@ -1,4 +1,6 @@
-"""The factored action space: op → slot → blueprint → blend (DESIGN.md, Actions).
+"""The factored action space: op → slot → blueprint → blend.
+
+See docs/ARCHITECTURE.md, Actions and masks.
 
 Head sizes derive from a `SlotConfig`, the blueprint list of the host's topology and
 the blend list; nothing here fixes the number of slots.

@@ -1,4 +1,4 @@
-"""Seed lifecycle stages and the legal transitions between them (DESIGN.md, Lifecycle).
+"""Seed lifecycle stages and the legal transitions between them (docs/ARCHITECTURE.md, Lifecycle).
 
 DORMANT → GERMINATED → TRAINING → BLENDING → HOLDING → FOSSILIZED
    ↑                      │           │          │

@@ -1,4 +1,6 @@
-"""`MorphogenesisEnv`: host training as a Gymnasium environment (DESIGN.md, The environment).
+"""`MorphogenesisEnv`: host training as a Gymnasium environment.
+
+See docs/ARCHITECTURE.md, The environment.
 
 * ``reset(seed=)`` builds a fresh host (initialised from the episode seed), its trainer
   (whose data order comes from the same seed) and validates it once: that quality is

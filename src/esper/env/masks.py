@@ -1,4 +1,6 @@
-"""Action masks for the conditional factored action space (DESIGN.md, Actions).
+"""Action masks for the conditional factored action space.
+
+See docs/ARCHITECTURE.md, Actions and masks.
 
 Semantics (the rows `esper.actions.ActionMasks` documents):
 

@@ -1,4 +1,4 @@
-"""Observation schema and builder (DESIGN.md, Observation).
+"""Observation schema and builder (docs/ARCHITECTURE.md, Observation).
 
 An observation is a global block ``[G]`` plus one row per slot ``[S, F]`` of the same
 schema; ``F`` does not depend on ``S``, so one policy reads hosts with any slot count.

@@ -1,4 +1,4 @@
-"""Rewards (DESIGN.md, Reward).
+"""Rewards (docs/ARCHITECTURE.md, Reward).
 
 The episode objective is ``J = q − λ·g`` (q: validation quality, g: parameter growth
 ratio). Both modes telescope, so the episode sum never depends on how credit is spread

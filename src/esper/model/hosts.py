@@ -95,10 +95,10 @@ class CNNHost(Host):
     """conv3x3-BN-ReLU blocks with widths w, 2w, 4w, 8w, 8w, ... and 2x2 max-pools.
 
     Pooling: by default after every block from the second on, while the spatial size
-    before the pool is >= 4 (for 8x8 digits and depth 3: after blocks 1 and 2, as in
-    DESIGN.md). ``pool_at`` overrides the block indices; a pool that would shrink the
-    map below 2x2 is refused. Global average pooling before the linear head lets one
-    host accept any image size >= 8x8.
+    before the pool is >= 4 (for 8x8 digits and depth 3: after blocks 1 and 2; see
+    docs/ARCHITECTURE.md, Hosts and tasks). ``pool_at`` overrides the block indices;
+    a pool that would shrink the map below 2x2 is refused. Global average pooling
+    before the linear head lets one host accept any image size >= 8x8.
     """
 
     topology: Topology = "cnn"

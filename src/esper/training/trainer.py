@@ -156,7 +156,7 @@ class Trainer:
                 self.scaler.unscale_(opt)
             if cfg.grad_clip is not None:
                 # One norm per optimiser (host, each seed): a seed's gradient must never
-                # rescale the host's (isolation, docs/ARCHITECTURE.md, Lifecycle).
+                # rescale the host's (docs/ARCHITECTURE.md, Seeds, isolation and blending).
                 for opt in optimizers:
                     params = [p for group in opt.param_groups for p in group["params"]]
                     nn.utils.clip_grad_norm_(params, cfg.grad_clip)
