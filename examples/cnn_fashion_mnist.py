@@ -134,8 +134,8 @@ def run(args: argparse.Namespace, data, grow: bool) -> dict:
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="a few seconds, for tests")
-    parser.add_argument("--epochs", type=int, default=12)
-    parser.add_argument("--train", type=int, default=12000, help="training images used")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--train", type=int, default=5000, help="training images used")
     parser.add_argument("--width", type=int, default=4)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=0.05)
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     if args.tiny:  # digits: no 30 MB of IDX files to unpack
         args.epochs, args.train, args.data = 4, 600, args.data or "digits"
-    data = load(args.data or "fashion-mnist", args.train, 300 if args.tiny else 2000)
+    data = load(args.data or "fashion-mnist", args.train, 300 if args.tiny else 1000)
     print(f"data: {data[-1]}, {len(data[1])} train / {len(data[3])} val / {len(data[5])} test")
     rows = [run(args, data, grow=False), run(args, data, grow=True)]
     print(f"\n{'model':<10} {'params':>7} {'test acc':>9} {'test loss':>10} {'train s':>8}  seeds")

@@ -37,6 +37,7 @@ class Tokens(nn.Module):
         self.blocks = nn.ModuleList([nn.Linear(16, 16), nn.Linear(16, 16)])
         self.rnn = nn.LSTM(16, 16, batch_first=True)
         self.argmax = ArgMax()
+        self.score = Score()
         self.head = nn.Linear(16, 11)
 
     def forward(self, x):
@@ -44,12 +45,17 @@ class Tokens(nn.Module):
         for block in self.blocks:
             h = torch.relu(block(h))
         h = self.rnn(h)[0]
-        return self.head(h) + 0 * self.argmax(h).unsqueeze(-1)
+        return self.head(h) + 0 * self.argmax(h).unsqueeze(-1) + 0 * self.score(h)[:, None, None]
 
 
 class ArgMax(nn.Module):
     def forward(self, h):
         return h.argmax(-1)
+
+
+class Score(nn.Module):
+    def forward(self, h):
+        return h.sum(dim=(1, 2))  # [N]: one number per sample
 
 
 def _grow_to(slotted, sid, blueprint, stage, blend="linear"):
@@ -137,7 +143,11 @@ def test_bad_attachment_points_give_one_clear_error_each():
         attach(tokens, ["rnn"], sample)
     with pytest.raises(AttachError, match=r"'argmax' returns a torch.int64 tensor .*no blueprint"):
         attach(tokens, ["argmax"], sample)
-    with pytest.raises(AttachError, match=r"'embed' and 'blocks.0'|named twice"):
+    with pytest.raises(
+        AttachError, match=r"'score' returns a torch.float32 tensor of shape \(2,\)"
+    ):
+        attach(tokens, ["score"], sample)
+    with pytest.raises(AttachError, match=r"named twice"):
         attach(tokens, ["blocks.0", "blocks.0"], sample)
 
 
