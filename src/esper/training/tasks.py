@@ -40,14 +40,60 @@ class Task:
     description: str = ""
 
 
-def _digits(width: int = 2, depth: int = 3, val_fraction: float = 0.2, **hp: Any) -> Task:
+def _cnn(
+    in_channels: int,
+    width: int,
+    depth: int,
+    image_size: int,
+    pool_at: tuple[int, ...] | list[int] | None,
+    channels_last: bool,
+    num_classes: int = 10,
+) -> Callable[[TaskData], nn.Module]:
+    """Host factory of the CNN tasks, with their shared options checked up front.
+
+    ``pool_at``: the blocks followed by a 2x2 max-pool (None: the host's default, from
+    the second block on); e.g. ``[0, 1, 2]`` pools after every block, a quarter of the
+    activations from the first block on. ``channels_last``: NHWC weights, so the
+    convolutions run in that layout (1.5-1.7x per batch for a width-8 host on 32x32
+    images on an AVX-512 CPU, no change on 8x8 digits).
+    """
+    if pool_at is not None:
+        if isinstance(pool_at, (str, bytes)) or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in pool_at
+        ):
+            raise TaskError(f"pool_at must be a list of block indices, got {pool_at!r}")
+        bad = [i for i in pool_at if not 0 <= i < depth]
+        if bad:
+            raise TaskError(f"pool_at index {bad[0]} out of range: blocks are 0..{depth - 1}")
+        pool_at = tuple(sorted(set(pool_at)))
+    if not isinstance(channels_last, bool):
+        raise TaskError(f"channels_last must be true or false, got {channels_last!r}")
+
+    def make_host(data: TaskData) -> nn.Module:
+        import torch
+
+        from esper.model import CNNHost
+
+        host = CNNHost(
+            in_channels, num_classes, width, depth, image_size=image_size, pool_at=pool_at
+        )
+        return host.to(memory_format=torch.channels_last) if channels_last else host
+
+    return make_host
+
+
+def _digits(
+    width: int = 2,
+    depth: int = 3,
+    val_fraction: float = 0.2,
+    pool_at: list[int] | None = None,
+    channels_last: bool = False,
+    **hp: Any,
+) -> Task:
     def make_data(seed: int = 0, root: str | Path | None = None) -> TaskData:
         return datasets.load_digits_data(val_fraction=val_fraction, split_seed=seed)
 
-    def make_host(data: TaskData) -> nn.Module:
-        from esper.model import CNNHost
-
-        return CNNHost(in_channels=1, num_classes=10, width=width, depth=depth, image_size=8)
+    make_host = _cnn(1, width, depth, 8, pool_at, channels_last)
 
     return Task(
         "digits",
@@ -61,15 +107,18 @@ def _digits(width: int = 2, depth: int = 3, val_fraction: float = 0.2, **hp: Any
 
 
 def _fashion_mnist(
-    width: int = 4, depth: int = 3, max_train: int | None = None, max_val: int | None = None, **hp
+    width: int = 4,
+    depth: int = 3,
+    max_train: int | None = None,
+    max_val: int | None = None,
+    pool_at: list[int] | None = None,
+    channels_last: bool = False,
+    **hp: Any,
 ) -> Task:
     def make_data(seed: int = 0, root: str | Path | None = None) -> TaskData:
         return datasets.load_fashion_mnist(root, max_train=max_train, max_val=max_val)
 
-    def make_host(data: TaskData) -> nn.Module:
-        from esper.model import CNNHost
-
-        return CNNHost(in_channels=1, num_classes=10, width=width, depth=depth, image_size=28)
+    make_host = _cnn(1, width, depth, 28, pool_at, channels_last)
 
     defaults = {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "batch_size": 128}
     return Task(
@@ -84,15 +133,18 @@ def _fashion_mnist(
 
 
 def _cifar10(
-    width: int = 8, depth: int = 4, max_train: int | None = None, max_val: int | None = None, **hp
+    width: int = 8,
+    depth: int = 4,
+    max_train: int | None = None,
+    max_val: int | None = None,
+    pool_at: list[int] | None = None,
+    channels_last: bool = False,
+    **hp: Any,
 ) -> Task:
     def make_data(seed: int = 0, root: str | Path | None = None) -> TaskData:
         return datasets.load_cifar10(root, max_train=max_train, max_val=max_val)
 
-    def make_host(data: TaskData) -> nn.Module:
-        from esper.model import CNNHost
-
-        return CNNHost(in_channels=3, num_classes=10, width=width, depth=depth, image_size=32)
+    make_host = _cnn(3, width, depth, 32, pool_at, channels_last)
 
     defaults = {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "batch_size": 128}
     return Task(
@@ -155,9 +207,15 @@ def _synthetic(
     noise: float = 1.0,
     width: int = 2,
     depth: int = 3,
+    pool_at: list[int] | None = None,
+    channels_last: bool = False,
     **hp: Any,
 ) -> Task:
     shape = tuple(int(s) for s in shape)
+    cnn = len(shape) == 3 and shape[1] == shape[2]
+    if not cnn and (pool_at is not None or channels_last):
+        raise TaskError(f"pool_at and channels_last need an image shape (C, S, S), got {shape}")
+    make_cnn = _cnn(shape[0], width, depth, shape[-1], pool_at, channels_last, num_classes)
 
     def make_data(seed: int = 0, root: str | Path | None = None) -> TaskData:
         return datasets.make_synthetic(shape, n_train, n_val, num_classes, noise, seed)
@@ -167,11 +225,9 @@ def _synthetic(
             from esper.model import MLPHost
 
             return MLPHost(shape[0], num_classes, hidden=8 * width, depth=depth)
-        if len(shape) != 3 or shape[1] != shape[2]:
+        if not cnn:
             raise TaskError(f"synthetic host needs shape (F,) or (C, S, S), got {shape}")
-        from esper.model import CNNHost
-
-        return CNNHost(shape[0], num_classes, width=width, depth=depth, image_size=shape[1])
+        return make_cnn(data)
 
     return Task(
         "synthetic",
