@@ -9,6 +9,7 @@ checkpoint written after round ``k`` continues exactly as an uninterrupted run.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -213,6 +214,39 @@ class Progress:
     def eta_s(self) -> float:
         rate = self.steps_per_s
         return (self.env_steps_total - self.env_steps) / rate if rate > 0 else math.inf
+
+
+class ProgressClock:
+    """Turns per-step callbacks into `Progress` reports for one phase of a session."""
+
+    def __init__(self, phase: str, rounds: int, steps: int, envs: int, live) -> None:
+        self.phase, self.rounds, self.steps, self.envs, self.live = phase, rounds, steps, envs, live
+        self.start = time.monotonic()
+
+    def on_step(self, round_index: int, rounds_before: int) -> Callable[[int], None] | None:
+        """The ``on_step`` for `run_round` of round ``round_index``, the phase's
+        ``rounds_before``-th round in this session (None without a ``live`` callback)."""
+        if self.live is None:
+            return None
+
+        def report(step: int) -> None:
+            done = (rounds_before * self.steps + step + 1) * self.envs
+            self.live(
+                Progress(
+                    self.phase, round_index, self.rounds, step + 1, self.steps, done,
+                    self.rounds * self.steps * self.envs, time.monotonic() - self.start,
+                )
+            )  # fmt: skip
+
+        return report
+
+
+def static_round(
+    vec: VectorMorphogenesisEnv, seed: int, env_offset: int = 0, on_step=None
+) -> list[EpisodeRecord]:
+    """Round 0's episodes played by the static host (no controller): a run's baseline."""
+    scripted = ScriptedPolicy(lambda i: StaticController(), vec.num_envs)
+    return run_round(vec, 0, seed, scripted=scripted, env_offset=env_offset, on_step=on_step)
 
 
 def summarize(records: list[EpisodeRecord]) -> dict[str, float]:

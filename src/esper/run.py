@@ -20,7 +20,6 @@ every rank resumes from the same checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 import time
 from collections.abc import Callable
@@ -42,19 +41,19 @@ from esper.env.vector import VectorMorphogenesisEnv
 from esper.experiment import (
     EpisodeRecord,
     Progress,
-    ScriptedPolicy,
+    ProgressClock,
     make_scripted,
     run_round,
+    static_round,
     summarize,
 )
-from esper.policy.controllers import StaticController
 from esper.rl import PPOAgent
 from esper.rl.checkpoint import read_checkpoint, save_checkpoint
 from esper.run_config import RunConfig, check_devices_available, check_episodes
 from esper.slots import SlotConfig
 from esper.telemetry import CheckpointSaved, PPOUpdate, RunStarted, Telemetry, provenance
 from esper.telemetry.events import BaselineEpisodeEnded, RoundEnded, RunFinished
-from esper.telemetry.sinks import tensorboard_writer
+from esper.telemetry.sinks import tensorboard_writer, truncate_telemetry
 
 RUN_STATE_FORMAT = "esper.run_state"
 
@@ -100,29 +99,6 @@ def create_run_dir(run_dir: Path, config: RunConfig) -> None:
         shutil.rmtree(run_dir)
     (run_dir / "checkpoints").mkdir(parents=True)
     atomic_write_text(run_dir / "config.toml", config.to_toml())
-
-
-def _truncate_telemetry(run_dir: Path, keep_rounds: int) -> None:
-    """Drop what a partial round (after the last checkpoint) wrote, so nothing repeats."""
-    events = run_dir / "events.jsonl"
-    if events.exists():
-        kept = []
-        for line in events.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            round_index = record.get("episode", record.get("update", record.get("round")))
-            if record.get("kind") in ("run_started", "run_finished") or (
-                round_index is not None and round_index < keep_rounds
-            ):
-                kept.append(line)
-        atomic_write_text(events, "".join(f"{line}\n" for line in kept))
-    metrics = run_dir / "metrics.csv"
-    if metrics.exists():
-        lines = metrics.read_text(encoding="utf-8").splitlines()
-        rows = [ln for ln in lines[1:] if ln and int(ln.split(",", 1)[0]) < keep_rounds]
-        atomic_write_text(metrics, "".join(f"{ln}\n" for ln in lines[:1] + rows))
 
 
 def _agent_for(config: RunConfig, vec: VectorMorphogenesisEnv) -> PPOAgent:
@@ -257,7 +233,7 @@ def train(
                 _save(run_dir, agent, state, "last.pt")  # Ctrl-C in round 0 leaves one too
             else:  # --episodes may have grown: config.toml says what this run now is
                 atomic_write_text(run_dir / "config.toml", config.to_toml())
-                _truncate_telemetry(run_dir, state.round)
+                truncate_telemetry(run_dir, state.round)
             provenance.append(run_dir, record)
         writer_dir = run_dir if dist.is_main else None
         telemetry = Telemetry(writer_dir, tensorboard=config.run.tensorboard and dist.is_main)
@@ -296,7 +272,7 @@ def train(
             rounds_here = total - state.round
             if stop_after is not None:
                 rounds_here = min(rounds_here, stop_after)
-            clock = _Clock("train", rounds_here, vec.max_epochs, config.run.envs, live)
+            clock = ProgressClock("train", rounds_here, vec.max_epochs, config.run.envs, live)
             while state.round < total and (stop_after is None or done_here < stop_after):
                 k = state.round
                 t0 = time.monotonic()
@@ -333,35 +309,10 @@ def train(
     return TrainResult(run_dir, state.round, last, state.best_objective, interrupted)
 
 
-class _Clock:
-    """Turns per-step callbacks into `Progress` reports for one phase of a session."""
-
-    def __init__(self, phase: str, rounds: int, steps: int, envs: int, live) -> None:
-        self.phase, self.rounds, self.steps, self.envs, self.live = phase, rounds, steps, envs, live
-        self.start = time.monotonic()
-
-    def on_step(self, round_index: int, rounds_before: int) -> Callable[[int], None] | None:
-        if self.live is None:
-            return None
-
-        def report(step: int) -> None:
-            done = (rounds_before * self.steps + step + 1) * self.envs
-            self.live(
-                Progress(
-                    self.phase, round_index, self.rounds, step + 1, self.steps, done,
-                    self.rounds * self.steps * self.envs, time.monotonic() - self.start,
-                )
-            )  # fmt: skip
-
-        return report
-
-
 def _baseline_round(vec, config: RunConfig, telemetry, dist, offset: int, live) -> None:
     """The static host on round 0's seeds: what the learning curve is compared with."""
-    clock = _Clock("baseline", 1, vec.max_epochs, config.run.envs, live)
-    scripted = ScriptedPolicy(lambda i: StaticController(), vec.num_envs)
-    records = run_round(vec, 0, config.run.seed, scripted=scripted, env_offset=offset,
-                        on_step=clock.on_step(0, 0))  # fmt: skip
+    clock = ProgressClock("baseline", 1, vec.max_epochs, config.run.envs, live)
+    records = static_round(vec, config.run.seed, offset, clock.on_step(0, 0))
     for part in gather_objects(records, dist):
         for r in part:
             telemetry.emit(BaselineEpisodeEnded(**dataclasses.asdict(r.event())))
@@ -442,7 +393,7 @@ def evaluate(
                               config.run.device)  # fmt: skip
     records: list[EpisodeRecord] = []
     k = 0
-    clock = _Clock("eval", -(-episodes // num_envs), vec.max_epochs, num_envs, live)
+    clock = ProgressClock("eval", -(-episodes // num_envs), vec.max_epochs, num_envs, live)
     while len(records) < episodes:
         on_step = clock.on_step(k, k)
         if agent is not None:

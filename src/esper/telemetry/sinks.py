@@ -120,3 +120,29 @@ def read_events(path: str | Path) -> list[dict[str, Any]]:
             except json.JSONDecodeError:
                 continue
     return records
+
+
+def truncate_telemetry(run_dir: Path, keep_rounds: int) -> None:
+    """Drop what rounds ``>= keep_rounds`` wrote (a partial round after the last
+    checkpoint), so a resumed run repeats nothing; session records are kept."""
+    from esper.checkpointing import atomic_write_text
+
+    events = run_dir / "events.jsonl"
+    if events.exists():
+        kept = []
+        for line in events.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            round_index = record.get("episode", record.get("update", record.get("round")))
+            if record.get("kind") in ("run_started", "run_finished") or (
+                round_index is not None and round_index < keep_rounds
+            ):
+                kept.append(line)
+        atomic_write_text(events, "".join(f"{line}\n" for line in kept))
+    metrics = run_dir / "metrics.csv"
+    if metrics.exists():
+        lines = metrics.read_text(encoding="utf-8").splitlines()
+        rows = [ln for ln in lines[1:] if ln and int(ln.split(",", 1)[0]) < keep_rounds]
+        atomic_write_text(metrics, "".join(f"{ln}\n" for ln in lines[:1] + rows))
