@@ -69,10 +69,10 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float,
     return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
 
 
-def run(args: argparse.Namespace, data, grow: bool) -> dict:
+def run(args: argparse.Namespace, data, grow: bool, width: int | None = None) -> dict:
     train_x, train_y, val_x, val_y, test_x, test_y, _ = data
     torch.manual_seed(args.seed)
-    model = SmallCNN(args.width)  # the user's model
+    model = SmallCNN(width or args.width)  # the user's model
     net: nn.Module = model
     if grow:
         lifecycle = LifecycleConfig(min_train_epochs=1, blend_epochs=2, embargo_epochs=1)
@@ -108,7 +108,7 @@ def run(args: argparse.Namespace, data, grow: bool) -> dict:
     seconds = time.perf_counter() - start
     test_loss, test_acc = evaluate(net, test_x, test_y)
     row = {
-        "model": "grown" if grow else "not grown",
+        "model": "grown" if grow else "not grown" if width is None else f"static w={width}",
         "params": sum(p.numel() for p in net.parameters()),
         "test_acc": test_acc,
         "test_loss": test_loss,
@@ -128,6 +128,7 @@ def run(args: argparse.Namespace, data, grow: bool) -> dict:
         with torch.no_grad():
             diff = (plain(test_x[:256]) - net(test_x[:256])).abs().max().item()
         row["export"] = (sum(p.numel() for p in plain.parameters()), diff)
+        row["params"] = row["export"][0]  # what the function uses: no still-training seeds
     return row
 
 
@@ -141,6 +142,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data", choices=("fashion-mnist", "digits"), default=None)
+    parser.add_argument(
+        "--static-widths", type=int, nargs="*", default=[],
+        help="also train static (never grown) models of these widths, for a sized comparison",
+    )  # fmt: skip
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
     if args.tiny:  # digits: no 30 MB of IDX files to unpack
@@ -148,13 +153,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     data = load(args.data or "fashion-mnist", args.train, 300 if args.tiny else 1000)
     print(f"data: {data[-1]}, {len(data[1])} train / {len(data[3])} val / {len(data[5])} test")
     rows = [run(args, data, grow=False), run(args, data, grow=True)]
+    rows += [run(args, data, grow=False, width=w) for w in args.static_widths]
     print(f"\n{'model':<10} {'params':>7} {'test acc':>9} {'test loss':>10} {'train s':>8}  seeds")
     for r in rows:
         print(
             f"{r['model']:<10} {r['params']:>7} {r['test_acc']:>9.4f} {r['test_loss']:>10.4f} "
             f"{r['seconds']:>8.1f}  {r['seeds']}"
         )
-    params, diff = rows[1]["export"]
+    params, diff = next(r for r in rows if r["model"] == "grown")["export"]
     print(f"\nexported plain nn.Module: {params} params, max |export - grown| = {diff:.2e}")
     return rows
 

@@ -41,12 +41,15 @@ def _advance(slotted, sid, stage):
 def _grown():
     torch.manual_seed(0)
     x = torch.randn(5, 1, 8, 8)
-    slotted = attach(Net(), ["b1", "blocks.0", "blocks.1", "fc"], x, FAST)
+    # "b1.0" sits inside "b1": both fold, the inner one first.
+    names = {"b1": "r0c0", "blocks.0": "r0c1", "blocks.1": "r0c2", "fc": "r0c3", "b1.0": "r0c4"}
+    slotted = attach(Net(), names, x, FAST)
     plan = [
         ("r0c0", "conv_heavy", "linear", SeedStage.FOSSILIZED),
         ("r0c1", "attention", "gated", SeedStage.BLENDING),  # alpha 0.5 and a learned gate
         ("r0c2", "depthwise", "linear", SeedStage.TRAINING),  # invisible in eval: removed
         ("r0c3", "mlp", "sigmoid", SeedStage.PRUNED),  # dead: removed
+        ("r0c4", "conv_light", "linear", SeedStage.FOSSILIZED),
     ]
     for sid, blueprint, blend, stage in plan:
         slotted.germinate(sid, blueprint, blend)
@@ -68,6 +71,7 @@ def test_export_folds_fossils_removes_dead_seeds_and_equals_the_grown_model():
     assert not any(isinstance(m, SeedSlot) for m in plain.modules())
     assert not any(m._forward_hooks for m in plain.modules())
     assert isinstance(plain.b1, FoldedSeed) and isinstance(plain.blocks[0], FoldedSeed)
+    assert isinstance(plain.b1.inner[0], FoldedSeed)
     assert isinstance(plain.blocks[1], nn.Conv2d) and isinstance(plain.fc, nn.Linear)
     torch.testing.assert_close(plain(x), live, rtol=0, atol=1e-6)
     assert torch.equal(slotted(x), live)  # the grown model is untouched

@@ -117,6 +117,36 @@ def test_heuristic_run_emits_the_typed_events_of_esper_train(tmp_path):
     assert (tmp_path / "metrics.csv").read_text().count("\n") == 2
 
 
+def test_growth_resumes_from_saved_model_optimiser_and_grower_states(tmp_path):
+    from esper.grow import load_slotted
+
+    def steps(slotted, optimizer, grower, x, y, n):
+        out = []
+        for _ in range(n):
+            _epoch(slotted, optimizer, x, y)
+            step = grower.step()
+            out.append((step.action, step.quality, step.val_loss))
+        return out
+
+    slotted, optimizer, grower, x, y = _setup(controller="heuristic")
+    steps(slotted, optimizer, grower, x, y, 3)
+    torch.save(
+        {"model": slotted.state_dict(), "opt": optimizer.state_dict(), "grow": grower.state_dict()},
+        tmp_path / "ckpt.pt",
+    )
+    expected = steps(slotted, optimizer, grower, x, y, 4)
+    assert any(action != "WAIT" for action, _, _ in expected)
+
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    model = Net()
+    resumed = load_slotted(model, ckpt["model"])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    grower = Grower(resumed, optimizer, grower.val_data, "heuristic", grower.config)
+    optimizer.load_state_dict(ckpt["opt"])  # the grower re-added the seeds' groups
+    grower.load_state_dict(ckpt["grow"])
+    assert steps(resumed, optimizer, grower, x, y, 4) == expected
+
+
 def test_a_ppo_checkpoint_drives_the_grower(tmp_path):
     from esper.rl import PPOAgent
     from esper.slots import SlotConfig

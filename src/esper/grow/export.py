@@ -64,7 +64,8 @@ def export_model(slotted: SlottedModel) -> nn.Module:
     # deepcopy keeps the hooks, which still point at the live slots: drop ours.
     for name, hook_id in hook_ids.items():
         plain.get_submodule(name)._forward_hooks.pop(hook_id, None)
-    for point in slotted.points:
+    # Deepest names first: wrapping "layer1" before "layer1.0" would hide the inner one.
+    for point in sorted(slotted.points, key=lambda p: -p.name.count(".")):
         slot = slotted.slots[point.spec.slot_id]
         if slot.stage not in _FOLDED or slot.seed is None:
             continue

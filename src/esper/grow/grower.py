@@ -31,8 +31,10 @@ lr (``StepLR``, ``ExponentialLR``, ``CosineAnnealingLR``) work.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -143,6 +145,7 @@ class Grower:
         self._last_op: int | None = None
         self._rng = np.random.default_rng(cfg.seed)
         self._groups: dict[str, dict[str, Any]] = {}
+        self._resumed = False
         self._sync_param_groups()  # seeds of a loaded model join the optimiser at once
 
     # -- optimiser -------------------------------------------------------------------
@@ -245,13 +248,14 @@ class Grower:
     ) -> GrowthStep:
         """Measure, advance the lifecycle, let the controller act. Values you pass feed
         the controller's observation; the contributions always use ``val_data``."""
-        if self.steps == 0:
+        if self.steps == 0 or self._resumed:
             self._emit(
                 RunStarted(
                     self.run_name, self.controller_name, "user_model",
-                    list(self.model.slot_config.slot_ids), 1, self.config.seed,
+                    list(self.model.slot_config.slot_ids), 1, self.config.seed, self._resumed,
                 )
             )  # fmt: skip
+            self._resumed = False
         live, contributions = self.measure()
         for sid, value in contributions.items():
             self.model.record_contribution(sid, value)
@@ -371,6 +375,57 @@ class Grower:
                     blueprint=self.model.slot_state(c.slot_id).blueprint,
                 )
             )  # fmt: skip
+
+    # -- resuming --------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Where growth stands, as tensors and primitives (``weights_only`` loads it).
+        Save it with the model's and the optimiser's state to resume growth later."""
+        signals = {k: list(v) if isinstance(v, deque) else v for k, v in vars(self.signals).items()}
+        state = self.state
+        if dataclasses.is_dataclass(state):
+            packed: Any = {"dataclass": dataclasses.asdict(state)}
+        elif isinstance(state, tuple) and all(isinstance(t, Tensor) for t in state):
+            packed = {"tensors": list(state)}
+        elif state is None:
+            packed = None
+        else:
+            raise TypeError(
+                f"cannot save controller state of type {type(state).__name__}; supported: "
+                "a dataclass, a tuple of tensors, or None"
+            )
+        return {
+            "steps": self.steps,
+            "episode_return": self.episode_return,
+            "counts": dict(self.counts),
+            "last_op": self._last_op,
+            "rng": self._rng.bit_generator.state,
+            "signals": signals,
+            "rewards": {k: v for k, v in vars(self.rewards).items() if k != "config"},
+            "controller": packed,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from `state_dict` (a Grower built on the reloaded model and optimiser)."""
+        self.steps, self.episode_return = int(state["steps"]), float(state["episode_return"])
+        self.counts = {k: int(v) for k, v in state["counts"].items()}
+        self._last_op = state["last_op"]
+        self._rng.bit_generator.state = state["rng"]
+        for key, value in state["signals"].items():
+            old = getattr(self.signals, key)
+            setattr(
+                self.signals,
+                key,
+                deque(value, maxlen=old.maxlen) if isinstance(old, deque) else value,
+            )
+        vars(self.rewards).update(state["rewards"])
+        packed, initial = state["controller"], self.controller.initial_state()
+        if packed is None:
+            self.state = initial
+        elif "dataclass" in packed:
+            self.state = type(initial)(**packed["dataclass"])
+        else:
+            self.state = tuple(packed["tensors"])
+        self._resumed = True
 
     def finish(self) -> EpisodeEnded:
         """The growth run's summary (also emitted, so ``metrics.csv`` gets a row)."""
