@@ -7,6 +7,7 @@ Both runs step the same total number of envs (split over the ranks) for the same
 per second, the share of time in the policy (act), in the PPO update and in the host
 envs; then the 2-vs-1 ratio, the gradient all-reduce size in bytes and the time of one
 all-reduce of that size, which is what each extra rank adds per optimiser step.
+``--obs-sync step`` restores the per-env-step normaliser merge (a collective per step).
 """
 
 from __future__ import annotations
@@ -62,7 +63,14 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
     shard = env_shard(args.envs, ctx)
     env_cfg = EnvConfig(task="digits", max_epochs=args.max_epochs, batches_per_step=args.batches)
     vec = VectorMorphogenesisEnv(shard.count, env_cfg)
-    ppo = PPOConfig(hidden=args.hidden, embed=32, n_epochs=2, num_minibatches=2, seed=1)
+    ppo = PPOConfig(
+        hidden=args.hidden,
+        embed=32,
+        n_epochs=2,
+        num_minibatches=2,
+        seed=1,
+        obs_normalizer_sync=args.obs_sync,
+    )
     agent = _TimedAgent(vec.slot_config, GLOBAL_DIM, SLOT_DIM, vec.action_spec.blueprints, ppo)
     agent.distribute(ctx, shard)
     run_round(vec, 0, 0, agent=agent, learn=True, env_offset=shard.offset)  # warm-up
@@ -135,13 +143,20 @@ def main(argv: list[str] | None = None) -> dict[int, dict[str, float]]:
     parser.add_argument("--max-epochs", type=int, default=5)
     parser.add_argument("--batches", type=int, default=4, help="host batches per env step")
     parser.add_argument("--hidden", type=int, default=128, help="policy LSTM size")
+    parser.add_argument(
+        "--obs-sync",
+        choices=("update", "step"),
+        default="update",
+        help="normaliser merge once per update (default) or at every env step (old)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.envs, args.rounds, args.max_epochs, args.batches, args.hidden = 2, 1, 2, 2, 16
     results = {world: measure(world, args) for world in (1, 2)}
     print(
         f"DD-PPO on digits, {args.envs} envs total, {args.max_epochs} steps/episode, "
-        f"{args.batches} batches/step, LSTM {args.hidden}, {args.rounds} rounds (gloo, CPU)"
+        f"{args.batches} batches/step, LSTM {args.hidden}, {args.rounds} rounds (gloo, CPU), "
+        f"normaliser merged every {args.obs_sync}"
     )
     print(f"{'procs':>5} {'env steps/s':>12} {'act share':>10} {'update share':>13}")
     for world, r in results.items():

@@ -228,3 +228,116 @@ def test_torchrun_cli_run_resumes_and_rank0_writes_every_env(tmp_path):
     bad = torchrun("--envs", "3", "--run-dir", str(tmp_path / "bad"))
     assert bad.returncode != 0
     assert "esper: error: --envs 3 cannot be split over 2 processes" in bad.stderr
+
+
+# -- no collective per env step: what an env sees does not depend on the rank count -----
+SPLIT_ENVS, SPLIT_STEPS, SPLIT_ROUNDS = 4, 5, 3
+
+
+class IndexedEnvs:
+    """Envs whose observation depends on their global index, the step and their own last
+    action only (never on the other envs), with masks that allow every action."""
+
+    def __init__(self, offset: int, count: int) -> None:
+        from esper.slots import SlotConfig
+
+        self.index = torch.arange(offset, offset + count, dtype=torch.float32)
+        self.slot_config = SlotConfig.for_grid(1, 3)
+        self.last = torch.zeros(count, 4)
+        self.t = 0
+
+    def observe(self):
+        from esper.actions import ActionMasks
+
+        n, i, t = len(self.index), self.index, float(self.t)
+        g = torch.stack([i * 3.0 + t, (i - t) ** 2, *self.last.T], -1)  # [n, 6], large values
+        slots = (i[:, None, None] + torch.arange(3.0)[None, :, None] * t) * torch.ones(n, 3, 2)
+        masks = ActionMasks(
+            torch.ones(n, 4, dtype=torch.bool),
+            torch.ones(n, 4, 3, dtype=torch.bool),
+            torch.ones(n, 3, 2, dtype=torch.bool),
+            torch.ones(n, 3, dtype=torch.bool),
+        )
+        return {"global": g, "slots": slots}, masks
+
+    def step(self, actions):
+        self.last, self.t = actions.float(), self.t + 1
+        return (actions[:, 0] == 1).float()
+
+
+def split_worker(rank: int, world: int, port: int, out: str, sync: str) -> None:
+    import esper.distributed as ed
+
+    torch.set_num_threads(1)
+    environ = launch_env(rank, world, port) if world > 1 else {}
+    ctx = init_distributed("cpu", timeout_s=30, environ=environ)
+    shard = env_shard(SPLIT_ENVS, ctx)
+    envs = IndexedEnvs(shard.offset, shard.count)
+    cfg = PPOConfig(hidden=16, embed=8, n_epochs=1, num_minibatches=1, obs_normalizer_sync=sync)
+    agent = PPOAgent(envs.slot_config, 6, 2, ("a", "b"), cfg)
+    agent.distribute(ctx, shard)
+    calls = {"n": 0}
+    inner = ed._collective
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return inner(*args, **kwargs)
+
+    ed._collective = counting
+    seen, rollout_collectives, stats = [], [], []
+    hidden = agent.initial_hidden(shard.count)
+    for _ in range(SPLIT_ROUNDS):
+        before = calls["n"]
+        for _ in range(SPLIT_STEPS):
+            obs, masks = envs.observe()
+            step = agent.act(obs, masks, hidden)
+            seen.append((step.obs["global"].clone(), step.obs["slots"].clone(), step.actions))
+            rewards = envs.step(step.actions)
+            done = torch.zeros(shard.count, dtype=torch.bool)
+            agent.record(step, rewards, done, done)
+            hidden = step.hidden
+        rollout_collectives.append(calls["n"] - before)
+        obs, _ = envs.observe()
+        agent.update(next_obs=obs, next_hidden=hidden)
+        stats.append(agent.obs_normalizer.state_dict())
+    torch.save(
+        {"seen": seen, "collectives": rollout_collectives, "stats": stats},
+        Path(out) / f"split{rank}_of{world}_{sync}.pt",
+    )
+    shutdown(ctx)
+
+
+def test_rank_count_does_not_change_what_an_env_sees_and_statistics_stay_exact(tmp_path):
+    mp.spawn(split_worker, args=(2, free_port(), str(tmp_path), "update"), nprocs=2, join=True)
+    split_worker(0, 1, 0, str(tmp_path), "update")
+    one = torch.load(tmp_path / "split0_of1_update.pt")
+    ranks = [torch.load(tmp_path / f"split{r}_of2_update.pt") for r in (0, 1)]
+    # No collective while stepping envs: the ranks only meet in update().
+    assert ranks[0]["collectives"] == ranks[1]["collectives"] == [0] * SPLIT_ROUNDS
+    # Every env (rank 0: envs 0-1, rank 1: envs 2-3) sees the same normalised observations
+    # and takes the same actions as in the one-process run, over several updates.
+    for t, (g, s, a) in enumerate(one["seen"]):
+        parts = [r["seen"][t] for r in ranks]
+        assert torch.equal(torch.cat([p[2] for p in parts]), a), t
+        torch.testing.assert_close(torch.cat([p[0] for p in parts]), g, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(torch.cat([p[1] for p in parts]), s, rtol=1e-6, atol=1e-6)
+    # Exact: after each update both ranks hold bit-identical statistics, equal (to float64
+    # rounding) to the moments of every observation of every env, as in one process.
+    for k in range(SPLIT_ROUNDS):
+        for part in ("global", "slots"):
+            a, b = (r["stats"][k][part] for r in ranks)
+            for key in ("mean", "var", "count"):
+                assert torch.equal(a[key], b[key]), (k, part, key)
+                ref = one["stats"][k][part][key]
+                torch.testing.assert_close(a[key], ref, rtol=1e-12, atol=1e-12)
+    # The statistics are those of the observations seen so far, exactly.
+    g_all = torch.cat([g for g, _, _ in one["seen"]])  # normalised: check the count only
+    assert float(one["stats"][-1]["global"]["count"]) == pytest.approx(g_all.shape[0], abs=1e-3)
+
+
+@pytest.mark.slow
+def test_per_step_sync_still_meets_every_step(tmp_path):
+    mp.spawn(split_worker, args=(2, free_port(), str(tmp_path), "step"), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"split{r}_of2_step.pt") for r in (0, 1)]
+    # Two normalisers x three reductions (count, mean, spread) per act.
+    assert ranks[0]["collectives"] == [6 * SPLIT_STEPS] * SPLIT_ROUNDS

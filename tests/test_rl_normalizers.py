@@ -1,11 +1,12 @@
 """Running normalisers: exact streaming statistics, slot statistics independent of N."""
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from esper.rl import ObservationNormalizer, RunningMeanStd
+from esper.rl import ObservationNormalizer, PPOConfig, RunningMeanStd
 
 
 @settings(max_examples=30, deadline=None)
@@ -43,3 +44,31 @@ def test_state_dict_round_trip():
     obs = {"global": torch.randn(2, 2), "slots": torch.randn(2, 6, 3)}
     for k, v in a.normalize(obs).items():
         torch.testing.assert_close(v, b.normalize(obs)[k])
+
+
+def test_deferred_updates_leave_the_statistics_alone_until_commit_then_match_one_update():
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(n, 3, generator=gen, dtype=torch.float64) * 5 + 2 for n in (4, 1, 7)]
+    deferred, direct = RunningMeanStd(3), RunningMeanStd(3)
+    deferred.update(batches[0])
+    direct.update(batches[0])
+    x = torch.randn(2, 3, generator=gen)
+    before = deferred.normalize(x)
+    for batch in batches[1:]:
+        deferred.accumulate(batch)
+    assert deferred.pending_count == 8
+    torch.testing.assert_close(deferred.normalize(x), before, rtol=0, atol=0)
+    deferred.commit()
+    direct.update(torch.cat(batches[1:]))
+    assert deferred.pending_count == 0
+    for key in ("mean", "var", "count"):
+        torch.testing.assert_close(
+            deferred.state_dict()[key], direct.state_dict()[key], rtol=1e-12, atol=1e-12
+        )
+    deferred.commit()  # nothing pending: no change
+    torch.testing.assert_close(deferred.state_dict()["mean"], direct.state_dict()["mean"])
+
+
+def test_ppo_config_refuses_an_unknown_normaliser_sync():
+    with pytest.raises(ValueError, match="obs_normalizer_sync must be 'update' or 'step'"):
+        PPOConfig(obs_normalizer_sync="round")

@@ -14,8 +14,9 @@ Rollout loop (N lockstep envs; observations ``{"global": [N, G], "slots": [N, S,
 other envs are ignored); its value bootstraps the truncated return.
 
 Data parallel: ``agent.distribute(ctx, shard)`` makes this agent one rank of a DD-PPO job
-(`esper.distributed`): weights come from rank 0, normaliser statistics and gradients are
-merged over ranks, and the sampling noise of env ``i`` is row ``i`` of one ``[E_total, 4]``
+(`esper.distributed`): weights come from rank 0, normaliser statistics are merged over
+ranks once per update (`PPOConfig.obs_normalizer_sync`), gradients once per optimiser
+step, and the sampling noise of env ``i`` is row ``i`` of one ``[E_total, 4]``
 draw that every rank makes, so actions do not depend on how the envs are split.
 """
 
@@ -134,8 +135,10 @@ class PPOAgent:
         obs = {k: obs[k].to(self.device) for k in ("global", "slots")}
         if not self.config.normalize_observations:
             return {k: v.float() for k, v in obs.items()}
-        if update:
+        if update and self.config.obs_normalizer_sync == "step":
             self.obs_normalizer.update(obs, self.dist)
+        elif update:  # folded in (over all ranks) by the next update()
+            self.obs_normalizer.accumulate(obs)
         return self.obs_normalizer.normalize(obs)
 
     def _to_reward_units(self, critic_out: torch.Tensor) -> torch.Tensor:
@@ -262,8 +265,12 @@ class PPOAgent:
             self.return_normalizer.update(returns[batch.valid].unsqueeze(-1), self.dist)
             targets = self.return_normalizer.normalize(returns.unsqueeze(-1)).squeeze(-1)
         self.network.train()
+        # Minibatch order from (seed, update index) alone: the sampling generator then
+        # advances by the same draws whatever the number of sequences, so an env's
+        # actions do not depend on how many envs (or ranks) share the update.
+        order = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.counters["updates"])
         diagnostics = ppo_update(
-            self.network, self.optimizer, batch, advantages, targets, cfg, self.generator, self.dist
+            self.network, self.optimizer, batch, advantages, targets, cfg, order, self.dist
         )
         diagnostics["explained_variance"] = explained_variance(
             batch.values[batch.valid], returns[batch.valid]
@@ -271,6 +278,8 @@ class PPOAgent:
         diagnostics["mean_reward"] = float(batch.rewards[batch.valid].mean())
         diagnostics["n_sequences"] = float(batch.num_sequences)
         buffer.clear()
+        if cfg.normalize_observations and cfg.obs_normalizer_sync == "update":
+            self.obs_normalizer.commit(self.dist)
         self.counters["updates"] += 1
         if self.dist.active:
             self._count_all_ranks(diagnostics)

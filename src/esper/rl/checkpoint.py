@@ -85,7 +85,9 @@ def load_checkpoint(
             )
     try:
         saved_slots = SlotConfig(tuple(payload["slot_ids"]))
-        config = PPOConfig(**payload["config"])
+        # Options added later keep, for older checkpoints, the behaviour they ran with.
+        saved = {"obs_normalizer_sync": "step", "group_by_length": False, **payload["config"]}
+        config = PPOConfig(**saved)
         agent = cls(
             slot_config if slot_config is not None else saved_slots,
             payload["global_dim"],

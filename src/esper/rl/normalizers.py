@@ -21,6 +21,7 @@ class RunningMeanStd:
         self.var = torch.ones(dim, dtype=torch.float64, device=device)
         # A small prior count keeps the first batches from dividing by a zero variance.
         self.count = torch.tensor(epsilon, dtype=torch.float64, device=device)
+        self._pending: tuple[float, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def dim(self) -> int:
@@ -44,6 +45,47 @@ class RunningMeanStd:
             return
         var, mean = torch.var_mean(batch, 0, correction=0)
         self._fold(n, mean, var)
+
+    # -- deferred updates: statistics frozen between commits --------------------------------
+    def accumulate(self, x: torch.Tensor) -> None:
+        """Remember a batch ``[..., dim]`` for the next `commit`; the statistics (and so
+        `normalize`) do not change until then. Local only: no collective."""
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"expected last dim {self.dim}, got shape {tuple(x.shape)}")
+        batch = x.detach().reshape(-1, self.dim).to(torch.float64)
+        n = batch.shape[0]
+        if n == 0:
+            return
+        var, mean = torch.var_mean(batch, 0, correction=0)
+        if self._pending is None:
+            self._pending = (float(n), mean, var * n)
+            return
+        count, p_mean, p_m2 = self._pending
+        total = count + n
+        delta = mean - p_mean
+        self._pending = (
+            total,
+            p_mean + delta * (n / total),
+            p_m2 + var * n + delta.square() * (count * n / total),
+        )
+
+    def commit(self, ctx: DistContext = SINGLE) -> None:
+        """Fold every batch accumulated since the last commit, pooled over all ranks
+        (exact moments, one merge), into the statistics. Every rank must call it."""
+        dev = self.mean.device
+        if self._pending is None:
+            count, mean, m2 = 0.0, torch.zeros_like(self.mean), torch.zeros_like(self.mean)
+        else:
+            count, mean, m2 = self._pending
+        self._pending = None
+        count = torch.tensor(count, dtype=torch.float64, device=dev)
+        if ctx.active:
+            count, mean, m2 = merge_moments(count, mean, m2, ctx)
+        self._fold(count, mean, m2 / count.clamp_min(1.0))
+
+    @property
+    def pending_count(self) -> int:
+        return 0 if self._pending is None else int(self._pending[0])
 
     def _fold(self, n: float | torch.Tensor, batch_mean: torch.Tensor, batch_var: torch.Tensor):
         if float(n) == 0.0:
@@ -77,6 +119,7 @@ class RunningMeanStd:
                 f"normaliser statistics have shape {tuple(mean.shape)}, expected ({self.dim},)"
             )
         device = self.mean.device
+        self._pending = None
         self.mean = mean.to(device, torch.float64)
         self.var = var.to(device, torch.float64)
         self.count = count.to(device, torch.float64).reshape(())
@@ -99,6 +142,15 @@ class ObservationNormalizer:
     def update(self, obs: Mapping[str, torch.Tensor], ctx: DistContext = SINGLE) -> None:
         self.global_stats.update(obs["global"], ctx)
         self.slot_stats.update(obs["slots"], ctx)
+
+    def accumulate(self, obs: Mapping[str, torch.Tensor]) -> None:
+        """Deferred update (see `RunningMeanStd.accumulate`): no collective per step."""
+        self.global_stats.accumulate(obs["global"])
+        self.slot_stats.accumulate(obs["slots"])
+
+    def commit(self, ctx: DistContext = SINGLE) -> None:
+        self.global_stats.commit(ctx)
+        self.slot_stats.commit(ctx)
 
     def normalize(self, obs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {

@@ -56,6 +56,13 @@ class PPOConfig:
     # minibatch pads few LSTM rows when episodes end mid-rollout; False: uniformly random.
     group_by_length: bool = True
     normalize_observations: bool = True
+    # When the observation statistics change: "update" freezes them between PPO updates
+    # and folds in the rollout's observations (pooled over DD-PPO ranks: one merge per
+    # update, no collective per env step); "step" updates them at every act (under DD-PPO
+    # one all-reduce per env step). With "update" a rollout is normalised by the
+    # statistics of all earlier rollouts, so what an env sees does not depend on the rank
+    # count or on the other envs of its rank.
+    obs_normalizer_sync: str = "update"
     normalize_returns: bool = True  # critic predicts normalised returns
     obs_clip: float = 10.0
     # Initial op-head logits (WAIT, GERMINATE, FOSSILIZE, PRUNE). A seed needs ~6 quiet
@@ -87,6 +94,11 @@ class PPOConfig:
                 f"got {self.initial_op_bias!r}"
             )
         object.__setattr__(self, "initial_op_bias", tuple(self.initial_op_bias))
+        if self.obs_normalizer_sync not in ("update", "step"):
+            raise ValueError(
+                "PPOConfig.obs_normalizer_sync must be 'update' or 'step', "
+                f"got {self.obs_normalizer_sync!r}"
+            )
 
 
 def compute_gae(
