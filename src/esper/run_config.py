@@ -14,6 +14,7 @@ Command-line flags override the file; the resolved config is saved in the run fo
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,8 +54,9 @@ class RunSection:
     tensorboard: bool = False
     # torch intra-op threads of this process; 0 = auto (`auto_threads`): one per process
     # stepping several envs, the idle cores (up to 4) for a lone env. The hosts are tiny:
-    # a second thread gains little and costs 8x when the cores are busy (measured on
-    # 2 cores under load), so scale with envs or processes (torchrun), not threads.
+    # a second thread gains little and costs 10-16x when the cores are busy (measured on
+    # 2 cores at load 6: static digits, 1 env 3.2 -> 0.34 env steps/s, 4 envs 5.1 -> 0.31),
+    # so scale with envs or processes (torchrun), not threads.
     threads: int = 0
     # play one round of the static host (no controller) on round 0's seeds first: the
     # baseline line of the learning curves (one round of extra time)
@@ -198,7 +200,7 @@ def auto_threads(envs_in_process: int) -> int:
         busy = os.getloadavg()[0]
     except OSError:  # not on this platform
         busy = 0.0
-    return max(1, min(4, cores - round(busy)))
+    return max(1, min(4, cores - math.ceil(busy)))
 
 
 def replace_section(config: RunConfig, section: str, **changes: Any) -> RunConfig:
