@@ -104,3 +104,21 @@ def test_report_states_baseline_timing_and_provenance(tmp_path):
     assert "2 rounds: 1.5 s per round" in summary and "4.00 env steps/s" in summary
     assert "esper 9.9" in summary and "`esper train`" in summary
     assert "| governor rollbacks | 4 |" in summary
+
+
+def test_console_heartbeat_reports_a_long_step():
+    import io
+    import time
+
+    from esper.experiment import Progress
+    from esper.telemetry.console import Console
+
+    out = io.StringIO()
+    console = Console(out)
+    console.HEARTBEAT_S = 0.5
+    with console:
+        console.live(Progress("train", 0, 10, 1, 20, 4, 800, 2.0))
+        time.sleep(1.6)  # the next step is slow: the heartbeat speaks meanwhile
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("train round 1/10 step 1/20 | env steps 4/800")
+    assert any("step 2/20 running for" in line and "eta" in line for line in lines[1:])

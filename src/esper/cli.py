@@ -12,15 +12,16 @@ status 2 and one line on stderr, never a traceback (set ESPER_DEBUG=1 to see one
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
-import time
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from esper import __version__
+from esper.telemetry.console import Console
 
 CONTROLLERS = ("ppo", "heuristic", "random", "static")
 
@@ -155,67 +156,6 @@ def _merge(base: dict[str, Any], over: dict[str, dict[str, Any]]) -> dict[str, A
     return merged
 
 
-def _clock(seconds: float) -> str:
-    if seconds == float("inf"):
-        return "?"
-    seconds = round(seconds)
-    h, rest = divmod(seconds, 3600)
-    return f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m{rest % 60:02d}s"
-
-
-class _Console:
-    """Live progress on stderr: one line rewritten in place on a terminal; elsewhere (a
-    log file) a line every few seconds within a round and one per finished round."""
-
-    EVERY_S = 3.0
-
-    def __init__(self) -> None:
-        self.tty = sys.stderr.isatty()
-        self.last_print = 0.0
-        self.last_round = ""
-        self.p = None
-
-    @staticmethod
-    def _where(p) -> str:
-        return (
-            f"env steps {p.env_steps}/{p.env_steps_total} | {p.steps_per_s:.2f} steps/s | "
-            f"elapsed {_clock(p.elapsed_s)} eta {_clock(p.eta_s)}"
-        )
-
-    def live(self, p) -> None:
-        self.p = p
-        now = time.monotonic()
-        end_of_round = p.step == p.steps
-        if not self.tty:
-            if end_of_round and p.phase == "train":
-                return  # round_done prints this round's line with its results
-            if not end_of_round and now - self.last_print < self.EVERY_S:
-                return
-        self.last_print = now
-        line = f"{p.phase} round {p.round + 1}/{p.rounds} step {p.step}/{p.steps} | "
-        line += self._where(p)
-        if self.last_round and p.phase == "train":
-            line += f" | {self.last_round}"
-        if self.tty:
-            last = end_of_round and p.round + 1 == p.rounds and p.phase != "train"
-            print(f"\x1b[2K{line}", end="\n" if last else "\r", file=sys.stderr, flush=True)
-        else:
-            print(line, file=sys.stderr, flush=True)
-
-    def round_done(self, done: int, total: int, last: dict[str, float]) -> None:
-        self.last_round = (
-            f"last round: quality {last['quality']:.4f} objective {last['objective']:.4f} "
-            f"return {last['episode_return']:+.4f}"
-        )
-        where = f" | {self._where(self.p)}" if self.p is not None else ""
-        line = f"round {done}/{total} done{where} | {self.last_round}"
-        if self.tty:
-            print(f"\x1b[2K{line}", end="\n" if done == total else "\r", file=sys.stderr)
-        else:
-            print(line, file=sys.stderr, flush=True)
-        self.last_print = time.monotonic()
-
-
 def _set_threads(threads: int, envs_in_process: int) -> None:
     """The CLI owns its process, so it may set torch's thread count (run.threads)."""
     import torch
@@ -262,13 +202,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     # Under torchrun: one rank of a DD-PPO job (--envs is the total over all ranks).
     dist = init_distributed(config.run.device)
     _set_threads(config.run.threads, max(1, config.run.envs // dist.world_size))
-    console = _Console()
+    console = Console()
     try:
-        result = train(
-            config, run_dir, resume=args.resume, force=args.force, dist=dist,
-            progress=console.round_done, live=console.live,
-            log=lambda m: print(f"esper: {m}", file=sys.stderr), command=["esper", *args.argv],
-        )  # fmt: skip
+        with console if dist.is_main else contextlib.nullcontext():  # one rank speaks
+            result = train(
+                config, run_dir, resume=args.resume, force=args.force, dist=dist,
+                progress=console.round_done, live=console.live, command=["esper", *args.argv],
+                log=lambda m: print(f"esper: {m}", file=sys.stderr),
+            )  # fmt: skip
     except PeerLostError as exc:
         print(f"esper: error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 1
@@ -334,13 +275,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         base = _merge(base, load_toml(args.config))
     config = config_from_dict(_merge(base, _overrides(args)))
     _set_threads(config.run.threads, min(config.run.envs, args.episodes))
-    records = evaluate(
-        config,
-        checkpoint=args.checkpoint,
-        episodes=args.episodes,
-        deterministic=not args.stochastic,
-        live=_Console().live,
-    )
+    with Console() as console:
+        records = evaluate(
+            config,
+            checkpoint=args.checkpoint,
+            episodes=args.episodes,
+            deterministic=not args.stochastic,
+            live=console.live,
+        )
     policy = "sampled" if args.stochastic else "deterministic"
     _print_table(
         f"evaluation of {args.checkpoint} on {config.run.task} ({policy} policy; "
