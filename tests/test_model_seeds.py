@@ -81,10 +81,12 @@ def test_germination_leaves_output_unchanged(topology: str) -> None:
             assert torch.equal(trial(x), before), (bp, sid)
 
 
+@pytest.mark.parametrize("own_seed_pass", [True, False])
 @pytest.mark.parametrize("topology", list(MAKERS))
-def test_training_seed_is_isolated_but_learns(topology: str) -> None:
+def test_training_seed_is_isolated_but_learns(topology: str, own_seed_pass: bool) -> None:
     for blueprint in blueprints_for(topology):
         model, x, y = MAKERS[topology]()
+        model.own_seed_pass = own_seed_pass
         reference = copy.deepcopy(model)
         sid = model.slot_config.slot_ids[1]
         model.germinate(sid, blueprint)
@@ -92,12 +94,20 @@ def test_training_seed_is_isolated_but_learns(topology: str) -> None:
         model.train(), reference.train()
         out = model(x)
         assert torch.equal(out, reference(x))  # value unchanged even in train mode
-        _loss(model, x, y).backward()
+        loss = _loss(model, x, y)
+        seed_logits = model.seed_forward(x)
+        assert (seed_logits is not None) == (model.training_seeds() == [sid])
+        if own_seed_pass:  # what the Trainer adds: the seed's own loss, host detached
+            flat = seed_logits.reshape(-1, seed_logits.shape[-1])
+            loss = loss + torch.nn.functional.cross_entropy(flat, y.reshape(-1))
+        loss.backward()
         _loss(reference, x, y).backward()
         for (name, p), q in zip(
             model.host.named_parameters(), reference.host.parameters(), strict=True
         ):
             assert torch.equal(p.grad, q.grad), (blueprint, name)
+        for (name, b), c in zip(model.host.named_buffers(), reference.host.buffers(), strict=True):
+            assert torch.equal(b, c), (blueprint, name)  # the seed pass keeps no BN stats
         seed_grads = [p.grad for p in model.seed_parameters(sid)]
         assert all(g is not None for g in seed_grads), blueprint
         assert sum(g.abs().sum() for g in seed_grads) > 0, blueprint

@@ -50,8 +50,9 @@ def test_training_seed_costs_train_flops_and_a_counterfactual_pass():
     seed_forward = forward_flops(trainer.model.slots["r0c1"].seed, torch.zeros(1, HIDDEN))
     assert seed_forward > 0
     step = trainer.train_step()
-    # The TRAINING seed is hidden from the host's value yet runs forward and backward.
-    assert step.train_flops == 16 * 3 * (HOST_FORWARD + seed_forward)
+    # The TRAINING seed is hidden from the host's forward and learns in a pass of its
+    # own (MorphogeneticModel.seed_forward): the host again, with the seed on.
+    assert step.train_flops == 16 * 3 * (HOST_FORWARD + HOST_FORWARD + seed_forward)
     # Validation: the live model (seed off in eval), then the "seed on" variant, which
     # shares the prefix up to the slot and reruns only the seed and what follows it.
     after_slot = 2 * HIDDEN * CLASSES

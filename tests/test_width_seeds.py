@@ -61,6 +61,14 @@ def randomise(model: MorphogeneticModel, seed: int = 3) -> None:
                 p.copy_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
 
 
+def train_loss(model: MorphogeneticModel, x: torch.Tensor) -> torch.Tensor:
+    """A task-free loss as the Trainer builds it: the forward's, plus the TRAINING
+    seeds' own pass when the model uses one."""
+    loss = model(x).sin().sum()
+    seed_logits = model.seed_forward(x) if model.own_seed_pass else None
+    return loss if seed_logits is None else loss + seed_logits.sin().sum()
+
+
 def outputs(model: MorphogeneticModel, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(train-mode, eval-mode) outputs, each on a copy (BatchNorm updates its stats)."""
     return copy.deepcopy(model).train()(x), copy.deepcopy(model).eval()(x)
@@ -84,43 +92,47 @@ def test_identity_at_birth_in_every_slot_and_stage(topology, blueprint, blend) -
             assert torch.equal(got, ref), (stage, (got - ref).abs().max())
 
 
+@pytest.mark.parametrize("own_seed_pass", [True, False])
 @pytest.mark.parametrize("topology", HOSTS)
-def test_new_units_get_gradient_at_once_and_fan_in_after_one_step(topology) -> None:
+def test_new_units_get_gradient_at_once_and_fan_in_after_one_step(topology, own_seed_pass):
     torch.manual_seed(1)
     host, x = HOSTS[topology]()
-    model = MorphogeneticModel(host, lifecycle=LIFECYCLE).train()
+    model = MorphogeneticModel(host, lifecycle=LIFECYCLE, own_seed_pass=own_seed_pass).train()
     for sid in model.slot_config.slot_ids:
         model.germinate(sid, "wide_x1")
     seeds = {sid: model.slots[sid].seed for sid in model.slot_config.slot_ids}
     opt = torch.optim.SGD([p for s in seeds.values() for p in s.parameters()], lr=0.1)
-    model(x).square().mean().backward()
+    train_loss(model, x).backward()
     for sid, seed in seeds.items():
         out = [p.grad for p in seed.fan_out.parameters()]
         assert all(g is not None and g.abs().sum() > 0 for g in out), sid
     opt.step()
     opt.zero_grad()
-    model(x).square().mean().backward()
+    train_loss(model, x).backward()
     for sid, seed in seeds.items():
         grads = [p.grad for p in seed.fan_in.parameters() if p.dim() > 1]
         assert all(g is not None and g.abs().sum() > 0 for g in grads), sid
 
 
+@pytest.mark.parametrize("own_seed_pass", [True, False])
 @pytest.mark.parametrize("topology", HOSTS)
-def test_training_width_seed_leaves_host_gradients_bit_identical(topology) -> None:
+def test_training_width_seed_leaves_host_bit_identical(topology, own_seed_pass) -> None:
     torch.manual_seed(2)
     host, x = HOSTS[topology]()
-    base = MorphogeneticModel(host, lifecycle=LIFECYCLE).train()
+    base = MorphogeneticModel(host, lifecycle=LIFECYCLE, own_seed_pass=own_seed_pass).train()
     grown = copy.deepcopy(base)
     for sid in grown.slot_config.slot_ids:
         grown.germinate(sid, "wide_x2")
     randomise(grown)  # a seed that already computes something must still stay hidden
     base(x).sin().sum().backward()
-    out = grown(x)
-    out.sin().sum().backward()
-    assert torch.equal(out, base(x))
+    assert torch.equal(grown(x), base(x))
+    train_loss(grown, x).backward()
     for (name, p), q in zip(base.host.named_parameters(), grown.host.parameters(), strict=True):
         assert torch.equal(p.grad, q.grad), name
-    assert all(p.grad is not None for p in grown.seed_parameters("r0c0"))
+    for (name, b), c in zip(base.host.named_buffers(), grown.host.buffers(), strict=True):
+        assert torch.equal(b, c), name  # BatchNorm statistics too
+    for sid in grown.slot_config.slot_ids:
+        assert all(p.grad is not None for p in grown.seed_parameters(sid)), sid
 
 
 def _round_trip(model: MorphogeneticModel, make) -> MorphogeneticModel:

@@ -13,6 +13,7 @@ import copy
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from esper.lifecycle import SeedStage, is_live
@@ -47,6 +48,12 @@ class MorphogeneticModel(nn.Module):
     for a stage that does not allow them, `UnknownBlueprintError` for a blueprint the
     slot's topology does not offer, and `SlotIdError` for an unknown slot id.
     ``width_init`` is how a width seed's fan-in starts (`esper.model.width.WIDTH_INITS`).
+
+    ``own_seed_pass`` (default True): a TRAINING seed is hidden from `forward` and learns
+    from the loss of `seed_forward`, which a training loop adds to the task loss (the
+    `Trainer` does). False: the straight-through rule of `esper.model.slot` inside
+    `forward` (any loop trains the seed, but the gradient is taken where the seed is
+    off; seeds whose term feeds a BatchNorm grow without bound: issue 12 measurements).
     """
 
     def __init__(
@@ -55,6 +62,7 @@ class MorphogeneticModel(nn.Module):
         slot_config: SlotConfig | Iterable[str] | None = None,
         lifecycle: LifecycleConfig | None = None,
         width_init: str = DEFAULT_WIDTH_INIT,
+        own_seed_pass: bool = True,
     ) -> None:
         super().__init__()
         if width_init not in WIDTH_INITS:
@@ -80,6 +88,7 @@ class MorphogeneticModel(nn.Module):
                 for s in self.slot_config.specs
             }
         )
+        self.own_seed_pass = own_seed_pass
         # Block i feeds the slot with the i-th offered id (None: slot not enabled).
         self._block_slots: tuple[str | None, ...] = tuple(
             s.slot_id if s.slot_id in self.slots else None for s in specs
@@ -189,6 +198,49 @@ class MorphogeneticModel(nn.Module):
                 raise ValueError(f"alpha override for {slot_id} must be in [0, 1], got {value!r}")
             checked[slot_id] = alpha
         return checked
+
+    # -- seeds learning behind the host ------------------------------------------------
+    @property
+    def own_seed_pass(self) -> bool:
+        """True: TRAINING seeds are hidden from `forward` and learn only from the loss
+        of `seed_forward`; False (default): straight-through inside `forward`."""
+        return not all(slot.straight_through for slot in self.slots.values())
+
+    @own_seed_pass.setter
+    def own_seed_pass(self, value: bool) -> None:
+        for slot in self.slots.values():
+            slot.straight_through = not value
+
+    def training_seeds(self) -> list[str]:
+        """Slots whose seed is GERMINATED or TRAINING (learning behind the host)."""
+        return [
+            sid
+            for sid, slot in self.slots.items()
+            if slot.seed is not None and slot.stage in (SeedStage.GERMINATED, SeedStage.TRAINING)
+        ]
+
+    def seed_forward(self, x: Tensor) -> Tensor | None:
+        """Logits with every TRAINING seed fully on, for those seeds' own loss (None
+        when no seed is TRAINING).
+
+        Unlike the straight-through gradient, this one is taken where the seeds are on,
+        so a seed sees its own effect. The host and every other seed take part as
+        constants: their parameters are detached and the batch statistics this pass
+        would put into their BatchNorm buffers are discarded, so the host's function,
+        gradients and running statistics are exactly what `forward` alone gives.
+        """
+        training = self.training_seeds()
+        if not training:
+            return None
+        own = tuple(f"slots.{sid}." for sid in training)
+        state: dict[str, Tensor] = {
+            name: p.detach() for name, p in self.named_parameters() if not name.startswith(own)
+        }
+        state.update(
+            (name, b.clone()) for name, b in self.named_buffers() if not name.startswith(own)
+        )
+        overrides = dict.fromkeys(training, 1.0)
+        return torch.func.functional_call(self, state, (x,), {"alpha_override": overrides})
 
     # -- lifecycle -------------------------------------------------------------------
     def _slot(self, slot_id: str) -> SeedSlot:
@@ -302,7 +354,9 @@ class MorphogeneticModel(nn.Module):
                 sources, consumer = host.width_layers(i)
                 fold_width_seed(sources, consumer, slot.seed, slot.unit_scale())
                 folded.add(slot_id)
-        out = MorphogeneticModel(host, self.slot_config.slot_ids, self.lifecycle, self.width_init)
+        out = MorphogeneticModel(
+            host, self.slot_config.slot_ids, self.lifecycle, self.width_init, self.own_seed_pass
+        )
         for slot_id, slot in self.slots.items():
             if slot_id not in folded:
                 out.slots[slot_id].load_state_dict(slot.state_dict())

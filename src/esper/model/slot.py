@@ -7,7 +7,10 @@ Forward rule (``h`` is the host activation at the slot, ``f`` the seed module):
   and the output is ``h + (f - f.detach())``: the value is exactly ``h`` (so the host's
   function and its gradients are untouched) while the seed receives the task gradient
   as if it were fully switched on (straight-through). Outside autograd training the
-  seed is not even run.
+  seed is not even run. The straight-through gradient is taken where the seed is off,
+  so it never sees its own effect and keeps growing in one direction; with
+  ``straight_through = False`` the seed is hidden here and learns in a pass of its own
+  instead (`MorphogeneticModel.seed_forward`).
 - BLENDING / HOLDING: ``h + α·f(h.detach())``. The identity path keeps every host layer
   learning; the detached input keeps a seed on probation from reshaping the host
   before it. ``gated`` blends multiply ``α`` by a learned per-channel gate
@@ -178,6 +181,9 @@ class SeedSlot(nn.Module):
         self.gate: LearnedGate | None = None
         # Follows .to(device/dtype) so rebuilt seeds land where the model lives.
         self.register_buffer("_anchor", torch.zeros(0), persistent=False)
+        # False: a TRAINING seed is hidden from the forward entirely and learns only in
+        # `MorphogeneticModel.seed_forward` (set through the model).
+        self.straight_through = True
         self._reset(SeedStage.DORMANT)
 
     @property
@@ -209,7 +215,7 @@ class SeedSlot(nn.Module):
         if alpha is not None:
             return h if alpha == 0.0 else h + alpha * seed(h_in)
         if stage in (SeedStage.GERMINATED, SeedStage.TRAINING):
-            if not (self.training and torch.is_grad_enabled()):
+            if not (self.straight_through and self.training and torch.is_grad_enabled()):
                 return h
             f = seed(h_in)
             return h + (f - f.detach())
@@ -232,7 +238,7 @@ class SeedSlot(nn.Module):
         if alpha is not None:
             return None if alpha == 0.0 else alpha * seed(x_in)
         if stage in (SeedStage.GERMINATED, SeedStage.TRAINING):
-            if not (self.training and torch.is_grad_enabled()):
+            if not (self.straight_through and self.training and torch.is_grad_enabled()):
                 return None
             t = seed(x_in)
             return t - t.detach()

@@ -115,7 +115,11 @@ class Console:
                 if p.step < p.steps or p.phase == "train":
                     self._print(self._line(p, running) + f" | step {clock(running)}", end="")
             elif now - self.last_print >= self.HEARTBEAT_S:
-                following = f"step {p.step + 1}/{p.steps}" if p.step < p.steps else "next round"
+                following = (
+                    f"step {p.step + 1}/{p.steps}"
+                    if p.step < p.steps
+                    else ("update and next round" if p.phase == "train" else "next phase")
+                )
                 self._print(
                     f"{p.phase} round {p.round + 1}/{p.rounds}: {following} running for "
                     f"{clock(running)} | {self._where(p, running)}"

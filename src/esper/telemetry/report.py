@@ -55,8 +55,10 @@ def rolling_window(n: int) -> int:
 def plot_learning_curves(episodes: list[dict], path: Path, baseline: list[dict] = ()) -> None:
     """Every finished episode, a trailing rolling mean and, when the run played one, the
     static host on round 0's seeds as a dashed line."""
+    from matplotlib.ticker import MaxNLocator
+
     plt = _plt()
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.0))
     order = list(range(len(episodes)))
     window = rolling_window(len(episodes))
     for ax, key, label in zip(
@@ -66,20 +68,22 @@ def plot_learning_curves(episodes: list[dict], path: Path, baseline: list[dict] 
         strict=True,
     ):
         values = [e[key] for e in episodes]
-        ax.plot(order, values, ".", alpha=0.35, label="one episode")
-        ax.plot(order, _rolling(values, window), "-", label=f"rolling mean ({window} episodes)")
+        ax.plot(order, values, ".", alpha=0.45, label="one training episode")
+        ax.plot(order, _rolling(values, window), "-",
+                label=f"rolling mean over the last {window} episodes")  # fmt: skip
         if baseline:
             level = float(np.mean([b[key] for b in baseline]))
-            ax.axhline(
-                level, color="k", ls="--", lw=1,
-                label=f"static host, round-0 seeds ({len(baseline)} eps): {level:.3f}",
-            )  # fmt: skip
+            name = f"static host on round 0's seeds (mean of {len(baseline)})"
+            ax.axhline(level, color="k", ls="--", lw=1, label=name)
+            label += f"\n(static host: {level:.3f})"
         ax.set_xlabel("finished episode (in order)")
         ax.set_ylabel(key)
         ax.set_title(label, fontsize=10)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        ax.legend(loc="best", fontsize=7)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -144,7 +148,7 @@ def plot_lifecycle(
     shown = f"episode {episodes[0]}" if len(episodes) == 1 else f"episodes {episodes}"
     fig.suptitle(f"slot stages in the last recorded {shown} of each env", fontsize=10)
     fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.955),
-               ncol=min(len(handles), 8), fontsize=7, frameon=False)  # fmt: skip
+               ncol=min(len(handles), 11), fontsize=7, frameon=False)  # fmt: skip
     fig.tight_layout(rect=(0, 0, 1, 0.9))
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -175,7 +179,7 @@ def plot_action_mix(steps: list[dict], path: Path, bins: int = 20) -> None:
     ax.set_ylabel("share of decisions")
     ax.set_ylim(0, 1)
     ax.set_title("action mix (executed ops; an illegal action runs as WAIT)", fontsize=10)
-    ax.legend(ncol=4, fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

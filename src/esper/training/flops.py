@@ -58,13 +58,21 @@ def forward_flops(model: nn.Module, x: Tensor, *, train: bool = False, **forward
         with torch.random.fork_rng(devices=_rng_devices(x.device)):
             model.train(train)
             with torch.set_grad_enabled(train):
-                _, flops = count_flops(lambda: model(x, **forward_kw))
+                _, flops = count_flops(lambda: _forward(model, x, train, forward_kw))
     finally:
         model.train(was_training)
         with torch.no_grad():
             for buffer, value in saved:
                 buffer.copy_(value)
     return flops
+
+
+def _forward(model: nn.Module, x: Tensor, train: bool, forward_kw: dict) -> None:
+    model(x, **forward_kw)
+    # TRAINING seeds' own pass (`MorphogeneticModel.seed_forward`), which the Trainer
+    # runs next to every training forward.
+    if train and not forward_kw and getattr(model, "own_seed_pass", False):
+        model.seed_forward(x)
 
 
 def structure_key(model: nn.Module) -> tuple[Hashable, ...]:

@@ -149,8 +149,12 @@ class Trainer:
                 self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
             ):
                 logits = model(x)
+                # TRAINING seeds learn in a pass of their own, host detached (issue 12).
+                own = model.seed_forward(x) if getattr(model, "own_seed_pass", False) else None
             logits = logits.float()
             loss = task_loss(logits, y)
+            if own is not None:
+                loss = loss + task_loss(own.float(), y)
             self.scaler.scale(loss).backward()
             for opt in optimizers:  # true gradients for clipping and the norms below
                 self.scaler.unscale_(opt)
