@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -90,7 +94,8 @@ def test_spike_after_post_snapshot_fossilization_restores_the_holding_seed_state
     assert first.governor_event is None and first.val_loss > 3 * trainer.signals.val_loss_history[0]
     second = trainer.train_step()
     event = second.governor_event
-    assert event is not None and event.reason == "spike" and event.restored
+    # 60x logits: far beyond twice the chance-level loss, so it counts as divergence.
+    assert event is not None and event.reason == "diverged" and event.restored
     assert event.snapshot_epoch == 3 and second.penalty == trainer.config.governor.penalty
     # The fossil did not exist at the snapshot: the seed is back as it was, then pruned.
     assert event.pruned == ("r0c1",)
@@ -157,3 +162,57 @@ def test_no_spike_judged_before_min_history():
     gov = Governor(GovernorConfig(min_history=4, consecutive=1))
     assert [gov.observe(v) for v in (1.0, 1.0, 50.0, 1.0)] == ["ok"] * 4
     assert gov.observe(1e6) == "spike"
+
+
+def test_real_divergence_from_a_huge_learning_rate_is_rolled_back(digits):
+    """lr = 50 diverges from the first step, so the recent history looks "normal"; the
+    ceiling relative to a uniform guess still catches it."""
+    task, data = digits
+    torch.manual_seed(0)
+    model = MorphogeneticModel(task.make_host(data), task.default_slots, lifecycle=QUICK)
+    trainer = Trainer(model, data, dataclasses.replace(task.hparams, lr=50.0), seed=0)
+    events = [trainer.train_step().governor_event for _ in range(4)]
+    reasons = {e.reason for e in events if e is not None}
+    assert reasons and reasons <= {"diverged", "non_finite"}
+    assert trainer.governor.ceiling() == pytest.approx(2.0 * math.log(10))
+
+
+def test_spike_right_after_a_change_of_the_model_is_excused_once():
+    gov = Governor(GovernorConfig(consecutive=1, grace_steps=1), chance_loss=math.log(10))
+    for v in (1.0, 0.9, 0.8, 0.8):
+        assert gov.observe(v) == "ok"
+    gov.model_changed()  # e.g. a seed started blending
+    assert gov.observe(1.5) == "suspect"  # the bump after growth is not a fault...
+    assert gov.observe(1.5) == "spike"  # ...but a bump that persists is
+    gov.model_changed()
+    assert gov.observe(50.0) == "diverged"  # divergence is never excused
+
+
+def test_threshold_is_robust_to_one_odd_step_and_needs_a_relative_rise():
+    config = GovernorConfig(window=10, min_rise=0.3)
+    gov = Governor(config)
+    for v in (1.0, 1.0, 1.0, 1.0, 1.0):
+        gov.history.append(v)
+    assert gov.threshold() == pytest.approx(1.3)  # flat history: the relative rise decides
+    gov.history.append(1.29)  # one odd step does not move a median/MAD threshold
+    assert gov.threshold() == pytest.approx(1.3)
+    with pytest.raises(ValueError, match="chance_loss"):
+        Governor(config, chance_loss=0.0)
+
+
+def test_bench_quick_counts_false_and_real_rollbacks():
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, str(root / "bench" / "bench_governor.py"), "--quick", "--gates"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=True,
+    ).stdout
+    rows = {line[:22].strip(): line[22:].split() for line in out.splitlines() if line[:1] in "hb"}
+    assert len([name for name in rows if name.startswith("healthy")]) == 4
+    # Both broken runs are caught in every episode: lr = 50 and a NaN weight.
+    assert float(rows["broken lr=50"][4]) == 1.0 and float(rows["broken NaN weight"][4]) == 1.0
+    assert "gates:" in out

@@ -248,6 +248,11 @@ class MorphogenesisEnv(gym.Env):
             reward_parts=asdict(reward),
             train_loss=float(result.train_loss),
             val_loss=float(result.val_loss),
+            # This step's seed credit (what the lifecycle gates read): paired
+            # validation-loss contributions, their standard errors, which are prospective.
+            contributions=dict(result.contributions),
+            contribution_se=dict(result.contribution_se),
+            prospective=sorted(result.prospective),
         )
         obs = self._observation(progress, grads)
         return obs, float(reward.total), False, bool(last), info

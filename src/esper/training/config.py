@@ -15,19 +15,34 @@ class TrainConfigError(ValueError):
 
 @dataclass(frozen=True)
 class GovernorConfig:
-    """When the governor rolls an env back, and what that costs the controller."""
+    """When the governor rolls an env back, and what that costs the controller.
+
+    A step is *bad* when its monitored loss is non-finite (rollback at once), above
+    ``divergence_factor`` times the fresh model's loss (worse than not training at all),
+    or a *spike*: above ``median + k_sigma * 1.4826 * MAD`` of the last ``window`` good
+    steps and at least ``min_rise`` (relative) above their median. ``consecutive`` bad
+    steps in a row roll back. Median and MAD are robust: one odd step in the window
+    does not move the threshold. A spike in the ``grace_steps`` steps after the model's
+    function changed (a seed germinated, pruned, fossilized, or its alpha moved) does
+    not count: a bump right after growth is expected, not a fault; divergence beyond
+    the ceiling counts even then. Measured with bench/bench_governor.py.
+    """
 
     enabled: bool = True
-    # Spike test: the monitored loss is compared with the mean and std of the last
-    # `window` good steps; it needs `min_history` of them before spikes are judged,
-    # so the steep early part of training is never mistaken for instability.
+    # Spike test: the monitored loss is compared with the last `window` good steps; it
+    # needs `min_history` of them before spikes are judged, so the steep early part of
+    # training is never mistaken for instability.
     window: int = 10
     min_history: int = 3
     k_sigma: float = 3.0
-    # Floor on sigma, relative to the mean: a flat loss history must not turn every
-    # tiny wobble into a "spike".
-    min_relative_sigma: float = 0.05
-    consecutive: int = 2  # spiking steps in a row before a rollback; NaN/Inf acts at once
+    # A spike must also be this far above the recent median (0.3: 30 % worse): a flat
+    # loss history must not turn every small wobble into a "spike".
+    min_rise: float = 0.3
+    # Ceiling relative to the fresh model's loss (the trainer's first validation): a
+    # loss this much worse than an untrained model is divergence, whatever the history.
+    divergence_factor: float = 2.0
+    grace_steps: int = 1  # steps after a function change whose spikes do not count
+    consecutive: int = 2  # bad steps in a row before a rollback; NaN/Inf acts at once
     monitor: Literal["train_loss", "val_loss"] = "val_loss"
     penalty: float = 1.0  # reported in StepResult.penalty; the env subtracts it
 
@@ -37,10 +52,15 @@ class GovernorConfig:
                 f"governor needs window >= 2 and 2 <= min_history <= window, got "
                 f"window={self.window}, min_history={self.min_history}"
             )
-        if self.k_sigma <= 0 or self.consecutive < 1 or self.min_relative_sigma < 0:
+        if self.k_sigma <= 0 or self.consecutive < 1 or self.min_rise < 0:
             raise TrainConfigError(
-                f"governor needs k_sigma > 0, consecutive >= 1, min_relative_sigma >= 0; got "
-                f"{self.k_sigma}, {self.consecutive}, {self.min_relative_sigma}"
+                f"governor needs k_sigma > 0, consecutive >= 1, min_rise >= 0; got "
+                f"{self.k_sigma}, {self.consecutive}, {self.min_rise}"
+            )
+        if not self.divergence_factor > 1 or self.grace_steps < 0:
+            raise TrainConfigError(
+                f"governor needs divergence_factor > 1 and grace_steps >= 0; got "
+                f"{self.divergence_factor}, {self.grace_steps}"
             )
         if self.monitor not in ("train_loss", "val_loss"):
             raise TrainConfigError(

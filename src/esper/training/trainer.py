@@ -13,11 +13,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
+from esper.lifecycle import SeedStage, is_live
 from esper.training.config import TrainConfig
 from esper.training.counterfactual import (
     CounterfactualResult,
@@ -26,7 +28,7 @@ from esper.training.counterfactual import (
 )
 from esper.training.data import BatchStream, TaskData
 from esper.training.flops import FlopMeter, structure_key
-from esper.training.governor import Governor, GovernorEvent
+from esper.training.governor import ROLLBACK_VERDICTS, Governor, GovernorEvent
 from esper.training.objective import EvalTotals, bits_per_char, task_loss
 from esper.training.signals import TrainingSignals
 
@@ -86,7 +88,8 @@ class Trainer:
         self.seed = int(seed)
         self.stream = BatchStream(data.n_train, self.config.batch_size, seed=self.seed)
         self.signals = TrainingSignals(self.config.history, self.config.plateau_tolerance)
-        self.governor = Governor(self.config.governor)
+        # A loss of twice a uniform guess's is divergence, whatever the recent history.
+        self.governor = Governor(self.config.governor, chance_loss=math.log(data.num_classes))
         self.flops = FlopMeter()  # cumulative compute of this trainer (one episode)
         self.epoch = 0
         self.host_optimizer = self._new_host_optimizer()
@@ -97,6 +100,7 @@ class Trainer:
         )
         self.seed_optimizers: dict[str, tuple[tuple[int, ...], torch.optim.Optimizer]] = {}
         self.sync_seed_optimizers()
+        self._judged_signature = self._function_signature()
         self.governor.snapshot(self.model, epoch=-1)  # the fresh host is the first good state
 
     # -- optimisers ------------------------------------------------------------------
@@ -201,8 +205,22 @@ class Trainer:
         self.model.train()
         return result
 
+    def _function_signature(self) -> tuple:
+        """What the host's function and training depend on, per slot: a changed
+        signature excuses the next step's loss spike (`Governor.model_changed`)."""
+        return tuple(
+            (s.slot_id, s.stage, s.blueprint, s.alpha)
+            if is_live(s.stage) or s.stage == SeedStage.FOSSILIZED
+            else (s.slot_id,)
+            for s in self.model.slot_states()
+        )
+
     def train_step(self) -> StepResult:
         self.sync_seed_optimizers()
+        signature = self._function_signature()
+        if signature != self._judged_signature:  # germinated, pruned, alpha stepped...
+            self.governor.model_changed()
+        self._judged_signature = signature
         eval_before = self.flops.eval
         train, grad_norms, samples = self._train()
         # Before any rollback: the structure that just trained is the one to count.
@@ -212,7 +230,7 @@ class Trainer:
         monitored = train.loss if cfg.monitor == "train_loss" else result.val_loss
         verdict = self.governor.observe(monitored)
         event, rollback_changes = None, []
-        if verdict in ("non_finite", "spike"):
+        if verdict in ROLLBACK_VERDICTS:
             event, rollback_changes = self._rollback(verdict, monitored)
             result = self.validate(with_counterfactuals=False)
         else:
