@@ -30,6 +30,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "masks": ("bench_masks.py", []),
     "counterfactual": ("bench_counterfactual.py", []),
     "ppo_update": ("bench_ppo_update.py", ["--threads", "1"]),
+    "sb3": ("bench_sb3.py", ["--threads", "1"]),  # vs sb3-contrib RecurrentPPO (bench extra)
     "overhead": ("bench_overhead.py", []),
     "slot_scaling": ("bench_slot_scaling.py", []),
     "controllers": ("bench_controllers.py", []),

@@ -22,6 +22,7 @@ class RunningMeanStd:
         # A small prior count keeps the first batches from dividing by a zero variance.
         self.count = torch.tensor(epsilon, dtype=torch.float64, device=device)
         self._pending: tuple[float, torch.Tensor, torch.Tensor] | None = None
+        self._rows: list[torch.Tensor] = []
 
     @property
     def dim(self) -> int:
@@ -49,10 +50,20 @@ class RunningMeanStd:
     # -- deferred updates: statistics frozen between commits --------------------------------
     def accumulate(self, x: torch.Tensor) -> None:
         """Remember a batch ``[..., dim]`` for the next `commit`; the statistics (and so
-        `normalize`) do not change until then. Local only: no collective."""
+        `normalize`) do not change until then. Local only: no collective. The rows are
+        kept (a float64 copy) and reduced in blocks, so a step costs one copy."""
         if x.shape[-1] != self.dim:
             raise ValueError(f"expected last dim {self.dim}, got shape {tuple(x.shape)}")
-        batch = x.detach().reshape(-1, self.dim).to(torch.float64)
+        self._rows.append(x.detach().reshape(-1, self.dim).to(torch.float64, copy=True))
+        if len(self._rows) >= 64:
+            self._reduce_rows()
+
+    def _reduce_rows(self) -> None:
+        """Chan-merge the kept rows into the pending (count, mean, M2)."""
+        if not self._rows:
+            return
+        batch = torch.cat(self._rows)
+        self._rows = []
         n = batch.shape[0]
         if n == 0:
             return
@@ -73,6 +84,7 @@ class RunningMeanStd:
         """Fold every batch accumulated since the last commit, pooled over all ranks
         (exact moments, one merge), into the statistics. Every rank must call it."""
         dev = self.mean.device
+        self._reduce_rows()
         if self._pending is None:
             count, mean, m2 = 0.0, torch.zeros_like(self.mean), torch.zeros_like(self.mean)
         else:
@@ -85,7 +97,8 @@ class RunningMeanStd:
 
     @property
     def pending_count(self) -> int:
-        return 0 if self._pending is None else int(self._pending[0])
+        kept = sum(rows.shape[0] for rows in self._rows)
+        return kept + (0 if self._pending is None else int(self._pending[0]))
 
     def _fold(self, n: float | torch.Tensor, batch_mean: torch.Tensor, batch_var: torch.Tensor):
         if float(n) == 0.0:
@@ -102,12 +115,24 @@ class RunningMeanStd:
     def std(self) -> torch.Tensor:
         return torch.sqrt(self.var + 1e-8)
 
+    def _cast(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) in ``dtype``, cached until the statistics change: acting normalises
+        every step with statistics that change once per update."""
+        cache = self.__dict__.get("_cast_cache")
+        if cache is None or cache[0] is not self.mean or cache[1] is not self.var:
+            cache = self.__dict__["_cast_cache"] = (self.mean, self.var, {})
+        if dtype not in cache[2]:
+            cache[2][dtype] = (self.mean.to(dtype), self.std.to(dtype))
+        return cache[2][dtype]
+
     def normalize(self, x: torch.Tensor, clip: float | None = None) -> torch.Tensor:
-        out = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        mean, std = self._cast(x.dtype)
+        out = (x - mean) / std
         return out.clamp(-clip, clip) if clip is not None else out
 
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.std.to(x.dtype) + self.mean.to(x.dtype)
+        mean, std = self._cast(x.dtype)
+        return x * std + mean
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"mean": self.mean.clone(), "var": self.var.clone(), "count": self.count.clone()}
@@ -119,7 +144,7 @@ class RunningMeanStd:
                 f"normaliser statistics have shape {tuple(mean.shape)}, expected ({self.dim},)"
             )
         device = self.mean.device
-        self._pending = None
+        self._pending, self._rows = None, []
         self.mean = mean.to(device, torch.float64)
         self.var = var.to(device, torch.float64)
         self.count = count.to(device, torch.float64).reshape(())
