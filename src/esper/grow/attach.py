@@ -261,8 +261,14 @@ class SlottedModel(nn.Module):
     def fossilize(self, slot_id: str) -> StageChange:
         return self._slot(slot_id).fossilize()
 
-    def record_contribution(self, slot_id: str, value: float) -> None:
-        self._slot(slot_id).contribution = float(value)
+    def record_contribution(self, slot_id: str, value: float, stderr: float | None = None) -> None:
+        """Latest contribution (> 0: the seed helps) and its standard error (None: exact),
+        which the gates of `step_epoch` read."""
+        if stderr is not None and not float(stderr) >= 0:
+            raise ValueError(f"stderr of slot {slot_id}'s contribution must be >= 0, got {stderr}")
+        slot = self._slot(slot_id)
+        slot.contribution = float(value)
+        slot.contribution_se = None if stderr is None else float(stderr)
 
     def step_epoch(self) -> list[StageChange]:
         """Mechanical lifecycle transitions once per growth step, in slot order."""

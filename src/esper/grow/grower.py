@@ -14,7 +14,8 @@ user's loop hands over: measure every seed's contribution on the user's validati
 batches (one pass per seed, its alpha overridden for that call only), record them,
 advance the lifecycle, build the same observation and masks as the env, ask the
 controller, apply its action. It emits the typed events of ``esper train``.
-Contributions are differences of the mean validation loss (> 0: the seed helps): on a
+Contributions are paired per-sample validation-loss differences (> 0: the seed helps)
+with a standard error that the lifecycle gates read (``LifecycleConfig.gate_z``): on a
 few hundred samples one sample moves accuracy more than a young seed does. The seeds'
 gradient norms in the observation are those the user's last backward left. There is no
 governor here: rollbacks on a loss spike are the user's loop's business.
@@ -51,7 +52,7 @@ from esper.grow.choices import make_controller, offered_blueprints, residual_cos
 from esper.model import StageChange
 from esper.telemetry import EpisodeEnded, EpisodeStep, RunStarted, Telemetry, seed_event
 from esper.telemetry.events import SeedFossilized, SeedGerminated, SeedPruned, seed_event_class
-from esper.training.counterfactual import variants_to_measure
+from esper.training.counterfactual import PairedDiff, variants_to_measure
 from esper.training.objective import EvalTotals, quality
 from esper.training.signals import TrainingSignals
 
@@ -91,7 +92,7 @@ class GrowthStep:
     val_loss: float
     growth: float
     reward: float
-    contributions: dict[str, float] = field(default_factory=dict)
+    contributions: dict[str, float] = field(default_factory=dict)  # mean val loss, > 0 helps
     changes: tuple[StageChange, ...] = ()  # lifecycle moves, then the action's own
 
 
@@ -174,12 +175,14 @@ class Grower:
         return anchor.device if anchor is not None else torch.device("cpu")
 
     @torch.no_grad()
-    def measure(self) -> tuple[EvalTotals, dict[str, float]]:
+    def measure(self) -> tuple[EvalTotals, dict[str, float], dict[str, float]]:
         """Live validation totals and each measured seed's contribution, on the mean
         validation loss (> 0: the seed helps): ``loss(seed off) - loss(live)`` for seeds
-        with alpha > 0, ``loss(live) - loss(seed on)`` for seeds still TRAINING."""
+        with alpha > 0, ``loss(live) - loss(seed on)`` for seeds still TRAINING, paired
+        per sample, with its standard error (as `esper.training.counterfactual`)."""
         variants = variants_to_measure(self.model, self.config.measure_fossils)
         totals = {name: EvalTotals() for name in (None, *variants)}
+        paired = {name: PairedDiff() for name in variants}
         device, was_training = self._device(), self.model.training
         self.model.eval()
         try:
@@ -188,7 +191,8 @@ class Grower:
                 args = inputs if isinstance(inputs, tuple) else (inputs,)
                 args = tuple(a.to(device) if isinstance(a, Tensor) else a for a in args)
                 targets = targets.to(device)
-                for name in totals:
+                live_losses = None
+                for name in totals:  # live first
                     override = None if name is None else {name: variants[name]}
                     with torch.autocast(
                         device.type, dtype=self.autocast, enabled=self.autocast is not None
@@ -199,17 +203,23 @@ class Grower:
                             f"the model returned a {type(out).__name__}; the Grower reads "
                             "logits [N, C] or [N, T, V]"
                         )
-                    totals[name].add(out.float(), targets)
+                    losses = totals[name].add(out.float(), targets)
+                    if name is None:
+                        live_losses = losses
+                    else:
+                        paired[name].add(losses, live_losses)
         finally:
             self.model.train(was_training)
         live = totals[None]
         if live.count == 0:
             raise ValueError("val_data gave no batches (a one-shot generator? pass a list)")
-        contributions = {}
+        contributions, stderrs = {}, {}
         for sid, alpha in variants.items():
-            c = totals[sid].loss - live.loss if alpha == 0.0 else live.loss - totals[sid].loss
+            mean, se = paired[sid].mean_and_se()
+            c = mean if alpha == 0.0 else -mean
             contributions[sid] = 0.0 if math.isnan(c) else max(-1e6, min(1e6, c))
-        return live, contributions
+            stderrs[sid] = se if math.isfinite(se) else 1e6
+        return live, contributions, stderrs
 
     def _grad_norms(self) -> list[float]:
         """Seeds' gradient norms left by the user's last backward (0 where none)."""
@@ -256,9 +266,9 @@ class Grower:
                 )
             )  # fmt: skip
             self._resumed = False
-        live, contributions = self.measure()
+        live, contributions, stderrs = self.measure()
         for sid, value in contributions.items():
-            self.model.record_contribution(sid, value)
+            self.model.record_contribution(sid, value, stderrs[sid])
         changes = self.model.step_epoch()
         self._sync_param_groups()
         q = quality(self.config.kind, live.loss, live.accuracy)
