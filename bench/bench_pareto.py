@@ -199,6 +199,7 @@ def summarise(static: dict[int, ArmResult], grown: dict[str, ArmResult], narrow:
             "front_flops": interp_log(xs, [f[3] for f in front], params)[0],
             "germinated": benchlib.mean_std([r["germinated"] for r in rows])[0],
             "fossilized": benchlib.mean_std([r["fossilized"] for r in rows])[0],
+            "rollbacks": sum(r["rollbacks"] for r in rows),
             "lambda": lam,
         }
     return arms
@@ -224,6 +225,7 @@ def write_tables(name, setup, summary, static, grown, args, lam) -> None:
                 "from scratch GFLOPs": f"{s['scratch_flops'] / 1e9:.3f}",
                 "grown / scratch": f"{s['flops_ratio']:.2f}",
                 "germ/fossil per ep": f"{s['germinated']:.1f}/{s['fossilized']:.1f}",
+                "rollbacks": s["rollbacks"],
             }
         )
     env = MorphogenesisEnv(env_config(setup, setup.widths[0], None))

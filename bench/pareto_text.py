@@ -118,8 +118,12 @@ def run(args, publish) -> dict | None:
         f"(static-2 runs {2 * setup.steps}); grown: always-grow schedule planting "
         f"{blueprint_name!r} seeds from step {setup.grow_at}, stopped at "
         f"{setup.flops_limit}x the static-4 FLOPs; "
-        f"germinated/fossilized per run {_mean(runs['grown 2→4'], 'germinated'):.1f}/"
-        f"{_mean(runs['grown 2→4'], 'fossilized'):.1f}; params static-2 "
+        f"germinated/fossilized/pruned per grown run "
+        f"{_mean(runs['grown 2→4'], 'germinated'):.1f}/"
+        f"{_mean(runs['grown 2→4'], 'fossilized'):.1f}/"
+        f"{_mean(runs['grown 2→4'], 'pruned'):.1f}; governor rollbacks (all seeds) "
+        + ", ".join(f"{k} {sum(r['rollbacks'] for r in v)}" for k, v in runs.items())
+        + f"; params static-2 "
         f"{runs['static-2'][0]['params']}, static-4 {runs['static-4'][0]['params']}, grown "
         f"{_mean(runs['grown 2→4'], 'params'):.0f}. FLOPs: the env's counter (training, "
         f"validation and counterfactual passes). Machine: {benchlib.machine()}."
@@ -161,6 +165,8 @@ def compare(s2: dict, s4: dict, grown: dict, steps: int) -> dict:
     at = min(steps, len(grown["curve"])) - 1
     grown_flops = grown["curve"][at][3]
     reached = next((f for _, v, _, f in grown["curve"] if v <= target), None)
+    # The same measure for the model that never grows: growth only pays if it beats this.
+    small = next((f for _, v, _, f in s2["curve"] if v <= target), None)
     return {
         "static-4 loss": target,
         "static-2 loss @steps": s2["curve"][steps - 1][1],
@@ -169,6 +175,9 @@ def compare(s2: dict, s4: dict, grown: dict, steps: int) -> dict:
         "static-2 loss @grown FLOPs": loss_at(s2["curve"], grown_flops),
         "static-4 loss @grown FLOPs": loss_at(s4["curve"], grown_flops),
         "FLOPs to reach static-4 loss / static-4": None if reached is None else reached / budget,
+        "static-2 FLOPs to reach static-4 loss / static-4": (
+            None if small is None else small / budget
+        ),
         "grown FLOPs run / static-4": grown["curve"][-1][3] / budget,
         "static-4 GFLOPs": budget / 1e9,
     }

@@ -147,7 +147,7 @@ def play(env: MorphogenesisEnv, controller, seed: int, flops_limit: float | None
     obs, info = env.reset(seed=seed)
     state = controller.initial_state()
     host_params = env.model.param_counts().total
-    counts = dict.fromkeys(_KINDS.values(), 0)
+    counts = dict.fromkeys([*_KINDS.values(), "rollbacks"], 0)
     curve = []
     for step in range(env.max_epochs):
         action, state = controller.act(obs, env.conditional_masks(), state)
@@ -156,6 +156,7 @@ def play(env: MorphogenesisEnv, controller, seed: int, flops_limit: float | None
             kind = _KINDS.get(seed_event_class(event["source"], event["target"]))
             if kind is not None:
                 counts[kind] += 1
+        counts["rollbacks"] += int(info.get("governor_event") is not None)
         curve.append((step + 1, float(info["val_loss"]), float(info["quality"]),
                       float(info["flops"])))  # fmt: skip
         if flops_limit is not None and curve[-1][3] >= flops_limit:
