@@ -41,10 +41,14 @@ import benchlib
 import pareto_text
 from esper.env import EnvConfig, MorphogenesisEnv
 from esper.experiment import episode_seed
-from esper.policy import HeuristicController, RandomController, StaticController
+from esper.policy import (
+    AlwaysGrowController,
+    HeuristicController,
+    RandomController,
+    StaticController,
+)
 from esper.training import datasets
 from paretolib import (
-    AlwaysGrowController,
     blueprint_index,
     interp_log,
     paired,

@@ -25,9 +25,9 @@ from pathlib import Path
 import benchlib
 from esper.env import EnvConfig, MorphogenesisEnv
 from esper.experiment import episode_seed
-from esper.policy import StaticController
+from esper.policy import AlwaysGrowController, StaticController
 from esper.training import datasets
-from paretolib import AlwaysGrowController, blueprint_index, play
+from paretolib import blueprint_index, play
 
 # The whole decoder-layer seed; the transformer MLP seed stands in where it is missing.
 BLOCK_BLUEPRINTS = ("layer", "mlp")

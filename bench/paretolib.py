@@ -1,6 +1,6 @@
 """Pieces of the Pareto protocol (issue 12) shared by `bench_pareto.py` and
-`pareto_text.py`: the always-grow schedule, one episode with its FLOPs, paired
-statistics and interpolation on the static front."""
+`pareto_text.py`: one episode with its FLOPs, paired statistics and interpolation on
+the static front. (The always-grow schedule is `esper.policy.AlwaysGrowController`.)"""
 
 from __future__ import annotations
 
@@ -8,9 +8,7 @@ import itertools
 import math
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
 
-from esper.actions import ActionMasks, FactoredAction, LifecycleOp
 from esper.env import MorphogenesisEnv
 from esper.telemetry.events import SeedFossilized, SeedGerminated, SeedPruned, seed_event_class
 from esper.training.data import BatchStream
@@ -56,45 +54,7 @@ def interp_log(xs: Sequence[float], ys: Sequence[float], x: float) -> tuple[floa
     raise AssertionError("unreachable")
 
 
-# -- the fixed always-grow schedule ------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class AlwaysGrowState:
-    steps: int = 0
-
-
-class AlwaysGrowController:
-    """A fixed schedule that grows whenever it may: the growth baseline of issue 12.
-
-    Each step, from step ``start`` on: FOSSILIZE the first slot where that is legal;
-    else GERMINATE ``blueprint`` (an index of the env's blueprint head) into the first
-    free slot where it is legal (shallowest first, or deepest with ``deep=True``); else
-    WAIT. It never prunes; the lifecycle's own gates still may.
-    """
-
-    def __init__(self, blueprint: int, start: int = 0, blend: int = 0, deep: bool = False):
-        if blueprint < 0 or start < 0 or blend < 0:
-            raise ValueError(
-                f"blueprint, start and blend must be >= 0, got {blueprint}, {start}, {blend}"
-            )
-        self.blueprint, self.start, self.blend, self.deep = blueprint, start, blend, deep
-
-    def initial_state(self) -> AlwaysGrowState:
-        return AlwaysGrowState()
-
-    def act(self, observation, masks: ActionMasks, state: AlwaysGrowState):
-        step, state = state.steps, replace(state, steps=state.steps + 1)
-        fossilize = masks.slot[LifecycleOp.FOSSILIZE].reshape(-1).nonzero().reshape(-1)
-        if bool(masks.op[LifecycleOp.FOSSILIZE]) and len(fossilize):
-            return FactoredAction(LifecycleOp.FOSSILIZE, int(fossilize[0])), state
-        if step >= self.start and bool(masks.op[LifecycleOp.GERMINATE]):
-            free = masks.slot[LifecycleOp.GERMINATE].reshape(-1).nonzero().reshape(-1).tolist()
-            for slot in reversed(free) if self.deep else free:
-                if bool(masks.blueprint[slot][self.blueprint]) and bool(masks.blend[self.blend]):
-                    action = FactoredAction(LifecycleOp.GERMINATE, slot, self.blueprint, self.blend)
-                    return action, state
-        return FactoredAction.wait(), state
+# -- blueprints ---------------------------------------------------------------------------
 
 
 def blueprint_index(names: Sequence[str], preference: Sequence[str]) -> int:

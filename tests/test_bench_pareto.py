@@ -79,11 +79,12 @@ def test_front_interpolates_in_log_params_and_flags_the_edges(lib):
 def test_always_grow_germinates_at_once_fossilizes_and_never_prunes(lib):
     from esper.actions import LifecycleOp
     from esper.env import MorphogenesisEnv
+    from esper.policy import AlwaysGrowController
 
     env = MorphogenesisEnv(task="digits", task_options={"width": 1}, max_epochs=12,
                            batches_per_step=2)  # fmt: skip
     bp = lib.blueprint_index(env.action_spec.blueprints, ["conv_light"])
-    controller = lib.AlwaysGrowController(blueprint=bp)
+    controller = AlwaysGrowController(blueprint=bp)
     obs, _ = env.reset(seed=3)
     state, ops = controller.initial_state(), []
     for _ in range(env.max_epochs):
@@ -103,10 +104,11 @@ def test_always_grow_germinates_at_once_fossilizes_and_never_prunes(lib):
 def test_waiting_until_start_step(lib):
     from esper.actions import LifecycleOp
     from esper.env import MorphogenesisEnv
+    from esper.policy import AlwaysGrowController
 
     env = MorphogenesisEnv(task="digits", task_options={"width": 1}, max_epochs=3,
                            batches_per_step=1)  # fmt: skip
-    controller = lib.AlwaysGrowController(blueprint=0, start=2)
+    controller = AlwaysGrowController(blueprint=0, start=2)
     obs, _ = env.reset(seed=0)
     state, ops = controller.initial_state(), []
     for _ in range(3):

@@ -21,6 +21,8 @@ __all__ = [
 
 # Hand-written and baseline controllers (issue 5).
 from esper.policy.controllers import (
+    AlwaysGrowController,
+    AlwaysGrowState,
     Controller,
     HeuristicConfig,
     HeuristicController,
@@ -30,6 +32,8 @@ from esper.policy.controllers import (
 )
 
 __all__ += [
+    "AlwaysGrowController",
+    "AlwaysGrowState",
     "Controller",
     "HeuristicConfig",
     "HeuristicController",

@@ -92,6 +92,46 @@ class RandomController:
 
 
 @dataclass(frozen=True)
+class AlwaysGrowState:
+    steps: int = 0
+
+
+class AlwaysGrowController:
+    """A fixed schedule that grows whenever it may (the growth baseline of issue 12).
+
+    Each step, from step ``start`` on: FOSSILIZE the first slot where that is legal;
+    else GERMINATE ``blueprint`` (an index of the blueprint head) with blend ``blend``
+    into the first free slot where the masks allow it (shallowest first, deepest first
+    with ``deep=True``); else WAIT. It never prunes; the lifecycle's own gates may.
+    """
+
+    def __init__(self, blueprint: int, start: int = 0, blend: int = 0, deep: bool = False):
+        if min(blueprint, start, blend) < 0:
+            raise ValueError(
+                f"blueprint, start and blend must be >= 0, got {blueprint}, {start}, {blend}"
+            )
+        self.blueprint, self.start, self.blend, self.deep = blueprint, start, blend, deep
+
+    def initial_state(self) -> AlwaysGrowState:
+        return AlwaysGrowState()
+
+    def act(
+        self, observation: Observation, masks: ActionMasks, state: AlwaysGrowState
+    ) -> tuple[FactoredAction, AlwaysGrowState]:
+        step, state = state.steps, replace(state, steps=state.steps + 1)
+        fossilizable = _legal(masks.slot[LifecycleOp.FOSSILIZE])
+        if bool(masks.op[LifecycleOp.FOSSILIZE]) and fossilizable:
+            return FactoredAction(LifecycleOp.FOSSILIZE, fossilizable[0]), state
+        if step >= self.start and bool(masks.op[LifecycleOp.GERMINATE]):
+            free = _legal(masks.slot[LifecycleOp.GERMINATE])
+            for slot in reversed(free) if self.deep else free:
+                if bool(masks.blueprint[slot][self.blueprint]) and bool(masks.blend[self.blend]):
+                    action = FactoredAction(LifecycleOp.GERMINATE, slot, self.blueprint, self.blend)
+                    return action, state
+        return FactoredAction.wait(), state
+
+
+@dataclass(frozen=True)
 class HeuristicConfig:
     # Germinate once validation quality has not improved for this many steps.
     plateau_patience: int = 1
