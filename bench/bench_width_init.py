@@ -1,6 +1,6 @@
 """Width seeds on a too-narrow host: fan-in initialisation and TRAINING-stage learning.
 
-Arms: ``split`` (Net2Wider copy + noise, the default) and ``random`` (fresh init) fan-in,
+Arms: ``split`` (Net2Wider copy + noise) and ``random`` (fresh init, the default) fan-in,
 both learning in TRAINING from their own pass (``own_seed_pass``, the default); and
 ``split-st``: the split init learning straight-through inside the host's forward.
 
@@ -14,8 +14,13 @@ the heuristic does). Arms share the seed, so differences are paired.
 fossilized on schedule whatever its measured contribution: that compares how well the
 two initialisations *train*, without the lifecycle's keep/prune decisions.
 
+``--heuristic`` instead plays whole env episodes (digits, width 1, 20 steps) with the
+heuristic controller for each initialisation and with the static controller, and
+reports the paired objective difference to static (q - 0.05 * growth - q_static).
+
     OMP_NUM_THREADS=1 python bench/bench_width_init.py --seeds 8 --lifecycle forced
     OMP_NUM_THREADS=1 python bench/bench_width_init.py --seeds 8
+    OMP_NUM_THREADS=1 python bench/bench_width_init.py --seeds 8 --heuristic
 """
 
 from __future__ import annotations
@@ -77,6 +82,39 @@ def run(
     return out
 
 
+def heuristic_episodes(seeds: int) -> None:
+    from esper.env import MorphogenesisEnv
+    from esper.policy import HeuristicController, StaticController
+
+    env = MorphogenesisEnv(task_options={"width": 1})
+    lam = env.config.growth_penalty
+    rows: dict[str, list[tuple[float, float, int]]] = {}
+    for arm in ("static", "split", "random"):
+        rows[arm] = []
+        for seed in range(seeds):
+            controller = StaticController() if arm == "static" else HeuristicController()
+            obs, info = env.reset(seed=seed)
+            env.model.width_init = "random" if arm == "static" else arm
+            state, done, fossils = controller.initial_state(), False, 0
+            while not done:
+                action, state = controller.act(obs, env.conditional_masks(), state)
+                obs, _, _, done, info = env.step(action)
+                fossils += sum(e["target"] == "FOSSILIZED" for e in info["events"])
+            rows[arm].append((info["quality"], info["growth"], fossils))
+    print(f"digits width-1 host, heuristic vs static, {seeds} seeds, lambda {lam}")
+    print("| arm | val acc | growth | fossils | objective - static (paired, se) |")
+    print("|---|---|---|---|---|")
+    for arm, vals in rows.items():
+        diff = [q - lam * g - s for (q, g, _), (s, _, _) in zip(vals, rows["static"], strict=True)]
+        se = statistics.stdev(diff) / math.sqrt(len(diff)) if len(diff) > 1 else 0.0
+        print(
+            f"| {arm} | {summary([v[0] for v in vals])} | "
+            f"{statistics.fmean(v[1] for v in vals):.3f} | "
+            f"{statistics.fmean(v[2] for v in vals):.2f} | "
+            f"{statistics.fmean(diff):+.4f} ({se:.4f}) |"
+        )
+
+
 def summary(values: list[float]) -> str:
     mean = statistics.fmean(values)
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -90,7 +128,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--blueprint", default="wide_x1")
     parser.add_argument("--lifecycle", choices=("default", "forced"), default="default")
+    parser.add_argument("--heuristic", action="store_true")
     args = parser.parse_args()
+    if args.heuristic:
+        heuristic_episodes(args.seeds)
+        return
     start = time.perf_counter()
     lifecycle = FORCED if args.lifecycle == "forced" else None
     rows = [run(s, args.grow_at, args.epochs, args.blueprint, lifecycle) for s in range(args.seeds)]
