@@ -146,6 +146,9 @@ def test_growth_resumes_from_saved_model_optimiser_and_grower_states(tmp_path):
     optimizer.load_state_dict(ckpt["opt"])  # the grower re-added the seeds' groups
     grower.load_state_dict(ckpt["grow"])
     assert steps(resumed, optimizer, grower, x, y, 4) == expected
+    resumed.prune("r0c1")
+    grower._sync_param_groups()
+    assert [g.get("esper_slot") for g in optimizer.param_groups] == [None]
 
 
 def test_a_ppo_checkpoint_drives_the_grower(tmp_path):

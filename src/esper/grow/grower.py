@@ -145,7 +145,6 @@ class Grower:
         self.episode_return = 0.0
         self._last_op: int | None = None
         self._rng = np.random.default_rng(cfg.seed)
-        self._groups: dict[str, dict[str, Any]] = {}
         self._resumed = False
         self._sync_param_groups()  # seeds of a loaded model join the optimiser at once
 
@@ -157,17 +156,17 @@ class Grower:
             return
         for sid in self.model.slot_config:
             params = [p for p in self.model.seed_parameters(sid) if p.requires_grad]
-            group = self._groups.get(sid)
+            # Found by tag each time: optimizer.load_state_dict replaces the group dicts.
+            group = next((g for g in opt.param_groups if g.get("esper_slot") == sid), None)
             if group is not None and [id(p) for p in group["params"]] != [id(p) for p in params]:
                 for p in group["params"]:
                     opt.state.pop(p, None)
                 opt.param_groups[:] = [g for g in opt.param_groups if g is not group]
-                del self._groups[sid]
-            if params and sid not in self._groups:
+                group = None
+            if params and group is None:
                 lr = self.config.seed_lr
                 lr = opt.param_groups[0]["lr"] if lr is None else lr
                 opt.add_param_group({"params": params, "lr": lr, "esper_slot": sid})
-                self._groups[sid] = opt.param_groups[-1]
 
     # -- measuring -------------------------------------------------------------------
     def _device(self) -> torch.device:
