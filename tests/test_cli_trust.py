@@ -146,3 +146,12 @@ def test_auto_threads_gives_envs_the_cores(monkeypatch):
     assert auto_threads(1) == 4  # a lone env takes idle cores, at most 4
     monkeypatch.setattr("os.getloadavg", lambda: (7.5, 0.0, 0.0))
     assert auto_threads(1) == 1  # busy machine: a second thread costs ~10x (measured)
+
+
+def test_the_baseline_round_changes_nothing_in_the_run(ppo_run, tmp_path, capsys):
+    other = tmp_path / "no-baseline"
+    code, _, err = _run(capsys, "train", "ppo", *TINY_PPO, "--episodes", "4", "--no-report",
+                        "--set", "run.baseline=false", "--run-dir", other)  # fmt: skip
+    assert code == 0, err
+    assert (other / "metrics.csv").read_bytes() == (ppo_run / "metrics.csv").read_bytes()
+    assert "baseline_episode_ended" not in (other / "events.jsonl").read_text()
