@@ -281,8 +281,9 @@ def _timing_lines(by_kind: dict[str, list[dict]]) -> list[str]:
         "",
         f"- {len(rounds)} rounds: {walls.mean():.1f} s per round (min {walls.min():.1f}, "
         f"max {walls.max():.1f}); {rates.mean():.2f} env steps/s",
-        f"- wall time of the sessions that finished: {total:.0f} s "
-        f"({len(finished)} of {len(by_kind['run_started'])} sessions)",
+        f"- wall time: {total:.0f} s over {len(finished)} ended session(s) of "
+        f"{len(by_kind['run_started'])}, {sum(f['interrupted'] for f in finished)} of "
+        "them interrupted (a killed process records no end)",
         "",
     ]
 
