@@ -23,8 +23,9 @@ governor here: rollbacks on a loss spike are the user's loop's business.
 Seed parameters join **the user's optimiser**, one param group per seed (tagged
 ``esper_slot``), added on germination and removed with their state on prune. Chosen over
 Esper's own per-seed optimisers because then the user's ``zero_grad``, ``GradScaler``
-(unscale and inf-skip), gradient clipping, accumulation and optimiser checkpoint all
-cover the seeds with no extra call in the loop, and AMP stays correct. The price:
+(unscale and inf-skip), accumulation and optimiser checkpoint all cover the seeds with
+no extra call in the loop, and AMP stays correct (clipping covers them when it is given
+``slotted.parameters()``). The price:
 LR schedulers that store one base lr per group at construction (``LambdaLR``,
 ``OneCycleLR``) fail once a group is added; schedulers that update each group's current
 lr (``StepLR``, ``ExponentialLR``, ``CosineAnnealingLR``) work.
