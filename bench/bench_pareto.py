@@ -32,6 +32,7 @@ run, also ``docs/bench/``.
 from __future__ import annotations
 
 import argparse
+import csv
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -154,13 +155,65 @@ def run_image_task(name: str, setup: ImageSetup, args) -> dict:
         return {}
     seeds = [episode_seed(0, i, 0, evaluation=True) for i in range(args.seeds)]
     print(f"== {name}: static widths {setup.widths}, arms {ARMS}, {len(seeds)} seeds", flush=True)
-    static = {w: run_arm(setup, "static", w, seeds, data, data_root, print) for w in setup.widths}
+    if args.reuse_static is not None:
+        suffix = "_quick" if args.quick else ""
+        path = Path(args.reuse_static) / f"pareto_{name}{suffix}_episodes.csv"
+        static = load_static(path, setup, seeds)
+    else:
+        static = {
+            w: run_arm(setup, "static", w, seeds, data, data_root, print) for w in setup.widths
+        }
+    if args.static_only:
+        write_static(name, static, args)
+        return {}
     grown = {a: run_arm(setup, a, setup.widths[0], seeds, data, data_root, print) for a in ARMS}
     lam = EnvConfig().growth_penalty
     summary = summarise(static, grown, setup.widths[0], lam)
     write_tables(name, setup, summary, static, grown, args, lam)
     plot_image(name, static, grown, args)
     return summary
+
+
+NUMERIC = ("quality", "val_loss", "params", "growth", "objective", "train_flops",
+           "flops_train", "flops_eval", "scratch_flops", "germinated", "fossilized", "pruned",
+           "rollbacks")  # fmt: skip
+
+
+def write_static(name: str, static: dict[int, ArmResult], args) -> None:
+    rows = [{k: v for k, v in r.items() if k != "curve"} for s in static.values() for r in s.rows]
+    suffix = "_quick" if args.quick else ""
+    benchlib.write_csv(benchlib.out_dir() / f"pareto_{name}{suffix}_episodes.csv", rows)
+
+
+def _number(text: str) -> int | float:
+    return int(text) if text.lstrip("-").isdigit() else float(text)
+
+
+def load_static(path: Path, setup: ImageSetup, seeds: list[int]) -> dict[int, ArmResult]:
+    """Static rows of an earlier run (`--reuse-static`): a static host trains the same
+    whatever the controllers and lifecycle gates do, as long as the governor never
+    rolled it back (checked), so the front need not be retrained for every change."""
+    if not path.is_file():
+        raise SystemExit(f"--reuse-static: {path} not found (run with --static-only first)")
+    with path.open(newline="", encoding="utf-8") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["arm"] == "static"]
+    static = {}
+    for w in setup.widths:
+        arm = ArmResult("static", w)
+        for r in sorted(
+            (r for r in rows if int(r["width"]) == w), key=lambda r: int(r["seed_index"])
+        ):
+            arm.rows.append({**r, "width": w, "seed_index": int(r["seed_index"]),
+                             **{k: _number(r[k]) for k in NUMERIC if k in r}})  # fmt: skip
+        if len(arm.rows) != len(seeds):
+            raise SystemExit(f"--reuse-static: {path} has {len(arm.rows)} static width-{w} "
+                             f"rows, need {len(seeds)} (one per seed)")  # fmt: skip
+        if any(r["rollbacks"] for r in arm.rows):
+            raise SystemExit(f"--reuse-static: static width {w} had governor rollbacks in "
+                             f"{path}; retrain the front")  # fmt: skip
+        static[w] = arm
+    print(f"  static front reused from {path}", flush=True)
+    return static
 
 
 def summarise(static: dict[int, ArmResult], grown: dict[str, ArmResult], narrow: int, lam):
@@ -326,6 +379,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--text-seeds", type=int, default=3)
     parser.add_argument("--text-path", default=None, help="UTF-8 text (default: KJV export)")
     parser.add_argument("--fashion-root", default=None, help="folder of the IDX .gz files")
+    parser.add_argument("--static-only", action="store_true", help="train the front only")
+    parser.add_argument(
+        "--reuse-static",
+        default=None,
+        metavar="DIR",
+        help="read the static front from DIR/pareto_<task>_episodes.csv",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="tiny settings, 2 seeds")
     args = parser.parse_args(argv)

@@ -57,6 +57,14 @@ def test_quick_run_pairs_every_arm_with_the_static_front(pareto, tmp_path, capsy
     assert {r["run"] for r in curves} == {"static-2", "static-4", "grown 2→4"}
     for name in ("pareto_digits_quick.png", "pareto_text_quick.png"):
         assert (root / name).stat().st_size > 0
+    # The front of one run serves the next one (only the grown arms train again).
+    saved = root / "saved"
+    saved.mkdir()
+    (root / "pareto_digits_quick_episodes.csv").rename(saved / "pareto_digits_quick_episodes.csv")
+    pareto.main(["--quick", "--tasks", "digits", "--reuse-static", str(saved)])
+    again = _rows(root / "pareto_digits_quick_episodes.csv")
+    assert [r for r in again if r["arm"] == "static"] == [r for r in rows if r["arm"] == "static"]
+    assert "static front reused" in capsys.readouterr().out
 
 
 def test_paired_difference_has_the_t_interval_of_its_standard_error(lib):
