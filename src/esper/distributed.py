@@ -5,7 +5,8 @@ the ranks agree on everything that makes the next step identical:
 
 * gradients: one flattened buffer, all-reduced and averaged, between ``backward()`` and
   the clip / optimiser step (`all_reduce_gradients`, called explicitly in `ppo_update`);
-* statistics: observation / return normaliser moments merged exactly (`merge_moments`),
+* statistics: observation / return normaliser moments merged exactly (`merge_moments`)
+  once per update (no collective per env step, `PPOConfig.obs_normalizer_sync`),
   advantage mean and std over all ranks (`global_mean_std`), the masked-mean denominators
   and the approximate KL that decides the early stop (`mean_across_ranks`);
 * weights: broadcast from rank 0 at start (`broadcast_parameters`); `check_in_sync` compares
