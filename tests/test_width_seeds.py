@@ -187,13 +187,18 @@ def test_fold_width_equals_the_model(topology, blend) -> None:
     assert all(s.stage == SeedStage.DORMANT for s in folded.slot_states())
     if topology == "cnn":
         assert folded.host.block_channels() == [1 + 2, 2 + 1, 4 + 4]
-    if topology != "transformer":  # a plain host of the folded widths loads the weights
-        widths = folded.host.block_channels()
-        plain = (
-            CNNHost(width=1, widths=widths) if topology == "cnn" else MLPHost(6, 3, 5, 3, widths)
-        )
-        plain.load_state_dict(folded.host.state_dict())
-        torch.testing.assert_close(plain.eval()(x), model.eval()(x), atol=1e-6, rtol=1e-5)
+    # A plain host built with the folded widths loads the folded weights (weights_only).
+    if topology == "transformer":
+        plain = TransformerHost(7, 8, 2, 3, mlp_hidden=folded.host.mlp_widths())
+    elif topology == "cnn":
+        plain = CNNHost(width=1, widths=folded.host.block_channels())
+    else:
+        plain = MLPHost(6, 3, 5, 3, widths=folded.host.block_channels())
+    buffer = io.BytesIO()
+    torch.save(folded.host.state_dict(), buffer)
+    buffer.seek(0)
+    plain.load_state_dict(torch.load(buffer, weights_only=True))
+    torch.testing.assert_close(plain.eval()(x), model.eval()(x), atol=1e-6, rtol=1e-5)
 
 
 def test_fold_keeps_other_seeds() -> None:

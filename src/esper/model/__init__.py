@@ -17,9 +17,12 @@ from esper.model.slot import (
     StageChange,
     blend_alpha,
 )
+from esper.model.width import DEFAULT_WIDTH_INIT, WIDTH_INITS, WidthSeed, WidthSite
 
 __all__ = [
     "BLUEPRINTS",
+    "DEFAULT_WIDTH_INIT",
+    "WIDTH_INITS",
     "Blueprint",
     "CNNHost",
     "Host",
@@ -33,6 +36,8 @@ __all__ = [
     "StageChange",
     "TransformerHost",
     "UnknownBlueprintError",
+    "WidthSeed",
+    "WidthSite",
     "blend_alpha",
     "blueprints_for",
     "count_parameters",

@@ -238,14 +238,13 @@ class CausalSelfAttention(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm GPT layer: x + attn(ln(x)), then x + mlp(ln(x))."""
 
-    def __init__(self, d_model: int, n_heads: int) -> None:
+    def __init__(self, d_model: int, n_heads: int, mlp_hidden: int | None = None) -> None:
         super().__init__()
+        hidden = 4 * d_model if mlp_hidden is None else mlp_hidden
         self.ln1 = nn.LayerNorm(d_model)
         self.attn = CausalSelfAttention(d_model, n_heads)
         self.ln2 = nn.LayerNorm(d_model)
-        self.mlp = nn.Sequential(
-            nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model)
-        )
+        self.mlp = nn.Sequential(nn.Linear(d_model, hidden), nn.GELU(), nn.Linear(hidden, d_model))
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.attn(self.ln1(x))
@@ -256,7 +255,9 @@ class TransformerHost(Host):
     """Small GPT-style decoder; a slot after each segment of ``layers_per_slot`` layers.
 
     Input: token ids ``[N, T]`` with T <= max_seq_len; output: logits ``[N, T, vocab]``.
-    The output projection is tied to the token embedding.
+    The output projection is tied to the token embedding. ``mlp_hidden`` gives each
+    layer's MLP width (default ``4 * d_model``), e.g. to rebuild a folded host
+    (`mlp_widths`).
     """
 
     topology: Topology = "transformer"
@@ -269,6 +270,7 @@ class TransformerHost(Host):
         n_layers: int = 2,
         layers_per_slot: int = 1,
         max_seq_len: int = 64,
+        mlp_hidden: tuple[int, ...] | list[int] | None = None,
     ) -> None:
         super().__init__()
         _check_positive_int("vocab_size", vocab_size, 2)
@@ -281,11 +283,22 @@ class TransformerHost(Host):
             raise ValueError(
                 f"n_layers={n_layers} must be a multiple of layers_per_slot={layers_per_slot}"
             )
+        if mlp_hidden is None:
+            mlp_hidden = [4 * d_model] * n_layers
+        elif len(mlp_hidden) != n_layers or not all(
+            isinstance(w, int) and w >= 1 for w in mlp_hidden
+        ):
+            raise ValueError(
+                f"mlp_hidden must be {n_layers} ints >= 1 (one per layer), got {mlp_hidden!r}"
+            )
         self.d_model, self.max_seq_len = d_model, max_seq_len
         self.token_embedding = nn.Embedding(vocab_size, d_model)
         self.position_embedding = nn.Embedding(max_seq_len, d_model)
+        widths = iter(mlp_hidden)
         self.blocks = nn.ModuleList(
-            nn.Sequential(*(DecoderLayer(d_model, n_heads) for _ in range(layers_per_slot)))
+            nn.Sequential(
+                *(DecoderLayer(d_model, n_heads, next(widths)) for _ in range(layers_per_slot))
+            )
             for _ in range(n_layers // layers_per_slot)
         )
         self.ln_f = nn.LayerNorm(d_model)
@@ -295,6 +308,10 @@ class TransformerHost(Host):
 
     def block_channels(self) -> list[int]:
         return [self.d_model] * len(self.blocks)
+
+    def mlp_widths(self) -> list[int]:
+        """Each layer's MLP hidden width (a fold widens the last layer of a block)."""
+        return [layer.mlp[0].out_features for block in self.blocks for layer in block]
 
     def block_forward(
         self, i: int, h: Tensor, pre: Tensor | None = None, tap: bool = False
