@@ -257,9 +257,17 @@ def summarise(static: dict[int, ArmResult], grown: dict[str, ArmResult], narrow:
             "germinated": benchlib.mean_std([r["germinated"] for r in rows])[0],
             "fossilized": benchlib.mean_std([r["fossilized"] for r in rows])[0],
             "rollbacks": sum(r["rollbacks"] for r in rows),
+            "first_fossil": _first_fossil(rows),
             "lambda": lam,
         }
     return arms
+
+
+def _first_fossil(rows: list[dict]) -> str:
+    """Mean step of an episode's first fossilization, over the episodes that had one."""
+    firsts = [int(str(r.get("fossil_steps", "")).split()[0]) for r in rows
+              if str(r.get("fossil_steps", "")).strip()]  # fmt: skip
+    return f"{sum(firsts) / len(firsts):.1f} ({len(firsts)}/{len(rows)} eps)" if firsts else "—"
 
 
 def write_tables(name, setup, summary, static, grown, args, lam) -> None:
@@ -283,6 +291,7 @@ def write_tables(name, setup, summary, static, grown, args, lam) -> None:
                 "grown / scratch": f"{s['flops_ratio']:.2f}",
                 "germ/fossil per ep": f"{s['germinated']:.1f}/{s['fossilized']:.1f}",
                 "rollbacks": s["rollbacks"],
+                "1st fossil step": s["first_fossil"],
             }
         )
     env = MorphogenesisEnv(env_config(setup, setup.widths[0], None))

@@ -108,6 +108,7 @@ def play(env: MorphogenesisEnv, controller, seed: int, flops_limit: float | None
     state = controller.initial_state()
     host_params = env.model.param_counts().total
     counts = dict.fromkeys([*_KINDS.values(), "rollbacks"], 0)
+    fossil_steps: list[int] = []  # when growth became permanent (1-based steps)
     curve = []
     for step in range(env.max_epochs):
         action, state = controller.act(obs, env.conditional_masks(), state)
@@ -116,6 +117,8 @@ def play(env: MorphogenesisEnv, controller, seed: int, flops_limit: float | None
             kind = _KINDS.get(seed_event_class(event["source"], event["target"]))
             if kind is not None:
                 counts[kind] += 1
+                if kind == "fossilized":
+                    fossil_steps.append(step + 1)
         counts["rollbacks"] += int(info.get("governor_event") is not None)
         curve.append((step + 1, float(info["val_loss"]), float(info["quality"]),
                       float(info["flops"])))  # fmt: skip
@@ -132,6 +135,7 @@ def play(env: MorphogenesisEnv, controller, seed: int, flops_limit: float | None
         "objective": quality - env.reward_config.growth_penalty * growth,
         "env_objective": float(info["objective"]),
         **counts,
+        "fossil_steps": " ".join(map(str, fossil_steps)),
         "train_flops": float(info["flops"]),
         "flops_train": float(info["flops_train"]),
         "flops_eval": float(info["flops_eval"]),
