@@ -51,8 +51,9 @@ def test_training_seed_costs_train_flops_and_a_counterfactual_pass():
     assert seed_forward > 0
     step = trainer.train_step()
     # The TRAINING seed is hidden from the host's forward and learns in a pass of its
-    # own (MorphogeneticModel.seed_forward): the host again, with the seed on.
-    assert step.train_flops == 16 * 3 * (HOST_FORWARD + HOST_FORWARD + seed_forward)
+    # own (MorphogeneticModel.seed_forward): from the seed's block on (block 0 is reused).
+    seed_pass = HOST_FORWARD - 2 * IN * HIDDEN + seed_forward
+    assert step.train_flops == 16 * 3 * (HOST_FORWARD + seed_pass)
     # Validation: the live model (seed off in eval), then the "seed on" variant, which
     # shares the prefix up to the slot and reruns only the seed and what follows it.
     after_slot = 2 * HIDDEN * CLASSES

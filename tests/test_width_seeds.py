@@ -271,3 +271,23 @@ def test_fast_counterfactuals_equal_reference_with_width_seeds(topology) -> None
     for sid in variants:
         assert fast.contributions[sid] == pytest.approx(ref.contributions[sid], abs=1e-9)
         assert fast.variant_losses[sid] == pytest.approx(ref.variant_losses[sid], abs=1e-9)
+
+
+@pytest.mark.parametrize("topology", HOSTS)
+def test_seed_pass_reuses_the_forwards_prefix_exactly(topology) -> None:
+    torch.manual_seed(8)
+    host, x = HOSTS[topology]()
+    model = MorphogeneticModel(host, lifecycle=LIFECYCLE).train()
+    model.germinate("r0c1", "wide_x1")
+    model.germinate("r0c2", "layer" if topology == "transformer" else "wide_half")
+    randomise(model)
+    cached, fresh = copy.deepcopy(model), copy.deepcopy(model)
+    cached(x)  # leaves the activation entering block 1 for the seed pass
+    a, b = cached.seed_forward(x), fresh.seed_forward(x)
+    assert torch.equal(a, b)
+    a.sin().sum().backward()
+    b.sin().sum().backward()
+    for p, q in zip(cached.parameters(), fresh.parameters(), strict=True):
+        assert (p.grad is None) == (q.grad is None)
+        assert p.grad is None or torch.equal(p.grad, q.grad)
+    assert cached.seed_forward(x) is not None  # the prefix is used once, then recomputed

@@ -29,6 +29,10 @@ from esper.model.width import fold_seed as fold_width_seed
 from esper.slots import SlotConfig, SlotIdError
 
 
+def _detach(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.detach()
+
+
 @dataclass(frozen=True)
 class ParamCounts:
     host: int
@@ -89,6 +93,9 @@ class MorphogeneticModel(nn.Module):
             }
         )
         self.own_seed_pass = own_seed_pass
+        # (input, block, activation entering it, pending term) of the last training
+        # forward, for `seed_forward`; never serialised.
+        self._seed_prefix: tuple | None = None
         # Block i feeds the slot with the i-th offered id (None: slot not enabled).
         self._block_slots: tuple[str | None, ...] = tuple(
             s.slot_id if s.slot_id in self.slots else None for s in specs
@@ -103,13 +110,41 @@ class MorphogeneticModel(nn.Module):
         return len(self.host.blocks)
 
     # -- forward ---------------------------------------------------------------------
-    def forward(self, x: Tensor, alpha_override: Mapping[str, float] | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        alpha_override: Mapping[str, float] | None = None,
+        *,
+        start_block: int | None = None,
+        pending: Tensor | None = None,
+    ) -> Tensor:
         """Host forward with seeds. ``alpha_override`` maps slot ids to the alpha used
-        for this call only (``0.0`` = seed off, ``1.0`` = fully on)."""
-        h, pending = self.run_blocks(
-            self.host.embed(x), 0, self.num_blocks, alpha_override, with_pending=True
-        )
+        for this call only (``0.0`` = seed off, ``1.0`` = fully on). With a
+        ``start_block``, ``x`` is the activation entering that block (after `host.embed`
+        for block 0) and ``pending`` the width term for it."""
+        stop = self.num_blocks
+        if start_block is not None:
+            h, pending = self.run_blocks(
+                x, start_block, stop, alpha_override, pending, with_pending=True
+            )
+            return self.head(h, pending)
+        h = self.host.embed(x)
+        first = self._first_training_block() if alpha_override is None else None
+        if first is not None:
+            # The seeds' own pass starts here: keep what enters this block for it.
+            h, pending = self.run_blocks(h, 0, first, None, None, with_pending=True)
+            self._seed_prefix = (x, first, h.detach(), _detach(pending))
+            h, pending = self.run_blocks(h, first, stop, None, pending, with_pending=True)
+        else:
+            h, pending = self.run_blocks(h, 0, stop, alpha_override, with_pending=True)
         return self.head(h, pending)
+
+    def _first_training_block(self) -> int | None:
+        """Block of the first TRAINING seed when `seed_forward` will follow this forward."""
+        if not (self.own_seed_pass and self.training and torch.is_grad_enabled()):
+            return None
+        blocks = [self.block_index(sid) for sid in self.training_seeds()]
+        return min(blocks) if blocks else None
 
     def forward_features(
         self, x: Tensor, alpha_override: Mapping[str, float] | None = None
@@ -239,8 +274,13 @@ class MorphogeneticModel(nn.Module):
         state.update(
             (name, b.clone()) for name, b in self.named_buffers() if not name.startswith(own)
         )
-        overrides = dict.fromkeys(training, 1.0)
-        return torch.func.functional_call(self, state, (x,), {"alpha_override": overrides})
+        kwargs: dict = {"alpha_override": dict.fromkeys(training, 1.0)}
+        prefix, self._seed_prefix = self._seed_prefix, None
+        first = min(self.block_index(sid) for sid in training)
+        if prefix is not None and prefix[0] is x and prefix[1] == first:
+            # Blocks before the first TRAINING seed are the forward's, exactly: reuse them.
+            x, kwargs = prefix[2], {**kwargs, "start_block": first, "pending": prefix[3]}
+        return torch.func.functional_call(self, state, (x,), kwargs)
 
     # -- lifecycle -------------------------------------------------------------------
     def _slot(self, slot_id: str) -> SeedSlot:
