@@ -291,3 +291,20 @@ def test_seed_pass_reuses_the_forwards_prefix_exactly(topology) -> None:
         assert (p.grad is None) == (q.grad is None)
         assert p.grad is None or torch.equal(p.grad, q.grad)
     assert cached.seed_forward(x) is not None  # the prefix is used once, then recomputed
+
+
+def test_seeds_built_in_eval_mode_run_in_eval_mode() -> None:
+    """A seed germinated (or loaded) while the model is in eval mode must not use
+    batch statistics: its BatchNorm follows the model's mode."""
+    torch.manual_seed(9)
+    host, x = cnn()
+    model = MorphogeneticModel(host, lifecycle=LIFECYCLE).eval()
+    model.germinate("r0c1", "wide_x1")
+    advance(model, "r0c1", SeedStage.FOSSILIZED)
+    randomise(model)
+    assert not any(m.training for m in model.modules())
+    torch.testing.assert_close(model.fold_width()(x), model(x), atol=1e-6, rtol=1e-5)
+    loaded = MorphogeneticModel(cnn()[0], lifecycle=LIFECYCLE).eval()
+    loaded.load_state_dict(model.state_dict())
+    assert not any(m.training for m in loaded.modules())
+    assert torch.equal(loaded(x), model(x))

@@ -346,8 +346,9 @@ class SeedSlot(nn.Module):
         if blend == "gated":
             gate = LearnedGate(channels, last)
         like = {"device": self._anchor.device, "dtype": self._anchor.dtype}
-        self.seed = module.to(**like)
-        self.gate = gate.to(**like) if gate is not None else None
+        # A new module starts in train mode: follow the slot (BatchNorm in width seeds).
+        self.seed = module.to(**like).train(self.training)
+        self.gate = gate.to(**like).train(self.training) if gate is not None else None
 
     def germinate(self, blueprint: str, blend: str = "linear") -> list[StageChange]:
         """DORMANT -> GERMINATED -> TRAINING in one call (GERMINATED is transient)."""
