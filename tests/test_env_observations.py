@@ -92,7 +92,7 @@ def test_schema_round_trip_and_mismatch():
     assert ObservationSchema.from_dict(stored) == DEFAULT_SCHEMA
     DEFAULT_SCHEMA.check_matches(ObservationSchema.from_dict(stored))
     older = ObservationSchema(version=0)
-    with pytest.raises(SchemaMismatchError, match="v2.*checkpoint has v0"):
+    with pytest.raises(SchemaMismatchError, match="v3.*checkpoint has v0"):
         DEFAULT_SCHEMA.check_matches(older)
     renamed = ObservationSchema(slot_features=(*DEFAULT_SCHEMA.slot_features[:-1], "other"))
     with pytest.raises(SchemaMismatchError, match="slot_features differ"):

@@ -84,8 +84,10 @@ class RunSection:
 class EnvSection:
     max_epochs: int | None = None  # steps per episode; None = the task's default
     batches_per_step: int | None = None  # None = the task's setting (often a full epoch)
-    reward_mode: Literal["objective", "contribution"] = "objective"
+    reward_mode: Literal["objective", "contribution", "twin"] = "objective"
     growth_penalty: float = 0.05  # λ in the objective q − λ·g
+    # [lo, hi]: each episode draws its λ uniformly from it (the policy observes λ)
+    growth_penalty_range: tuple[float, float] | None = None
     contribution_weight: float = 1.0
     max_growth: float | None = None  # parameter budget as a growth ratio; None = no budget
     data_root: str | None = None  # folder of the task's files (fashion-mnist, cifar10, text)
@@ -110,6 +112,7 @@ class RunConfig:
             batches_per_step=self.env.batches_per_step,
             reward_mode=self.env.reward_mode,
             growth_penalty=self.env.growth_penalty,
+            growth_penalty_range=self.env.growth_penalty_range,
             contribution_weight=self.env.contribution_weight,
             max_growth=self.env.max_growth,
             lifecycle=self.lifecycle,

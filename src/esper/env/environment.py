@@ -10,6 +10,13 @@ See docs/ARCHITECTURE.md, The environment.
   (`Trainer.train_step`), and returns the new observation. An episode is ``max_epochs``
   steps; the last one returns ``truncated=True`` (never ``terminated``: the task could
   go on, so agents should bootstrap from the final observation).
+* λ and the budget are part of the observation (schema v3). With
+  ``growth_penalty_range=(lo, hi)`` every reset draws the episode's λ uniformly from
+  [lo, hi] (from the episode seed, so a seed always gets the same λ); the draw is in
+  ``info["growth_penalty"]`` and prices that episode's objective and rewards.
+* ``reward_mode="twin"`` also trains a static twin of the host in lockstep (identical
+  initialisation and data order, never grows) as the reward's baseline
+  (esper.env.rewards): one extra host training and validation per step.
 * Actions are ``MultiDiscrete([4, S, B, L])`` = (op, slot, blueprint, blend).
   ``action_masks()`` gives the flat per-head masks (MaskablePPO layout);
   ``conditional_masks()`` the exact conditional `ActionMasks`. A combination that
@@ -20,9 +27,10 @@ See docs/ARCHITECTURE.md, The environment.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, ClassVar
 
 import gymnasium as gym
@@ -54,8 +62,11 @@ class EnvConfig:
     slots: Sequence[str] | None = None  # enabled slot ids; None = the task's default slots
     max_epochs: int | None = None  # steps per episode; None = the task's max_epochs
     batches_per_step: int | None = None  # None = the task's setting (often a full epoch)
-    reward_mode: RewardMode = "objective"  # or "contribution" (see esper.env.rewards)
+    reward_mode: RewardMode = "objective"  # or "contribution", "twin" (esper.env.rewards)
     growth_penalty: float = 0.05  # λ in q − λ·g
+    # (lo, hi): draw each episode's λ uniformly from [lo, hi] instead (the policy observes
+    # it), so one policy learns every trade-off. None = always growth_penalty.
+    growth_penalty_range: tuple[float, float] | None = None
     contribution_weight: float = 1.0
     # Parameter budget as a growth ratio: live + fossil seed params <= max_growth · host
     # params. None = no budget. Masks never offer a blueprint that would exceed it.
@@ -70,6 +81,14 @@ class EnvConfig:
             raise ValueError(f"max_epochs must be >= 1, got {self.max_epochs}")
         if self.max_growth is not None and not self.max_growth >= 0:
             raise ValueError(f"max_growth must be >= 0 or None, got {self.max_growth}")
+        if self.growth_penalty_range is not None:
+            lo, hi = (float(v) for v in self.growth_penalty_range)  # a TOML list is fine
+            if not (math.isfinite(hi) and 0 <= lo <= hi):
+                raise ValueError(
+                    "growth_penalty_range must be (lo, hi) with 0 <= lo <= hi finite, "
+                    f"got {self.growth_penalty_range!r}"
+                )
+            object.__setattr__(self, "growth_penalty_range", (lo, hi))
 
 
 class EpisodeOverError(RuntimeError):
@@ -138,6 +157,8 @@ class MorphogenesisEnv(gym.Env):
         self._initial_seed = seed
         self.model: MorphogeneticModel | None = None
         self.trainer: Trainer | None = None
+        self.twin_trainer: Trainer | None = None  # reward_mode="twin": the static twin
+        self.growth_penalty = cfg.growth_penalty  # this episode's λ
         self.episode_seed: int | None = None
         self.illegal_actions = 0
         self.epoch = 0
@@ -164,6 +185,7 @@ class MorphogenesisEnv(gym.Env):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.episode_seed)
             host = self.task.make_host(self.data)
+        twin_host = copy.deepcopy(host) if self.config.reward_mode == "twin" else None
         self.model = MorphogeneticModel(host, self.slot_config, self.lifecycle)
         self.trainer = Trainer(
             self.model, self.data, self.train_config, seed=self.episode_seed, device=self.device
@@ -171,8 +193,19 @@ class MorphogenesisEnv(gym.Env):
         result = self.trainer.validate(with_counterfactuals=False)
         self.epoch, self.illegal_actions = 0, 0
         self._quality, self._val_loss = float(result.quality), float(result.val_loss)
-        self._rewards = RewardTracker(self.reward_config)
-        self._rewards.reset(self._quality, self.model.growth_ratio())
+        self.growth_penalty = self._draw_growth_penalty()
+        self._rewards = RewardTracker(
+            replace(self.reward_config, growth_penalty=self.growth_penalty)
+        )
+        self._twin_quality = self._quality
+        self.twin_trainer = None
+        if twin_host is not None:
+            twin = MorphogeneticModel(twin_host, self.slot_config, self.lifecycle)
+            self.twin_trainer = Trainer(
+                twin, self.data, self.train_config, seed=self.episode_seed, device=self.device
+            )
+            self._twin_quality = float(self.twin_trainer.validate(False).quality)
+        self._rewards.reset(self._quality, self.model.growth_ratio(), self._twin_quality)
         progress = TrainingProgress(
             0,
             self.max_epochs,
@@ -183,6 +216,8 @@ class MorphogenesisEnv(gym.Env):
             result.val_acc,
             growth=self.model.growth_ratio(),
             budget_left_fraction=self._budget_left_fraction(),
+            growth_penalty=self.growth_penalty,
+            max_growth=self.config.max_growth,
         )
         return self._observation(progress, None), self._info(result.quality)
 
@@ -212,9 +247,14 @@ class MorphogenesisEnv(gym.Env):
             [s.contribution for s in states],
             self.reward_config.contribution_weight,
         )
+        if self.twin_trainer is not None:
+            twin_quality = float(self.twin_trainer.train_step().quality)
+            if math.isfinite(twin_quality):  # else: no baseline change this step
+                self._twin_quality = twin_quality
         reward = self._rewards.step(
-            quality, growth, penalty=result.penalty, potential=potential, last=last
-        )
+            quality, growth, penalty=result.penalty, potential=potential, last=last,
+            baseline=self._twin_quality,
+        )  # fmt: skip
         signals = self.trainer.signals
         progress = TrainingProgress(
             self.epoch,
@@ -232,6 +272,8 @@ class MorphogenesisEnv(gym.Env):
             governor_rollback=result.governor_event is not None,
             last_op=int(chosen.op),
             last_action_illegal=illegal,
+            growth_penalty=self.growth_penalty,
+            max_growth=self.config.max_growth,
         )
         self._quality, self._val_loss = quality, float(result.val_loss)
         grads = [result.seed_grad_norms.get(s.slot_id, 0.0) for s in states]
@@ -293,6 +335,15 @@ class MorphogenesisEnv(gym.Env):
         counts = self.model.param_counts()  # type: ignore[union-attr]
         return self.param_budget - (counts.live_seeds + counts.fossils)
 
+    def _draw_growth_penalty(self) -> float:
+        """This episode's λ: from the episode seed alone (a generator of its own, so the
+        host, seeds and data order do not change when a range is set)."""
+        bounds = self.config.growth_penalty_range
+        if bounds is None:
+            return self.config.growth_penalty
+        rng = np.random.default_rng((self.episode_seed, 0x1A3B))
+        return float(rng.uniform(bounds[0], bounds[1]))
+
     def _budget_left_fraction(self) -> float:
         if math.isinf(self.param_budget):
             return 1.0
@@ -341,6 +392,9 @@ class MorphogenesisEnv(gym.Env):
             "growth": model.growth_ratio(),
             "objective": self._rewards.objective(quality, model.growth_ratio()),
             "initial_objective": self._rewards.initial_objective,
+            "growth_penalty": self.growth_penalty,
+            # The static twin's quality (reward_mode="twin"; None otherwise).
+            "twin_quality": self._twin_quality if self.twin_trainer is not None else None,
             "stages": {s.slot_id: s.stage.name for s in model.slot_states()},
             "illegal_actions": self.illegal_actions,
             "episode_seed": self.episode_seed,

@@ -24,7 +24,14 @@ from esper.actions import BLEND_ALGORITHMS, NUM_OPS, LifecycleOp
 from esper.lifecycle import LIVE_STAGES, SeedStage
 from esper.slots import TOPOLOGIES
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+# v3 adds the trade-off the policy is asked to make: λ (growth_penalty) and the
+# parameter budget (max_growth), so one checkpoint serves every trade-off.
+# λ is read as λ / (λ + LAMBDA_SCALE): the default 0.05 maps to 0.5, 0 to 0.
+LAMBDA_SCALE = 0.05
+# max_growth is read as g / (1 + g); no budget (None) is an infinite budget, read as
+# its limit 1.0 (the documented sentinel; every finite budget maps below 1).
+NO_BUDGET_FEATURE = 1.0
 # Blueprint one-hot width: fixed so that F does not change with the task's blueprint list.
 # v2: 12 (was 8) to hold the width and depth-capacity blueprints.
 MAX_BLUEPRINTS = 12
@@ -45,6 +52,8 @@ GLOBAL_FEATURES: tuple[str, ...] = (
     "plateau_epochs",
     "growth",
     "budget_left",
+    "growth_penalty",
+    "max_growth",
     "live_fraction",
     "fossil_fraction",
     "dormant_fraction",
@@ -116,9 +125,15 @@ class ObservationSchema:
     def check_matches(self, other: ObservationSchema, *, what: str = "checkpoint") -> None:
         """Raise `SchemaMismatchError` naming the first difference."""
         if other.version != self.version:
+            hint = ""
+            if other.version < 3 <= self.version:
+                hint = (
+                    " (v3 added the growth-penalty λ and parameter-budget inputs; rebuild "
+                    "or retrain the policy)"
+                )
             raise SchemaMismatchError(
                 f"observation schema version differs: this code builds v{self.version}, "
-                f"{what} has v{other.version}"
+                f"{what} has v{other.version}{hint}"
             )
         for block in ("global_features", "slot_features"):
             mine, theirs = getattr(self, block), getattr(other, block)
@@ -164,6 +179,8 @@ class TrainingProgress:
     governor_rollback: bool = False
     last_op: int | None = None
     last_action_illegal: bool = False
+    growth_penalty: float = 0.05  # λ of this episode's objective q − λ·g
+    max_growth: float | None = None  # the parameter budget as a growth ratio; None = none
 
 
 class SlotView(Protocol):
@@ -223,6 +240,8 @@ def global_features(progress: TrainingProgress, slots: Sequence[SlotView]) -> to
         _counter(progress.plateau_epochs),
         _ratio(progress.growth),
         _clip01(progress.budget_left_fraction),
+        _ratio(progress.growth_penalty / LAMBDA_SCALE),
+        NO_BUDGET_FEATURE if progress.max_growth is None else _ratio(progress.max_growth),
         sum(s in LIVE_STAGES for s in stages) / n,
         sum(s == SeedStage.FOSSILIZED for s in stages) / n,
         sum(s == SeedStage.DORMANT for s in stages) / n,

@@ -13,6 +13,17 @@ over the steps:
   episode, so the shaping sums to zero and ``Σ r_t`` equals the objective mode's sum.
   Shaping uses γ = 1 on purpose: with the agent's γ < 1 the shaping stays exactly
   telescoping (the property we test) at the cost of a tiny bias in the discounted return.
+* ``twin``: the objective mode with a static twin as baseline. The env trains, in
+  lockstep, a copy of the host with the identical initialisation and data order that
+  never grows; b_t is the twin's validation quality after step t. Germination is the
+  identity at birth, so ``q_t − b_t`` is the growth's effect with the host's own
+  seed-to-seed noise removed. ``r_t = (q_t − b_t) − (q_{t−1} − b_{t−1}) − λ·Δg_t −
+  penalty_t``, so ``Σ r_t = (J_T − J_0) − (b_T − b_0) − Σ penalty``: the objective
+  change minus the twin's own quality change. With ``b_0 = q_0`` (identical hosts,
+  validated at reset) and ``g_0 = 0`` this is ``J_T − b_T − Σ penalty``: the final
+  objective's gain over the static host of the same seed. The twin's term does not
+  depend on the actions, so the policy gradient is unchanged in expectation; only its
+  variance drops. Cost: one extra host training and validation per step.
 
 Governor penalties (rollbacks) are subtracted in both modes and kept in the data.
 """
@@ -26,8 +37,8 @@ from typing import Literal
 
 from esper.lifecycle import LIVE_STAGES, SeedStage
 
-RewardMode = Literal["objective", "contribution"]
-REWARD_MODES: tuple[str, ...] = ("objective", "contribution")
+RewardMode = Literal["objective", "contribution", "twin"]
+REWARD_MODES: tuple[str, ...] = ("objective", "contribution", "twin")
 
 
 @dataclass(frozen=True)
@@ -59,6 +70,7 @@ class RewardBreakdown:
     growth_delta: float
     penalty: float
     shaping: float
+    baseline_delta: float = 0.0  # the twin's quality change (twin mode), subtracted
 
 
 def contribution_potential(
@@ -80,14 +92,17 @@ class RewardTracker:
         self._quality = 0.0
         self._growth = 0.0
         self._potential = 0.0
+        self._baseline = 0.0
         self.initial_objective = 0.0
 
     def objective(self, quality: float, growth: float) -> float:
         return quality - self.config.growth_penalty * growth
 
-    def reset(self, quality: float, growth: float) -> None:
-        """Start an episode from the fresh host's quality and growth (Φ = 0)."""
+    def reset(self, quality: float, growth: float, baseline: float = 0.0) -> None:
+        """Start an episode from the fresh host's quality and growth (Φ = 0);
+        ``baseline`` is the twin's quality b_0 (twin mode)."""
         self._quality, self._growth, self._potential = float(quality), float(growth), 0.0
+        self._baseline = float(baseline)
         self.initial_objective = self.objective(quality, growth)
 
     def step(
@@ -98,9 +113,11 @@ class RewardTracker:
         penalty: float = 0.0,
         potential: float = 0.0,
         last: bool = False,
+        baseline: float = 0.0,
     ) -> RewardBreakdown:
         """Reward of one step. ``potential`` is Φ of the new state (contribution mode);
-        ``last`` marks the episode's final step (Φ forced to 0)."""
+        ``last`` marks the episode's final step (Φ forced to 0); ``baseline`` is the
+        twin's quality b_t (twin mode; ignored otherwise)."""
         if not math.isfinite(quality):
             raise ValueError(f"quality must be finite to compute a reward, got {quality!r}")
         dq = float(quality) - self._quality
@@ -110,6 +127,12 @@ class RewardTracker:
             new_potential = 0.0 if last else float(potential)
             shaping = new_potential - self._potential
             self._potential = new_potential
-        total = dq - self.config.growth_penalty * dg - float(penalty) + shaping
+        db = 0.0
+        if self.config.mode == "twin":
+            if not math.isfinite(baseline):
+                raise ValueError(f"the twin's quality must be finite, got {baseline!r}")
+            db = float(baseline) - self._baseline
+            self._baseline = float(baseline)
+        total = dq - db - self.config.growth_penalty * dg - float(penalty) + shaping
         self._quality, self._growth = float(quality), float(growth)
-        return RewardBreakdown(total, dq, dg, float(penalty), shaping)
+        return RewardBreakdown(total, dq, dg, float(penalty), shaping, db)

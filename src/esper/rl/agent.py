@@ -37,6 +37,7 @@ from esper.distributed import (
     check_in_sync,
     sum_across_ranks,
 )
+from esper.env.observations import DEFAULT_SCHEMA
 from esper.policy.network import FactoredRecurrentActorCritic, Hidden
 from esper.rl.buffer import RolloutBuffer
 from esper.rl.checkpoint import load_checkpoint, save_checkpoint
@@ -305,8 +306,15 @@ class PPOAgent:
 
     # -- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, object]:
-        """Tensors and primitives only, so ``torch.load(weights_only=True)`` reads it back."""
+        """Tensors and primitives only, so ``torch.load(weights_only=True)`` reads it back.
+
+        An agent on Esper's own observations also stores their schema (names, version),
+        so `load` refuses a file written for other observations with a clear message."""
+        schema = {}
+        if (self.global_dim, self.slot_dim) == (DEFAULT_SCHEMA.global_dim, DEFAULT_SCHEMA.slot_dim):
+            schema = {"observation_schema": DEFAULT_SCHEMA.to_dict()}
         return {
+            **schema,
             "slot_ids": list(self.slot_config.slot_ids),
             "global_dim": self.global_dim,
             "slot_dim": self.slot_dim,

@@ -76,6 +76,7 @@ def load_checkpoint(
     from esper.rl.ppo import PPOConfig
 
     payload = read_checkpoint(path)
+    _check_observation_schema(payload, path, expected.get("global_dim"))
     for key, want in expected.items():
         have = payload[key]
         if want is not None and (list(want) if key == "blueprints" else want) != have:
@@ -108,3 +109,36 @@ def load_checkpoint(
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"checkpoint {path}: inconsistent contents ({first_line})") from None
     return agent
+
+
+def _check_observation_schema(
+    payload: Mapping[str, Any], path: str | Path, global_dim: int | None
+) -> None:
+    """Refuse a checkpoint whose observations mean something else (one-line errors).
+
+    Agents on Esper's own observations store the schema (`PPOAgent.state_dict`); a file
+    without one but with another global width predates the schema's versioning in
+    agent files, which came with v3 (the growth-penalty λ and budget inputs)."""
+    from esper.env.observations import (
+        DEFAULT_SCHEMA,
+        SCHEMA_VERSION,
+        ObservationSchema,
+        SchemaMismatchError,
+    )
+
+    stored = payload.get("observation_schema")
+    if stored is None:
+        if global_dim is not None and payload["global_dim"] != global_dim:
+            raise CheckpointError(
+                f"checkpoint {path}: observation schema differs: the checkpoint has no "
+                f"schema version (written before v{SCHEMA_VERSION}, which added the "
+                f"growth-penalty λ and budget inputs) and global_dim {payload['global_dim']}; "
+                f"this Esper builds v{SCHEMA_VERSION} with global_dim {global_dim}"
+            )
+        return
+    try:
+        DEFAULT_SCHEMA.check_matches(ObservationSchema.from_dict(stored), what=f"checkpoint {path}")
+    except SchemaMismatchError as exc:
+        raise CheckpointError(
+            f"checkpoint {path}: incompatible observation schema: {exc}"
+        ) from None
