@@ -7,7 +7,7 @@ from esper.model.blueprints import (
     blueprints_for,
     get_blueprint,
 )
-from esper.model.hosts import CNNHost, Host, MLPHost, TransformerHost, count_parameters
+from esper.model.hosts import CNNHost, Host, MLPHost, count_parameters
 from esper.model.morphogenetic import MorphogeneticModel, ParamCounts
 from esper.model.slot import (
     LifecycleConfig,
@@ -17,6 +17,7 @@ from esper.model.slot import (
     StageChange,
     blend_alpha,
 )
+from esper.model.transformer import TransformerHost
 from esper.model.width import DEFAULT_WIDTH_INIT, WIDTH_INITS, WidthSeed, WidthSite
 
 __all__ = [

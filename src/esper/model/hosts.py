@@ -15,8 +15,6 @@ from __future__ import annotations
 
 from functools import partial
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from esper.model.width import GlobalAvgPool, WidthSite
@@ -81,7 +79,7 @@ class Host(nn.Module):
             raise IndexError(f"block {i} out of range: blocks are 0..{len(self.blocks) - 1}")
 
 
-def _check_positive_int(name: str, value: object, minimum: int = 1) -> int:
+def check_positive_int(name: str, value: object, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     return value
@@ -116,9 +114,9 @@ class CNNHost(Host):
         super().__init__()
         if in_channels not in (1, 3):
             raise ValueError(f"in_channels must be 1 or 3, got {in_channels!r}")
-        _check_positive_int("num_classes", num_classes, 2)
-        _check_positive_int("width", width)
-        _check_positive_int("depth", depth)
+        check_positive_int("num_classes", num_classes, 2)
+        check_positive_int("width", width)
+        check_positive_int("depth", depth)
         size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         if len(size) != 2 or min(size) < 8:
             raise ValueError(f"image_size must be >= 8 (or (H, W) both >= 8), got {image_size!r}")
@@ -214,151 +212,6 @@ class CNNHost(Host):
 
 
 # --------------------------------------------------------------------------------------
-# Transformer
-
-
-class CausalSelfAttention(nn.Module):
-    def __init__(self, d_model: int, n_heads: int) -> None:
-        super().__init__()
-        if d_model % n_heads:
-            raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
-        self.n_heads = n_heads
-        self.qkv = nn.Linear(d_model, 3 * d_model)
-        self.proj = nn.Linear(d_model, d_model)
-
-    def forward(self, x: Tensor) -> Tensor:
-        b, t, d = x.shape
-        q, k, v = self.qkv(x).split(d, dim=-1)
-        shape = (b, t, self.n_heads, d // self.n_heads)
-        q, k, v = (z.view(shape).transpose(1, 2) for z in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.proj(y.transpose(1, 2).reshape(b, t, d))
-
-
-class DecoderLayer(nn.Module):
-    """Pre-norm GPT layer: x + attn(ln(x)), then x + mlp(ln(x))."""
-
-    def __init__(self, d_model: int, n_heads: int, mlp_hidden: int | None = None) -> None:
-        super().__init__()
-        hidden = 4 * d_model if mlp_hidden is None else mlp_hidden
-        self.ln1 = nn.LayerNorm(d_model)
-        self.attn = CausalSelfAttention(d_model, n_heads)
-        self.ln2 = nn.LayerNorm(d_model)
-        self.mlp = nn.Sequential(nn.Linear(d_model, hidden), nn.GELU(), nn.Linear(hidden, d_model))
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.ln1(x))
-        return x + self.mlp(self.ln2(x))
-
-
-class TransformerHost(Host):
-    """Small GPT-style decoder; a slot after each segment of ``layers_per_slot`` layers.
-
-    Input: token ids ``[N, T]`` with T <= max_seq_len; output: logits ``[N, T, vocab]``.
-    The output projection is tied to the token embedding. ``mlp_hidden`` gives each
-    layer's MLP width (default ``4 * d_model``), e.g. to rebuild a folded host
-    (`mlp_widths`).
-    """
-
-    topology: Topology = "transformer"
-
-    def __init__(
-        self,
-        vocab_size: int,
-        d_model: int = 64,
-        n_heads: int = 4,
-        n_layers: int = 2,
-        layers_per_slot: int = 1,
-        max_seq_len: int = 64,
-        mlp_hidden: tuple[int, ...] | list[int] | None = None,
-    ) -> None:
-        super().__init__()
-        _check_positive_int("vocab_size", vocab_size, 2)
-        _check_positive_int("d_model", d_model)
-        _check_positive_int("n_heads", n_heads)
-        _check_positive_int("n_layers", n_layers)
-        _check_positive_int("layers_per_slot", layers_per_slot)
-        _check_positive_int("max_seq_len", max_seq_len)
-        if n_layers % layers_per_slot:
-            raise ValueError(
-                f"n_layers={n_layers} must be a multiple of layers_per_slot={layers_per_slot}"
-            )
-        if mlp_hidden is None:
-            mlp_hidden = [4 * d_model] * n_layers
-        elif len(mlp_hidden) != n_layers or not all(
-            isinstance(w, int) and w >= 1 for w in mlp_hidden
-        ):
-            raise ValueError(
-                f"mlp_hidden must be {n_layers} ints >= 1 (one per layer), got {mlp_hidden!r}"
-            )
-        self.d_model, self.max_seq_len = d_model, max_seq_len
-        self.token_embedding = nn.Embedding(vocab_size, d_model)
-        self.position_embedding = nn.Embedding(max_seq_len, d_model)
-        widths = iter(mlp_hidden)
-        self.blocks = nn.ModuleList(
-            nn.Sequential(
-                *(DecoderLayer(d_model, n_heads, next(widths)) for _ in range(layers_per_slot))
-            )
-            for _ in range(n_layers // layers_per_slot)
-        )
-        self.ln_f = nn.LayerNorm(d_model)
-        # GPT-2 style init: small embeddings keep the tied logits near uniform at start.
-        nn.init.normal_(self.token_embedding.weight, std=0.02)
-        nn.init.normal_(self.position_embedding.weight, std=0.02)
-
-    def block_channels(self) -> list[int]:
-        return [self.d_model] * len(self.blocks)
-
-    def mlp_widths(self) -> list[int]:
-        """Each layer's MLP hidden width (a fold widens the last layer of a block)."""
-        return [layer.mlp[0].out_features for block in self.blocks for layer in block]
-
-    def block_forward(
-        self, i: int, h: Tensor, pre: Tensor | None = None, tap: bool = False
-    ) -> tuple[Tensor, Tensor | None]:
-        if pre is not None:
-            raise ValueError(f"TransformerHost block {i} takes no width term (target 'output')")
-        if not tap:
-            return self.blocks[i](h), None
-        *first, last = self.blocks[i]
-        for layer in first:
-            h = layer(h)
-        x = h + last.attn(last.ln1(h))
-        z = last.ln2(x)
-        return x + last.mlp(z), z
-
-    def width_site(self, i: int) -> WidthSite:
-        self._check_block(i)
-        mlp = self.blocks[i][-1].mlp
-        return WidthSite(
-            units=mlp[0].out_features,
-            target="output",
-            unit_dim_last=True,
-            fan_in=partial(_linear_units, self.d_model, act=nn.GELU),
-            fan_out=partial(_linear, out_features=self.d_model),
-        )
-
-    def width_layers(self, i: int) -> tuple[list[nn.Module], nn.Module]:
-        self._check_block(i)
-        mlp = self.blocks[i][-1].mlp
-        return [mlp[0]], mlp[2]
-
-    def embed(self, x: Tensor) -> Tensor:
-        if x.dim() != 2 or x.dtype not in (torch.int64, torch.int32):
-            raise ValueError(
-                f"TransformerHost expects token ids [N, T] (int), got {x.dtype} {tuple(x.shape)}"
-            )
-        t = x.shape[1]
-        if not 1 <= t <= self.max_seq_len:
-            raise ValueError(f"sequence length {t} outside 1..max_seq_len={self.max_seq_len}")
-        positions = torch.arange(t, device=x.device)
-        return self.token_embedding(x) + self.position_embedding(positions)
-
-    def head(self, h: Tensor) -> Tensor:
-        return F.linear(self.ln_f(h), self.token_embedding.weight)
-
-
-# --------------------------------------------------------------------------------------
 # MLP
 
 
@@ -376,10 +229,10 @@ class MLPHost(Host):
         widths: tuple[int, ...] | list[int] | None = None,
     ):
         super().__init__()
-        _check_positive_int("in_features", in_features)
-        _check_positive_int("num_classes", num_classes, 2)
-        _check_positive_int("hidden", hidden)
-        _check_positive_int("depth", depth)
+        check_positive_int("in_features", in_features)
+        check_positive_int("num_classes", num_classes, 2)
+        check_positive_int("hidden", hidden)
+        check_positive_int("depth", depth)
         if widths is None:
             widths = [hidden] * depth
         elif len(widths) != depth or not all(isinstance(w, int) and w >= 1 for w in widths):
@@ -413,8 +266,8 @@ class MLPHost(Host):
             units=linear.out_features,
             target="next",
             unit_dim_last=True,
-            fan_in=partial(_linear_units, linear.in_features, act=nn.ReLU),
-            fan_out=partial(_linear, out_features=consumer.out_features),
+            fan_in=partial(linear_units, linear.in_features, act=nn.ReLU),
+            fan_out=partial(linear_fan_out, out_features=consumer.out_features),
         )
 
     def width_layers(self, i: int) -> tuple[list[nn.Module], nn.Module]:
@@ -458,11 +311,11 @@ def _pooled_linear(k: int, out_features: int) -> nn.Module:
     return nn.Sequential(GlobalAvgPool(), nn.Linear(k, out_features, bias=False))
 
 
-def _linear_units(in_features: int, k: int, act: type[nn.Module]) -> nn.Module:
+def linear_units(in_features: int, k: int, act: type[nn.Module]) -> nn.Module:
     return nn.Sequential(nn.Linear(in_features, k), act())
 
 
-def _linear(k: int, out_features: int) -> nn.Module:
+def linear_fan_out(k: int, out_features: int) -> nn.Module:
     return nn.Linear(k, out_features, bias=False)
 
 
@@ -474,6 +327,5 @@ __all__ = [
     "CNNHost",
     "Host",
     "MLPHost",
-    "TransformerHost",
     "count_parameters",
 ]
