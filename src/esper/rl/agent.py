@@ -22,6 +22,7 @@ draw that every rank makes, so actions do not depend on how the envs are split.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -107,6 +108,8 @@ class PPOAgent:
         self.return_normalizer = RunningMeanStd(1, device=self.device)
         self.generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
         self.buffer: RolloutBuffer | None = None
+        # Frozen copy of a cloned policy that PPO is kept near (PPOConfig.prior_kl_coef).
+        self.prior: FactoredRecurrentActorCritic | None = None
         self.counters = {"updates": 0, "env_steps": 0, "episodes": 0}
         self.dist: DistContext = SINGLE
         self.shard: EnvShard | None = None
@@ -122,6 +125,11 @@ class PPOAgent:
             )
         self.dist, self.shard, self.verify_sync = ctx, shard, verify_sync
         broadcast_parameters(self.network, ctx)
+
+    def set_prior(self) -> None:
+        """Freeze a copy of the current network as the prior of `PPOConfig.prior_kl_coef`
+        (call it after behaviour cloning, before fine-tuning)."""
+        self.prior = copy.deepcopy(self.network).eval().requires_grad_(False)
 
     # -- acting ---------------------------------------------------------------------------
     def initial_hidden(self, num_envs: int) -> Hidden:
@@ -273,9 +281,15 @@ class PPOAgent:
         # advances by the same draws whatever the number of sequences, so an env's
         # actions do not depend on how many envs (or ranks) share the update.
         order = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.counters["updates"])
+        if cfg.prior_kl_coef > 0 and self.prior is None:
+            raise ValueError(
+                "PPOConfig.prior_kl_coef > 0 needs a prior: call agent.set_prior() after "
+                "cloning (esper.rl.cloning), or set prior_kl_coef = 0"
+            )
         diagnostics = ppo_update(
-            self.network, self.optimizer, batch, advantages, targets, cfg, order, self.dist
-        )
+            self.network, self.optimizer, batch, advantages, targets, cfg, order, self.dist,
+            prior=self.prior if cfg.prior_kl_coef > 0 else None,
+        )  # fmt: skip
         diagnostics["explained_variance"] = explained_variance(
             batch.values[batch.valid], returns[batch.valid]
         )
@@ -329,6 +343,7 @@ class PPOAgent:
             "return_normalizer": self.return_normalizer.state_dict(),
             "generator": self.generator.get_state(),
             "counters": dict(self.counters),
+            **({"prior": self.prior.state_dict()} if self.prior is not None else {}),
         }
 
     def save(self, path: str | Path) -> Path:

@@ -105,6 +105,9 @@ def load_checkpoint(
         if "generator" in payload:
             agent.generator.set_state(payload["generator"])
         agent.counters.update({k: int(v) for k, v in payload["counters"].items()})
+        if "prior" in payload:  # the frozen clone of PPOConfig.prior_kl_coef
+            agent.set_prior()
+            agent.prior.load_state_dict(payload["prior"])  # type: ignore[union-attr]
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"checkpoint {path}: inconsistent contents ({first_line})") from None

@@ -70,11 +70,20 @@ class PPOConfig:
     # uniform initial policy prunes its own seeds long before (91 % of all prunes in the
     # README main job), so it rarely sees a fossil to learn from. E.g. (0, 0, 0, -3).
     initial_op_bias: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+    # Guard for fine-tuning a cloned policy (esper.rl.cloning): adds
+    # prior_kl_coef · KL(π ‖ π_prior) to the loss, where π_prior is the frozen network of
+    # `PPOAgent.set_prior` (the clone). KL is the k3 estimator on the rollout's actions,
+    # E[(ρ − 1) − log ρ] with ρ = π_prior(a) / π(a), summed over the heads an action uses;
+    # the prior replays each sequence from a zero state (sequences start at episode starts
+    # when one round is one episode, as in `esper train`). 0 = off.
+    prior_kl_coef: float = 0.0
     hidden: int = 128  # LSTM size
     embed: int = 64  # encoder width
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if not self.prior_kl_coef >= 0:
+            raise ValueError(f"PPOConfig.prior_kl_coef must be >= 0, got {self.prior_kl_coef!r}")
         positive = ("learning_rate", "n_epochs", "num_minibatches", "clip_coef", "max_grad_norm")
         for name in positive:
             if not getattr(self, name) > 0:
@@ -190,6 +199,7 @@ def ppo_update(
     config: PPOConfig,
     generator: torch.Generator | None = None,
     ctx: DistContext = SINGLE,
+    prior: FactoredRecurrentActorCritic | None = None,
 ) -> dict[str, float]:
     """``n_epochs`` passes over minibatches of whole sequences; returns diagnostics.
 
@@ -208,7 +218,7 @@ def ppo_update(
     num_mb = min(config.num_minibatches, min_across_ranks(num_seq, ctx))
     kl_limit = None if config.target_kl is None else 1.5 * config.target_kl
     head_w = torch.tensor(config.head_entropy_weights, device=advantages.device)
-    stats: dict[str, list[float]] = {k: [] for k in ("kl", "clip", "pg", "v", "grad")}
+    stats: dict[str, list[float]] = {k: [] for k in ("kl", "clip", "pg", "v", "grad", "prior")}
     head_entropy = torch.zeros(len(HEADS), device=advantages.device)
     first_dev: torch.Tensor | None = None
     steps, early_stopped = 0, False
@@ -252,6 +262,16 @@ def ppo_update(
             per_head = (out.entropies * used).sum(0) / n_used
             entropy_bonus = (head_w * per_head).sum()
             loss = pg_loss + config.vf_coef * v_loss - config.ent_coef * entropy_bonus
+            if prior is not None and config.prior_kl_coef > 0:
+                with torch.no_grad():
+                    zero = prior.get_initial_hidden(mb_valid.shape[1], mb_valid.device)
+                    prior_lp = prior.evaluate_valid(
+                        mb.obs, mb.actions, mb.masks, zero, mb_valid
+                    ).log_probs
+                log_rho = prior_lp - out.log_probs  # 0 on unused heads
+                prior_kl = ((log_rho.exp() - 1) - log_rho).sum() / n_valid
+                loss = loss + config.prior_kl_coef * prior_kl
+                stats["prior"].append(float(prior_kl.detach()))
 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -285,6 +305,7 @@ def ppo_update(
         "early_stopped": float(early_stopped),
         # LSTM rows run beyond the real steps, per real step (0: no padding).
         "padded_rows_per_step": (lstm_rows - real_rows) / max(real_rows, 1),
+        "prior_kl": mean("prior"),
     }
     for i, head in enumerate(HEADS):
         result[f"entropy/{head}"] = float(head_entropy[i] / max(steps, 1))
