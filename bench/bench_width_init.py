@@ -129,7 +129,10 @@ def main() -> None:
     parser.add_argument("--blueprint", default="wide_x1")
     parser.add_argument("--lifecycle", choices=("default", "forced"), default="default")
     parser.add_argument("--heuristic", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="2 seeds x 5 steps (smoke run)")
     args = parser.parse_args()
+    if args.quick:
+        args.seeds, args.epochs, args.grow_at = 2, 5, 1
     if args.heuristic:
         heuristic_episodes(args.seeds)
         return

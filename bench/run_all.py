@@ -38,6 +38,8 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "growth": ("bench_growth.py", []),
     "transfer": ("bench_transfer.py", []),
     "pareto": ("bench_pareto.py", []),
+    "governor": ("bench_governor.py", ["--gates"]),
+    "width_init": ("bench_width_init.py", ["--seeds", "8"]),
 }
 
 
