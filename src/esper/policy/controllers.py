@@ -139,7 +139,8 @@ class HeuristicConfig:
     warmup_steps: int = 1
     # At most this many seeds alive at once, so each seed's effect can be read cleanly.
     max_live_seeds: int = 1
-    # Prune a live seed whose contribution is below this (raw accuracy units)...
+    # Prune a live seed whose contribution is below this (validation-loss nats the seed
+    # saves; negative = it hurts)...
     prune_below: float = -0.01
     # ...once it has spent this many steps in BLENDING/HOLDING (early estimates are noisy)
     prune_min_epochs: int = 1
