@@ -1,7 +1,8 @@
 """The ``esper`` command line.
 
-    esper train ppo|heuristic|random|static [--task T] [--slots ID ...] [--envs K] ...
-    esper eval CHECKPOINT [--task T] [--slots ID ...] [--episodes N]
+    esper train ppo|heuristic|random|static|shipped [--task T] [--slots ID ...] [--envs K] ...
+    esper eval CHECKPOINT|shipped [--task T] [--slots ID ...] [--episodes N]
+    esper build-policy --out FILE.pt [--seed N] [--teacher heuristic|always-grow] [--quick]
     esper report RUN_DIR
     esper tasks
 
@@ -23,7 +24,7 @@ from typing import Any
 from esper import __version__
 from esper.telemetry.console import Console
 
-CONTROLLERS = ("ppo", "heuristic", "random", "static")
+CONTROLLERS = ("ppo", "heuristic", "random", "static", "shipped")
 
 
 class UsageError(ValueError):
@@ -96,10 +97,25 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-report", action="store_true", help="skip the report at the end")
 
     ev = sub.add_parser("eval", help="evaluate a PPO checkpoint on any slot layout")
-    ev.add_argument("checkpoint", type=Path, help="a .pt file, e.g. runs/NAME/checkpoints/best.pt")
+    ev.add_argument(
+        "checkpoint", type=Path,
+        help="a .pt file, e.g. runs/NAME/checkpoints/best.pt, or 'shipped' (docs/policy_card.md)",
+    )  # fmt: skip
     _add_env_flags(ev)
     ev.add_argument("--episodes", type=int, default=8, help="evaluation episodes (default: 8)")
     ev.add_argument("--stochastic", action="store_true", help="sample instead of argmax")
+
+    bp = sub.add_parser(
+        "build-policy", help="build the shipped policy: clone a teacher, fine-tune with PPO"
+    )
+    bp.add_argument("--out", type=Path, required=True, help="policy file to write (.pt)")
+    bp.add_argument("--seed", type=int, default=0, help="build seed (default: 0)")
+    bp.add_argument(
+        "--teacher", choices=("heuristic", "always-grow"), default="heuristic",
+        help="controller to clone (default: heuristic)",
+    )  # fmt: skip
+    bp.add_argument("--ppo-rounds", type=int, help="PPO fine-tuning rounds (default: 16)")
+    bp.add_argument("--quick", action="store_true", help="a seconds-long build (tests)")
 
     report = sub.add_parser("report", help="(re)build plots and summary.md of a run")
     report.add_argument("run_dir", type=Path)
@@ -254,9 +270,12 @@ def _print_table(title: str, summary: dict[str, float]) -> None:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from esper.config_io import load_toml
     from esper.experiment import summarize
+    from esper.policies import SHIPPED_NAME, SHIPPED_POLICIES, policy_path
     from esper.run import evaluate
     from esper.run_config import config_from_dict
 
+    if str(args.checkpoint) in (SHIPPED_NAME, *SHIPPED_POLICIES):
+        args.checkpoint = policy_path(str(args.checkpoint))
     if args.checkpoint.is_dir():
         found = sorted(p.name for p in args.checkpoint.glob("*.pt"))
         hint = f"; it holds {', '.join(found)}" if found else ""
@@ -289,6 +308,29 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         f"{args.episodes} episodes on evaluation seeds, disjoint from training)",
         summarize(records),
     )
+    return 0
+
+
+def _cmd_build_policy(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    import torch
+
+    from esper.policies.build import QUICK, BuildConfig, build_policy
+
+    if args.out.suffix != ".pt":
+        raise UsageError(f"--out must name a .pt file, got {str(args.out)!r}")
+    config = QUICK if args.quick else BuildConfig()
+    changes: dict[str, Any] = {"seed": args.seed, "teacher": args.teacher}
+    if args.ppo_rounds is not None:
+        changes["ppo_rounds"] = args.ppo_rounds
+    config = dataclasses.replace(config, **changes)
+    torch.set_num_threads(1)  # tiny hosts: a second thread costs more than it gains
+    record = build_policy(
+        config, args.out, log=lambda m: print(f"esper: {m}", file=sys.stderr),
+        command=" ".join(["esper", *args.argv]),
+    )  # fmt: skip
+    print(f"wrote {args.out} ({record['chosen']}) in {record['timings']['total_s']:.0f} s")
     return 0
 
 
@@ -337,7 +379,13 @@ def _cli_form(message: str) -> str:
     return message
 
 
-COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "report": _cmd_report, "tasks": _cmd_tasks}
+COMMANDS = {
+    "train": _cmd_train,
+    "eval": _cmd_eval,
+    "build-policy": _cmd_build_policy,
+    "report": _cmd_report,
+    "tasks": _cmd_tasks,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -77,9 +77,18 @@ def make_scripted(
     num_envs: int,
     evaluation: bool = False,
     env_offset: int = 0,
+    action_spec=None,
 ) -> ScriptedPolicy:
-    """A fresh scripted controller per env and round (random ones seeded per episode)."""
+    """A fresh scripted controller per env and round (random ones seeded per episode).
+    ``shipped`` (the packaged policy, `esper.policies`) needs the envs' ``action_spec``."""
     name, seed = config.run.controller, config.run.seed
+    if name == "shipped":
+        from esper.policies import PolicyController, load_policy
+
+        if action_spec is None:
+            raise ValueError("the shipped controller needs the envs' action_spec")
+        agent = load_policy(action_spec.slot_config, action_spec.blueprints)
+        return ScriptedPolicy(lambda i: PolicyController(agent), num_envs)
     if name == "heuristic":
         return ScriptedPolicy(lambda i: HeuristicController(config.heuristic), num_envs)
     if name == "random":
@@ -91,7 +100,9 @@ def make_scripted(
         )
     if name == "static":
         return ScriptedPolicy(lambda i: StaticController(), num_envs)
-    raise ValueError(f"no scripted controller {name!r}; allowed: heuristic, random, static")
+    raise ValueError(
+        f"no scripted controller {name!r}; allowed: heuristic, random, static, shipped"
+    )
 
 
 def run_round(

@@ -344,7 +344,8 @@ def _play_round(
         records = run_round(vec, k, config.run.seed, agent=agent, learn=True, telemetry=sink,
                             env_offset=offset, on_step=on_step)  # fmt: skip
     else:
-        scripted = make_scripted(config, k, vec.num_envs, env_offset=offset)
+        scripted = make_scripted(config, k, vec.num_envs, env_offset=offset,
+                                 action_spec=vec.action_spec)  # fmt: skip
         records = run_round(vec, k, config.run.seed, scripted=scripted, telemetry=sink,
                             env_offset=offset, on_step=on_step)  # fmt: skip
     if not dist.active:
@@ -400,7 +401,8 @@ def evaluate(
             out = run_round(vec, k, config.run.seed, agent=agent, deterministic=deterministic,
                             evaluation=True, on_step=on_step)  # fmt: skip
         else:
-            scripted = make_scripted(config, k, num_envs, evaluation=True)
+            scripted = make_scripted(config, k, num_envs, evaluation=True,
+                                     action_spec=vec.action_spec)  # fmt: skip
             out = run_round(vec, k, config.run.seed, scripted=scripted, evaluation=True,
                             on_step=on_step)  # fmt: skip
         records += out

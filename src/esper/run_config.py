@@ -28,8 +28,9 @@ from esper.model import LifecycleConfig
 from esper.policy.controllers import HeuristicConfig
 from esper.rl import PPOConfig
 
-Controller = Literal["ppo", "heuristic", "random", "static"]
-CONTROLLERS: tuple[str, ...] = ("ppo", "heuristic", "random", "static")
+# "shipped": the trained policy packaged with Esper (esper.policies), run without learning
+Controller = Literal["ppo", "heuristic", "random", "static", "shipped"]
+CONTROLLERS: tuple[str, ...] = ("ppo", "heuristic", "random", "static", "shipped")
 
 
 def _is_device(name: str) -> bool:
