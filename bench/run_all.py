@@ -40,6 +40,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "pareto": ("bench_pareto.py", []),
     "governor": ("bench_governor.py", ["--gates"]),
     "width_init": ("bench_width_init.py", ["--seeds", "8"]),
+    "learned": ("bench_learned.py", ["--seeds", "12", "--transfer", "5", "8"]),
 }
 
 
