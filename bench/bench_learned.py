@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=12)
     parser.add_argument("--lambdas", type=float, nargs="+", default=list(LAMBDAS))
-    parser.add_argument("--policy", nargs="+", default=["shipped"], help="names or .pt files")
+    parser.add_argument("--policy", nargs="*", default=["shipped"], help="names or .pt files")
     parser.add_argument("--reuse-baselines", action="store_true")
     parser.add_argument("--transfer", type=int, nargs="*", default=[], metavar="SLOTS")
     parser.add_argument("--quick", action="store_true")
@@ -158,6 +158,9 @@ def main(argv: list[str] | None = None) -> None:
             by_lam[lam] = run_arm(f"{label}", env, seeds, policy)
             all_rows += [{**r, "depth": 3, "λ": lam} for r in by_lam[lam]]
         table += compare(by_lam, base, label)
+    if not table:  # --policy with no file: the baselines only
+        benchlib.write_csv(episodes_csv, all_rows)
+        return
     benchlib.report(f"learned_digits{suffix}", "Learned controller vs heuristic and static "
                     "(digits width 1; objective = accuracy − λ·growth, paired over seeds)",
                     table)  # fmt: skip
