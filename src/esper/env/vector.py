@@ -16,6 +16,14 @@
   ``env_devices[i % len]`` (round-robin; default: the config's device). The data set is
   copied once per device, and each env on a GPU runs its step on its own CUDA stream, so
   one env's kernels need not queue behind another's. On CPU there are no streams.
+* **Batched host training** (opt-in, ``batched=True``): the envs' training phases run
+  as one grouped computation per optimiser step (`esper.training.batched`, driven by
+  `esper.env.lockstep`); everything else (actions, validation and credit, governor,
+  lifecycle, rewards) stays per env. An env's trajectory is the same, to float
+  tolerance, as when it runs alone. CNN hosts with SGD in float32 on one device only
+  (refused otherwise, at construction); a step whose envs cannot be batched (e.g.
+  batch streams out of line) runs the per-env loop, and ``last_step_batched`` says
+  which path the last step took.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -30,6 +39,7 @@ import torch
 
 from esper.actions import ActionMasks, FactoredAction
 from esper.env.environment import EnvConfig, MorphogenesisEnv
+from esper.env.lockstep import LockstepStepper
 from esper.env.masks import compute_batch_masks, stage_tensors
 
 
@@ -65,6 +75,7 @@ class VectorMorphogenesisEnv:
         *,
         seed: int = 0,
         env_devices: Sequence[str | torch.device] | None = None,
+        batched: bool = False,
         **options: Any,
     ) -> None:
         if not isinstance(num_envs, int) or num_envs < 1:
@@ -93,6 +104,18 @@ class VectorMorphogenesisEnv:
         self.single_observation_space = first.observation_space
         self.single_action_space = first.action_space
         self._last_obs: list[dict[str, np.ndarray]] | None = None
+        self._stepper = LockstepStepper() if batched else None
+        if batched:
+            _check_batchable(first, self.devices)
+
+    @property
+    def batched(self) -> bool:
+        return self._stepper is not None
+
+    @property
+    def last_step_batched(self) -> bool:
+        """Whether the last `step` trained the hosts as one batched computation."""
+        return self._stepper is not None and self._stepper.last_batched
 
     @property
     def max_epochs(self) -> int:
@@ -140,9 +163,18 @@ class VectorMorphogenesisEnv:
             raise ValueError(f"got {len(actions)} actions for {self.num_envs} envs")
         final, current, infos = [], [], []
         rewards, terminated, truncated = [], [], []
-        for env, action, stream in zip(self.envs, actions, self._streams, strict=True):
+        if self._stepper is not None:
+            for env, action in zip(self.envs, actions, strict=True):
+                env.parse_action(action)  # a bad action raises before any env steps
+            steps = self._stepper.run(
+                self.envs,
+                [partial(env.step, action) for env, action in zip(self.envs, actions, strict=True)],
+            )
+        else:
+            steps = [None] * self.num_envs
+        for env, action, stream, done in zip(self.envs, actions, self._streams, steps, strict=True):
             with _on_stream(stream):
-                obs, reward, term, trunc, info = env.step(action)
+                obs, reward, term, trunc, info = env.step(action) if done is None else done
                 final.append(obs)
                 if term or trunc:
                     obs, info["reset_info"] = env.reset()
@@ -176,6 +208,24 @@ class VectorMorphogenesisEnv:
     def close(self) -> None:
         for env in self.envs:
             env.close()
+
+
+def _check_batchable(env: MorphogenesisEnv, devices: Sequence[torch.device]) -> None:
+    """Refuse ``batched=True`` where batched training cannot equal the per-env loop."""
+    from esper.training.batched import supports_host
+
+    if len(set(devices)) != 1:
+        raise ValueError(
+            f"batched=True needs every env on one device, got {sorted(map(str, set(devices)))}"
+        )
+    cfg = env.train_config
+    reason = supports_host(env.task.make_host(env.data))
+    if reason is None and cfg.optimizer != "sgd":
+        reason = f"batched=True supports optimizer 'sgd' only, got {cfg.optimizer!r}"
+    if reason is None and cfg.amp != "off":
+        reason = f"batched=True trains in float32 only, got amp={cfg.amp!r}"
+    if reason is not None:
+        raise ValueError(f"task {env.config.task!r} cannot run batched: {reason}")
 
 
 def _on_stream(stream: torch.cuda.Stream | None) -> contextlib.AbstractContextManager:

@@ -215,14 +215,18 @@ class Trainer:
             for s in self.model.slot_states()
         )
 
-    def train_step(self) -> StepResult:
+    def train_step(
+        self, trained: tuple[EvalTotals, dict[str, float], int] | None = None
+    ) -> StepResult:
+        """One env step. ``trained``: this step's training phase already done elsewhere
+        (`esper.training.batched.train_batched`, for E envs at once), as ``_train`` returns."""
         self.sync_seed_optimizers()
         signature = self._function_signature()
         if signature != self._judged_signature:  # germinated, pruned, alpha stepped...
             self.governor.model_changed()
         self._judged_signature = signature
         eval_before = self.flops.eval
-        train, grad_norms, samples = self._train()
+        train, grad_norms, samples = trained if trained is not None else self._train()
         # Before any rollback: the structure that just trained is the one to count.
         train_flops = self.flops.add_training(self.model, self.data.train_x[:2], samples)
         result = self.validate()

@@ -1,0 +1,126 @@
+"""Batched host training (``VectorMorphogenesisEnv(batched=True)``): an env's trajectory
+is the one it has alone, with seeds in different slots per env and one env rolled back.
+
+Float64 throughout: the comparison is then exact to ~1e-12, where float32 differences
+(grouped kernels sum in another order) can grow chaotically on a width-2 host.
+"""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from esper.actions import FactoredAction, LifecycleOp
+from esper.env import EnvConfig, VectorMorphogenesisEnv
+from esper.model import LifecycleConfig
+from esper.training import get_task
+
+STEPS = 6
+SEEDS = [11, 22, 33]
+G, F, W = LifecycleOp.GERMINATE, LifecycleOp.FOSSILIZE, FactoredAction.wait()
+# (op, slot, blueprint, blend) per env and step; blueprints: 3 conv_light, 0 norm, 7 wide_x1.
+SCRIPT = {
+    0: {0: FactoredAction(G, 0, 3, 0), 4: FactoredAction(F, 0)},
+    1: {1: FactoredAction(G, 2, 7, 2)},
+    2: {0: FactoredAction(G, 1, 0, 1)},
+}
+NAN_AT = (2, 2)  # env 2's host weights turn NaN before step 2: the governor rolls it back
+
+
+@pytest.fixture
+def float64():
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(before)
+
+
+def _config():
+    lifecycle = LifecycleConfig(
+        min_train_epochs=1,
+        blend_epochs=2,
+        blend_threshold=-10.0,
+        prune_threshold=-10.0,
+        fossilize_threshold=-10.0,
+    )
+    return EnvConfig(task="digits", batches_per_step=3, max_epochs=STEPS + 1, lifecycle=lifecycle)
+
+
+def _data():
+    data = get_task("digits").make_data(seed=0)
+    return dataclasses.replace(data, train_x=data.train_x.double(), val_x=data.val_x.double())
+
+
+def _run(env_ids, batched, data):
+    vec = VectorMorphogenesisEnv(len(env_ids), _config(), batched=batched, data=data)
+    vec.reset(seeds=[SEEDS[i] for i in env_ids])
+    trace = {i: [] for i in env_ids}
+    for t in range(STEPS):
+        for k, i in enumerate(env_ids):
+            if (i, t) == NAN_AT:
+                with torch.no_grad():
+                    vec.envs[k].model.host.blocks[0][0].weight.fill_(math.nan)
+        step = vec.step([SCRIPT[i].get(t, W) for i in env_ids])
+        assert vec.last_step_batched == (batched and len(env_ids) > 1)
+        for k, i in enumerate(env_ids):
+            info = step.infos[k]
+            trace[i].append(
+                {
+                    "reward": float(step.rewards[k]),
+                    "obs": step.obs["slots"][k].clone(),
+                    **{key: info[key] for key in ("train_loss", "val_loss", "quality", "flops")},
+                    **{key: info[key] for key in ("contributions", "contribution_se")},
+                    **{key: info[key] for key in ("stages", "events", "governor_event")},
+                }
+            )
+    states = {i: vec.envs[k].model.state_dict() for k, i in enumerate(env_ids)}
+    return trace, states
+
+
+def _close(a, b, path=""):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for key in a:
+            _close(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for k, (x, y) in enumerate(zip(a, b, strict=True)):
+            _close(x, y, f"{path}[{k}]")
+    elif isinstance(a, torch.Tensor):
+        # Observations are float32 (one rounding of the float64 values).
+        tol = {"rtol": 1e-5, "atol": 1e-6} if a.dtype == torch.float32 else {"rtol": 1e-9}
+        assert torch.allclose(a.double(), b.double(), equal_nan=True, **tol), path
+    elif isinstance(a, float):
+        # The training loss is summed in float32 (the trainer's loss runs on float32
+        # logits), in another order when batched.
+        rel = 1e-6 if path.endswith("train_loss") else 1e-9
+        assert a == pytest.approx(b, rel=rel, abs=1e-10, nan_ok=True), path
+    else:
+        assert a == b, path
+
+
+def test_batched_trajectories_equal_each_env_alone(float64):
+    data = _data()
+    batched, batched_states = _run([0, 1, 2], True, data)
+    for i in range(3):
+        alone, alone_states = _run([i], False, data)
+        _close(alone[i], batched[i], f"env{i}")
+        _close(alone_states[i], batched_states[i], f"env{i}.state")
+    # The script did what it is meant to: seeds trained and blended in three different
+    # slots, a width seed among them, and env 2 alone was rolled back (its seed pruned).
+    assert [s["governor_event"] for s in batched[2]][NAN_AT[1]] == "non_finite"
+    assert all(s["governor_event"] is None for i in (0, 1) for s in batched[i])
+    seen = {i: {stage for s in batched[i] for stage in s["stages"].values()} for i in range(3)}
+    assert {"BLENDING", "FOSSILIZED"} <= seen[0] and "BLENDING" in seen[1]
+    assert "PRUNED" in seen[2] or "EMBARGOED" in seen[2]
+
+
+def test_batched_refuses_what_it_cannot_make_exact():
+    with pytest.raises(ValueError, match="sgd"):
+        VectorMorphogenesisEnv(2, task="digits", batched=True, task_options={"optimizer": "adam"})
+    with pytest.raises(ValueError, match="CNNHost"):
+        options = {"shape": (16,), "n_train": 64, "n_val": 32}  # an MLP host
+        VectorMorphogenesisEnv(2, task="synthetic", batched=True, task_options=options)
+    with pytest.raises(ValueError, match="float32"):
+        VectorMorphogenesisEnv(2, task="digits", batched=True, task_options={"amp": "bf16"})
