@@ -197,30 +197,33 @@ def summary_table(rows: list[dict]) -> list[dict]:
 
 def plot(runs: dict[str, list[dict]], setup: TextSetup, blueprint: str, suffix: str) -> Path:
     plt = benchlib.pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for name, items in runs.items():
         n = min(len(r["curve"]) for r in items)
         steps = [items[0]["curve"][k][0] for k in range(n)]
         loss = [statistics.fmean(r["curve"][k][1] for r in items) for k in range(n)]
-        flops = [statistics.fmean(r["curve"][k][3] for r in items) for k in range(n)]
+        tflops = [statistics.fmean(r["curve"][k][3] for r in items) / 1e12 for k in range(n)]
         axes[0].plot(steps, loss, label=name)
-        axes[1].plot(flops, loss, label=name)
+        axes[1].plot(tflops, loss, label=name)
     target = _mean(runs["static-4"], "val_loss")
+    low = min(_mean(r, "val_loss") for r in runs.values())
     for ax in axes:
         ax.axhline(target, color="grey", linestyle=":", linewidth=1,
                    label="static-4 final loss")  # fmt: skip
-        ax.set_ylabel("validation loss (nats/char)", fontsize=8)
-        ax.tick_params(labelsize=7)
+        ax.set_ylabel("validation loss (nats/char)", fontsize=9)
+        ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)
-        low = min(_mean(r, "val_loss") for r in runs.values())
         ax.set_ylim(low - 0.1, low + 1.0)
     axes[0].axvline(setup.grow_at, color="grey", linestyle="--", linewidth=1,
-                    label=f"{blueprint!r} seeds from here")  # fmt: skip
-    axes[0].set_xlabel(f"step ({setup.batches_per_step} batches each)", fontsize=8)
-    axes[1].set_xlabel("cumulative training FLOPs", fontsize=8)
-    axes[0].legend(fontsize=7)
+                    label=f"{blueprint!r} seeds planted from here")  # fmt: skip
+    axes[0].set_xlabel(f"step ({setup.batches_per_step} batches each)", fontsize=9)
+    axes[1].set_xlabel("cumulative training TFLOPs (training, validation, counterfactuals)",
+                       fontsize=9)  # fmt: skip
+    axes[0].legend(fontsize=8)
     fig.suptitle(f"text (KJV, char level): 2 → 4 blocks vs static, mean of "
-                 f"{len(runs['static-4'])} seeds", fontsize=9)  # fmt: skip
-    path = benchlib.save_figure(fig, f"pareto_text{suffix}")
+                 f"{len(runs['static-4'])} paired seeds", fontsize=10)  # fmt: skip
+    fig.tight_layout()
+    path = benchlib.out_dir() / f"pareto_text{suffix}.png"
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
