@@ -1,12 +1,14 @@
 """A learned controller that beats the heuristic (issue 13): the shipped policy against
-the heuristic and the static host, paired, on seeds disjoint from its training.
+the heuristic, the always-grow schedule and the static host, paired, on seeds disjoint
+from its training.
 
 Digits with the too-narrow width-1 host of issue 12 and the task's 20-step episode.
 Every arm plays the same evaluation seeds (``episode_seed(0, i, 0, evaluation=True)``;
 `esper build-policy` trains on training-side seeds only), so differences are paired.
-The policy observes λ and plays once per λ in ``--lambdas``; the static host and the
-heuristic do not read λ (their actions are the same at every λ), so they play once and
-their objective ``q − λ·growth`` is priced at each λ. ``--transfer 5 8`` also plays the
+The policy observes λ and plays once per λ in ``--lambdas``; the static host, the
+heuristic and always-grow do not read λ (their actions are the same at every λ), so
+they play once and their objective ``q − λ·growth`` is priced at each λ. ``--transfer
+5 8`` also plays the
 static host and the policy on deeper hosts with 5 and 8 slots (the policy was built at
 3) and reports how much of its gain over the static host it keeps.
 
@@ -15,7 +17,7 @@ static host and the policy on deeper hosts with 5 and 8 slots (the policy was bu
     OMP_NUM_THREADS=1 python bench/bench_learned.py --seeds 8 --transfer 5 8
     python bench/bench_learned.py --quick                      # seconds (tests)
 
-``--reuse-baselines`` takes the static and heuristic rows of the last run's
+``--reuse-baselines`` takes the static, heuristic and always-grow rows of the last run's
 ``bench/out/learned_digits_episodes.csv`` (they do not depend on the policy).
 Tables go to ``bench/out/learned_digits.md`` / ``.csv``.
 """
@@ -31,11 +33,11 @@ import benchlib
 from esper.env import EnvConfig, MorphogenesisEnv
 from esper.experiment import episode_seed
 from esper.policies import PolicyController, load_policy, policy_path
-from esper.policy import HeuristicController, StaticController
+from esper.policy import AlwaysGrowController, HeuristicController, StaticController
 from paretolib import paired
 
 LAMBDAS = (0.02, 0.05, 0.1)
-BASELINES = ("static", "heuristic")
+BASELINES = ("static", "heuristic", "always-grow")
 
 
 def env_config(quick: bool, depth: int | None = None, lam: float = 0.05) -> EnvConfig:
@@ -66,6 +68,8 @@ def run_arm(arm: str, env: MorphogenesisEnv, seeds: list[int], policy: str | Non
     for i, seed in enumerate(seeds):
         if agent is not None:
             controller = PolicyController(agent)
+        elif arm == "always-grow":  # the issue-12 schedule: wide_x1 wherever it may
+            controller = AlwaysGrowController(env.action_spec.blueprints.index("wide_x1"))
         else:
             controller = StaticController() if arm == "static" else HeuristicController()
         rows.append({"arm": arm, "seed_index": i, **play(env, controller, seed)})
@@ -103,12 +107,9 @@ def compare(policy_rows: dict[float, list[dict]], base: dict[str, list[dict]], l
     """Summary rows per λ: each arm's objective, and the paired differences."""
     table = []
     for lam, rows in policy_rows.items():
-        mine, heur, static = (
-            objective(rows, lam),
-            objective(base["heuristic"], lam),
-            objective(base["static"], lam),
-        )
-        vs_h, vs_s = paired(mine, heur), paired(mine, static)
+        mine, heur = objective(rows, lam), objective(base["heuristic"], lam)
+        static, always = objective(base["static"], lam), objective(base["always-grow"], lam)
+        vs_h, vs_s, vs_a = paired(mine, heur), paired(mine, static), paired(mine, always)
         h_s = paired(heur, static)
         table.append({
             "λ": lam, "policy": label,
@@ -120,6 +121,8 @@ def compare(policy_rows: dict[float, list[dict]], base: dict[str, list[dict]], l
             "> 2 SE": "yes" if vs_h["mean"] > 2 * vs_h["se"] else "no",
             "policy − static": f"{vs_s['mean']:+.4f} ± {vs_s['se']:.4f}",
             "heuristic − static": f"{h_s['mean']:+.4f} ± {h_s['se']:.4f}",
+            "always-grow": benchlib.pm(always),
+            "policy − always-grow": f"{vs_a['mean']:+.4f} ± {vs_a['se']:.4f}",
         })  # fmt: skip
     return table
 
