@@ -24,7 +24,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from esper.training.batched import batched_support, train_batched
+from esper.training.batched import batched_support, train_batched, validate_batched
 
 
 class _Paused(Exception):
@@ -46,6 +46,7 @@ class LockstepStepper:
         errors: list[BaseException | None] = [None] * E
         arrived: dict[int, Any] = {}  # env index -> its trainer, paused at train_step
         trained: dict[int, Any] = {}
+        validated: dict[int, Any] = {}
         failure: list[BaseException] = []
         saved = []
 
@@ -58,7 +59,7 @@ class LockstepStepper:
                 turn[e].acquire()
                 if failure:
                     raise _Paused("the batched training phase failed") from failure[0]
-                return original(trained=trained.get(e))
+                return original(trained=trained.get(e), validated=validated.get(e))
 
             return train_step
 
@@ -93,6 +94,7 @@ class LockstepStepper:
             if self.last_batched:
                 try:
                     trained.update(zip(paused, train_batched(trainers), strict=True))
+                    validated.update(zip(paused, validate_batched(trainers), strict=True))
                 except BaseException as err:
                     failure.append(err)
             for e in paused:

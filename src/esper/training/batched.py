@@ -38,11 +38,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from esper.lifecycle import SeedStage
-from esper.training.objective import EvalTotals, task_loss
+from esper.training.counterfactual import CounterfactualResult
+from esper.training.objective import EvalTotals, quality, task_loss
 
 # Grouped convs with a few channels per group run ~3x faster channels-last on CPU
 # (16 digits envs: 8.9 vs 28.8 ms per batch, forward + backward, one thread).
 _CL = torch.channels_last
+_BN_FIELDS = ("weight", "bias", "running_mean", "running_var")
 TrainOutput = tuple[EvalTotals, dict[str, float], int]
 _HAS_MODULE = (
     SeedStage.GERMINATED,
@@ -227,11 +229,24 @@ def _active_slots(models: Sequence[nn.Module], i: int) -> list[int]:
     return out
 
 
-def _forward(stacked: _Stacked, models, x: Tensor, xs: list[Tensor]):
+class _Plan:
+    """Which env has what at which block: fixed for a step (stages change between steps)."""
+
+    def __init__(self, models) -> None:
+        self.firsts = [m._first_training_block() for m in models]
+        self.active = [_active_slots(models, i) for i in range(models[0].num_blocks)]
+        self.width = [
+            {e: models[e].slots[models[e]._block_slots[i]].holds_width for e in active}
+            for i, active in enumerate(self.active)
+        ]
+        self.seed_pass = [bool(m.training_seeds()) for m in models]
+
+
+def _forward(stacked: _Stacked, models, plan: _Plan, x: Tensor, xs: list[Tensor]):
     """Train-mode forward of all envs: logits ``[B, E, K]``; records each env's seed
     prefix (what enters its first TRAINING seed's block) for `seed_forward`."""
     E = stacked.num_envs
-    firsts = [m._first_training_block() for m in models]
+    firsts = plan.firsts
     h, pend = x.contiguous(memory_format=_CL), {}
     for i, w in enumerate(stacked.convs):
         for e, first in enumerate(firsts):
@@ -249,13 +264,12 @@ def _forward(stacked: _Stacked, models, x: Tensor, xs: list[Tensor]):
             z = z + full
         g, b, rm, rv, eps, momentum = stacked.bns[i]
         z = F.batch_norm(z, rm, rv, g, b, training=True, momentum=momentum, eps=eps)
-        z = F.relu(z)
+        z = F.relu(z, inplace=True)  # BatchNorm's backward reads its input, not output
         if stacked.pools[i]:
             z = F.max_pool2d(z, 2)
         outs, pend = {}, {}
-        for e in _active_slots(models, i):
-            width = models[e].slots[models[e]._block_slots[i]].holds_width
-            tap = _env_part(h, e, E) if width else None
+        for e in plan.active[i]:
+            tap = _env_part(h, e, E) if plan.width[i][e] else None
             out_e, p = models[e].apply_slot(i, _env_part(z, e, E), tap)
             outs[e] = out_e
             if p is not None:
@@ -288,6 +302,7 @@ def train_batched(trainers: Sequence) -> list[TrainOutput]:
         raise RuntimeError("batch streams drew batches of different sizes")  # aligned above
     shared = all(tr.data.train_x is trainers[0].data.train_x for tr in trainers)
     stacked = _Stacked([m.host for m in models])
+    plan = _Plan(models)
     host_opts = [tr.host_optimizer for tr in trainers]
     group = host_opts[0].param_groups[0]
     optimizer = torch.optim.SGD(
@@ -321,11 +336,11 @@ def train_batched(trainers: Sequence) -> list[TrainOutput]:
                 for opt in opts:
                     opt.zero_grad(set_to_none=True)
             xs = list(xe.unbind(0))
-            logits = _forward(stacked, models, x, xs).float()  # as `Trainer._train`
+            logits = _forward(stacked, models, plan, x, xs).float()  # as `Trainer._train`
             losses = F.cross_entropy(logits.permute(0, 2, 1), ye.T, reduction="none")  # [B, E]
             loss = losses.mean(0).sum()
             for e, model in enumerate(models):
-                own = model.seed_forward(xs[e]) if model.training_seeds() else None
+                own = model.seed_forward(xs[e]) if plan.seed_pass[e] else None
                 if own is not None:
                     loss = loss + task_loss(own.float(), ye[e])
             loss.backward()
@@ -361,6 +376,59 @@ def train_batched(trainers: Sequence) -> list[TrainOutput]:
         totals = EvalTotals(loss_sum=loss_sum[e], correct=correct[e], count=samples)
         n = max(len(batches[e]), 1)
         out.append((totals, {sid: float(v) / n for sid, v in grad_sq[e].items()}, samples))
+    return out
+
+
+@torch.no_grad()
+def validate_batched(trainers: Sequence) -> list[CounterfactualResult | None]:
+    """The live validation pass of every trainer that has nothing else to measure (no
+    seed module in any slot), as one eval-mode grouped pass over the shared validation
+    set; None for the others (they validate on their own: their counterfactual
+    variants stack on the batch dimension, per env). Pass to ``train_step(validated=)``."""
+    out: list[CounterfactualResult | None] = [None] * len(trainers)
+    plain = [
+        k
+        for k, tr in enumerate(trainers)
+        if not any(_active_slots([tr.model], i) for i in range(tr.model.num_blocks))
+    ]
+    val_x = trainers[plain[0]].data.val_x if plain else None
+    plain = [k for k in plain if trainers[k].data.val_x is val_x]
+    if len(plain) < 2 or batched_support([trainers[k] for k in plain]) is not None:
+        return out
+    E = len(plain)
+    hosts = [trainers[k].model.host for k in plain]
+    first = trainers[plain[0]]
+    convs = [torch.cat([h.blocks[i][0].weight for h in hosts]) for i in range(len(hosts[0].blocks))]
+    convs = [w.contiguous(memory_format=_CL) for w in convs]
+    bns = [
+        [torch.cat([getattr(h.blocks[i][1], name) for h in hosts]) for name in _BN_FIELDS]
+        for i in range(len(hosts[0].blocks))
+    ]
+    head_w = torch.stack([h.classifier.weight for h in hosts])
+    head_b = torch.stack([h.classifier.bias for h in hosts])
+    totals = [EvalTotals() for _ in plain]
+    val_y, size = first.data.val_y, first.config.eval_batch_size
+    for start in range(0, val_x.shape[0], size):
+        x, y = val_x[start : start + size], val_y[start : start + size]
+        h = x.repeat(1, E, 1, 1).contiguous(memory_format=_CL)
+        for i, block in enumerate(hosts[0].blocks):
+            h = F.conv2d(h, convs[i], padding=1, groups=E)
+            weight, bias, mean, var = bns[i]
+            h = F.batch_norm(h, mean, var, weight, bias, training=False, eps=block[1].eps)
+            h = F.relu(h)
+            if len(block) == 4:
+                h = F.max_pool2d(h, 2)
+        feats = h.mean(dim=(-2, -1)).view(h.shape[0], E, -1)
+        logits = torch.einsum("bec,ekc->bek", feats, head_w) + head_b
+        for e in range(E):
+            totals[e].add(logits[:, e], y)
+    for e, k in enumerate(plain):
+        t = totals[e]
+        out[k] = CounterfactualResult(
+            val_loss=t.loss,
+            val_acc=t.accuracy,
+            quality=quality(trainers[k].kind, t.loss, t.accuracy),
+        )
     return out
 
 

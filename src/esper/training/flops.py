@@ -127,6 +127,10 @@ class FlopMeter:
         self.train += step
         return step
 
+    def has_eval(self, key: Hashable) -> bool:
+        """Whether the FLOPs of the eval pass ``key`` are known (counted once)."""
+        return key in self._eval_cache
+
     def measure_eval(self, key: Hashable, fn: Callable[[], T]) -> tuple[T, int]:
         """Run a forward-only pass ``fn``; counts it the first time ``key`` is seen."""
         flops = self._eval_cache.get(key)

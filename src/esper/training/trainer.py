@@ -182,8 +182,13 @@ class Trainer:
         samples = sum(int(idx.numel()) for idx in batches)
         return totals, {sid: float(v) / n for sid, v in grad_sq.items()}, samples
 
-    def validate(self, with_counterfactuals: bool = True) -> CounterfactualResult:
-        """Validation of the current model (and seed contributions), in eval mode."""
+    def validate(
+        self, with_counterfactuals: bool = True, precomputed: CounterfactualResult | None = None
+    ) -> CounterfactualResult:
+        """Validation of the current model (and seed contributions), in eval mode.
+        ``precomputed``: this very pass already run elsewhere (a batched validation of
+        E envs); it is used once this structure's FLOPs are known (else the pass runs
+        here, under the FLOP counter)."""
         self.model.eval()
         variants = (
             variants_to_measure(self.model, self.config.measure_fossils)
@@ -193,7 +198,9 @@ class Trainer:
         key = (structure_key(self.model), tuple(sorted(variants.items())))
         result, _ = self.flops.measure_eval(
             key,
-            lambda: fast_counterfactuals(
+            (lambda: precomputed)
+            if precomputed is not None and self.flops.has_eval(key)
+            else lambda: fast_counterfactuals(
                 self.model,
                 self.data.val_x,
                 self.data.val_y,
@@ -216,10 +223,13 @@ class Trainer:
         )
 
     def train_step(
-        self, trained: tuple[EvalTotals, dict[str, float], int] | None = None
+        self,
+        trained: tuple[EvalTotals, dict[str, float], int] | None = None,
+        validated: CounterfactualResult | None = None,
     ) -> StepResult:
-        """One env step. ``trained``: this step's training phase already done elsewhere
-        (`esper.training.batched.train_batched`, for E envs at once), as ``_train`` returns."""
+        """One env step. ``trained`` / ``validated``: this step's training phase (as
+        ``_train`` returns) and its validation already done elsewhere, for E envs at
+        once (`esper.training.batched`)."""
         self.sync_seed_optimizers()
         signature = self._function_signature()
         if signature != self._judged_signature:  # germinated, pruned, alpha stepped...
@@ -229,7 +239,7 @@ class Trainer:
         train, grad_norms, samples = trained if trained is not None else self._train()
         # Before any rollback: the structure that just trained is the one to count.
         train_flops = self.flops.add_training(self.model, self.data.train_x[:2], samples)
-        result = self.validate()
+        result = self.validate(precomputed=validated)
         cfg = self.config.governor
         monitored = train.loss if cfg.monitor == "train_loss" else result.val_loss
         verdict = self.governor.observe(monitored)
