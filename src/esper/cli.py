@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--teacher", choices=("heuristic", "always-grow"), default="heuristic",
         help="controller to clone (default: heuristic)",
     )  # fmt: skip
-    bp.add_argument("--ppo-rounds", type=int, help="PPO fine-tuning rounds (default: 16)")
+    bp.add_argument("--ppo-rounds", type=int, help="PPO rounds of 8 episodes (default: 20)")
     bp.add_argument("--quick", action="store_true", help="a seconds-long build (tests)")
 
     report = sub.add_parser("report", help="(re)build plots and summary.md of a run")
