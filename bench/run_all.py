@@ -32,6 +32,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "ppo_update": ("bench_ppo_update.py", ["--threads", "1"]),
     "sb3": ("bench_sb3.py", ["--threads", "1"]),  # vs sb3-contrib RecurrentPPO (bench extra)
     "overhead": ("bench_overhead.py", []),
+    "batched": ("bench_batched.py", []),  # batched envs vs the per-env loop (issue 16)
     "slot_scaling": ("bench_slot_scaling.py", []),
     "controllers": ("bench_controllers.py", []),
     "distributed": ("bench_distributed.py", []),

@@ -12,18 +12,21 @@ import pytest
 import torch
 
 from esper.actions import FactoredAction, LifecycleOp
-from esper.env import EnvConfig, VectorMorphogenesisEnv
+from esper.env import EnvConfig, VectorMorphogenesisEnv, lockstep
 from esper.model import LifecycleConfig
+from esper.training import batched as batched_module
 from esper.training import get_task
 
 STEPS = 6
-SEEDS = [11, 22, 33]
+SEEDS = [11, 22, 33, 44, 55]
 G, F, W = LifecycleOp.GERMINATE, LifecycleOp.FOSSILIZE, FactoredAction.wait()
 # (op, slot, blueprint, blend) per env and step; blueprints: 3 conv_light, 0 norm, 7 wide_x1.
 SCRIPT = {
     0: {0: FactoredAction(G, 0, 3, 0), 4: FactoredAction(F, 0)},
     1: {1: FactoredAction(G, 2, 7, 2)},
     2: {0: FactoredAction(G, 1, 0, 1)},
+    3: {},  # envs 3 and 4 stay seedless until step 4: their validation runs batched
+    4: {4: FactoredAction(G, 0, 0, 0)},
 }
 NAN_AT = (2, 2)  # env 2's host weights turn NaN before step 2: the governor rolls it back
 
@@ -44,7 +47,14 @@ def _config():
         prune_threshold=-10.0,
         fossilize_threshold=-10.0,
     )
-    return EnvConfig(task="digits", batches_per_step=3, max_epochs=STEPS + 1, lifecycle=lifecycle)
+    return EnvConfig(
+        task="digits",
+        # Clipping is per env (and per seed) and weight decay elementwise: both covered.
+        task_options={"grad_clip": 1.0, "weight_decay": 1e-3},
+        batches_per_step=3,
+        max_epochs=STEPS + 1,
+        lifecycle=lifecycle,
+    )
 
 
 def _data():
@@ -100,17 +110,30 @@ def _close(a, b, path=""):
         assert a == b, path
 
 
-def test_batched_trajectories_equal_each_env_alone(float64):
+@pytest.mark.parametrize("budget", [None, 1], ids=["one group", "groups of one env"])
+def test_batched_trajectories_equal_each_env_alone(float64, budget, monkeypatch):
+    if budget is not None:  # every env in a grouped pass of its own
+        monkeypatch.setattr(batched_module, "ACTIVATION_BUDGET", budget)
+    validated = []  # results of the grouped validation pass (seedless envs)
+
+    def counting(trainers, inner=lockstep.validate_batched):
+        out = inner(trainers)
+        validated.extend(r for r in out if r is not None)
+        return out
+
+    monkeypatch.setattr(lockstep, "validate_batched", counting)
     data = _data()
-    batched, batched_states = _run([0, 1, 2], True, data)
-    for i in range(3):
+    ids = list(SCRIPT)
+    batched, batched_states = _run(ids, True, data)
+    assert len(validated) >= 4  # envs 3 and 4 from step 1 (the FLOPs of step 0 are counted)
+    for i in ids:
         alone, alone_states = _run([i], False, data)
         _close(alone[i], batched[i], f"env{i}")
         _close(alone_states[i], batched_states[i], f"env{i}.state")
     # The script did what it is meant to: seeds trained and blended in three different
     # slots, a width seed among them, and env 2 alone was rolled back (its seed pruned).
     assert [s["governor_event"] for s in batched[2]][NAN_AT[1]] == "non_finite"
-    assert all(s["governor_event"] is None for i in (0, 1) for s in batched[i])
+    assert all(s["governor_event"] is None for i in (0, 1, 3, 4) for s in batched[i])
     seen = {i: {stage for s in batched[i] for stage in s["stages"].values()} for i in range(3)}
     assert {"BLENDING", "FOSSILIZED"} <= seen[0] and "BLENDING" in seen[1]
     assert "PRUNED" in seen[2] or "EMBARGOED" in seen[2]

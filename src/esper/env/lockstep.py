@@ -31,19 +31,57 @@ class _Paused(Exception):
     """Raised into a paused worker when the batched phase failed."""
 
 
+class _Worker:
+    """A thread that runs one job per `LockstepStepper.run` (kept between steps:
+    starting 16 threads per step costs more than the steps' own Python)."""
+
+    def __init__(self, yielded: threading.Semaphore) -> None:
+        self.turn = threading.Semaphore(0)  # main -> this worker: start or resume
+        self.yielded = yielded  # this worker -> main: paused or done
+        self.job: Callable[[], Any] | None = None
+        self.result: Any = None
+        self.error: BaseException | None = None
+        threading.Thread(target=self._loop, daemon=True).start()
+
+    def _loop(self) -> None:
+        while True:
+            self.turn.acquire()
+            try:
+                self.result = self.job()  # type: ignore[misc]
+            except BaseException as err:  # re-raised in the main thread
+                self.error = err
+            finally:
+                self.yielded.release()
+
+    def start(self, job: Callable[[], Any]) -> None:
+        self.job, self.result, self.error = job, None, None
+        self.turn.release()
+        self.yielded.acquire()
+
+    def resume(self) -> None:
+        self.turn.release()
+        self.yielded.acquire()
+
+    def pause(self) -> None:
+        """Called on the worker's thread: hand control back until `resume`."""
+        self.yielded.release()
+        self.turn.acquire()
+
+
 class LockstepStepper:
     """Runs ``step_fns[e]()`` for every env with their training phases batched."""
 
     def __init__(self) -> None:
         self.last_batched = False  # whether the last step's training ran batched
         self.last_reason: str | None = None  # why not, when it did not
+        self._yielded = threading.Semaphore(0)
+        self._workers: list[_Worker] = []
 
     def run(self, envs: Sequence[Any], step_fns: Sequence[Callable[[], Any]]) -> list[Any]:
         E = len(envs)
-        turn = [threading.Semaphore(0) for _ in range(E)]  # main -> worker e: run
-        yielded = threading.Semaphore(0)  # worker -> main: paused or done
-        results: list[Any] = [None] * E
-        errors: list[BaseException | None] = [None] * E
+        while len(self._workers) < E:
+            self._workers.append(_Worker(self._yielded))
+        workers = self._workers[:E]
         arrived: dict[int, Any] = {}  # env index -> its trainer, paused at train_step
         trained: dict[int, Any] = {}
         validated: dict[int, Any] = {}
@@ -55,8 +93,7 @@ class LockstepStepper:
                 if args or kwargs:  # a nested call with its own arguments
                     return original(*args, **kwargs)
                 arrived[e] = trainer
-                yielded.release()
-                turn[e].acquire()
+                workers[e].pause()
                 if failure:
                     raise _Paused("the batched training phase failed") from failure[0]
                 return original(trained=trained.get(e), validated=validated.get(e))
@@ -71,22 +108,9 @@ class LockstepStepper:
             own = vars(trainer).get("train_step")  # e.g. a bench's timing wrapper
             saved.append((trainer, own))
             trainer.train_step = pause_at_train_step(e, trainer, trainer.train_step)
-
-        def work(e: int) -> None:
-            turn[e].acquire()
-            try:
-                results[e] = step_fns[e]()
-            except BaseException as err:  # re-raised in the main thread
-                errors[e] = err
-            finally:
-                yielded.release()
-
-        threads = [threading.Thread(target=work, args=(e,), daemon=True) for e in range(E)]
         try:
-            for e, thread in enumerate(threads):
-                thread.start()
-                turn[e].release()
-                yielded.acquire()  # worker e paused at train_step or finished
+            for worker, fn in zip(workers, step_fns, strict=True):
+                worker.start(fn)  # returns when it paused at train_step or finished
             paused = sorted(arrived)
             trainers = [arrived[e] for e in paused]
             self.last_reason = batched_support(trainers) if len(trainers) > 1 else "one env"
@@ -98,10 +122,7 @@ class LockstepStepper:
                 except BaseException as err:
                     failure.append(err)
             for e in paused:
-                turn[e].release()
-                yielded.acquire()
-            for thread in threads:
-                thread.join()
+                workers[e].resume()  # returns when its step finished
         finally:
             for item in saved:
                 if item is None:
@@ -113,7 +134,7 @@ class LockstepStepper:
                     trainer.train_step = own
         if failure:
             raise failure[0]
-        for err in errors:
-            if err is not None:
-                raise err
-        return results
+        for worker in workers:
+            if worker.error is not None:
+                raise worker.error
+        return [worker.result for worker in workers]

@@ -132,6 +132,32 @@ def batched_support(trainers: Sequence) -> str | None:
     return None
 
 
+# Envs per grouped computation: at most this many activation floats in the largest
+# layer, so one group's working set stays in cache. Digits (64 images, <= 256 floats
+# each) batches all 16 envs; on a fashion-mnist subset (128 images of 6,272 floats) 16
+# envs in one group train slower than one by one, 2 per group 1.6x faster (ms per env
+# and step: 16 per group 123, 8: 89, 4: 85, 2: 80, 1: 94, per-env loop 131).
+ACTIVATION_BUDGET = 2**21
+
+
+def _floats_per_sample(host: nn.Module, shape: tuple[int, ...]) -> int:
+    """Largest activation of one sample in the host (floats), given its input shape."""
+    h, w = shape[-2:]
+    most = 0
+    for block in host.blocks:
+        most = max(most, block[0].out_channels * h * w)
+        if len(block) == 4:
+            h, w = h // 2, w // 2
+    return most
+
+
+def group_size(trainers: Sequence, rows: int) -> int:
+    """How many envs to put in one grouped pass of ``rows`` samples per env."""
+    first = trainers[0]
+    per_env = rows * _floats_per_sample(first.model.host, tuple(first.data.train_x.shape))
+    return max(1, min(len(trainers), ACTIVATION_BUDGET // max(per_env, 1)))
+
+
 class _Stacked:
     """The E hosts' parameters and BatchNorm buffers as stacked tensors, with every
     env's own tensors turned into views of them until `release`."""
@@ -291,6 +317,15 @@ def train_batched(trainers: Sequence) -> list[TrainOutput]:
     reason = batched_support(trainers)
     if reason is not None:
         raise ValueError(reason)
+    size = group_size(trainers, trainers[0].config.batch_size)
+    return [
+        out
+        for start in range(0, len(trainers), size)
+        for out in _train_group(trainers[start : start + size])
+    ]
+
+
+def _train_group(trainers: Sequence) -> list[TrainOutput]:
     E = len(trainers)
     models = [tr.model for tr in trainers]
     cfg, device = trainers[0].config, trainers[0].device
@@ -395,9 +430,25 @@ def validate_batched(trainers: Sequence) -> list[CounterfactualResult | None]:
     plain = [k for k in plain if trainers[k].data.val_x is val_x]
     if len(plain) < 2 or batched_support([trainers[k] for k in plain]) is not None:
         return out
-    E = len(plain)
-    hosts = [trainers[k].model.host for k in plain]
-    first = trainers[plain[0]]
+    # Fewer rows per chunk rather than fewer envs per group, down to 32 rows.
+    size = group_size([trainers[k] for k in plain], 32)
+    for start in range(0, len(plain), size):
+        group = plain[start : start + size]
+        first = trainers[group[0]]
+        fps = _floats_per_sample(first.model.host, tuple(first.data.val_x.shape))
+        rows = min(first.config.eval_batch_size, max(32, ACTIVATION_BUDGET // (len(group) * fps)))
+        for k, result in zip(
+            group, _validate_group([trainers[k] for k in group], rows), strict=True
+        ):
+            out[k] = result
+    return out
+
+
+def _validate_group(trainers: Sequence, rows: int) -> list[CounterfactualResult]:
+    E = len(trainers)
+    val_x = trainers[0].data.val_x
+    hosts = [tr.model.host for tr in trainers]
+    first = trainers[0]
     convs = [torch.cat([h.blocks[i][0].weight for h in hosts]) for i in range(len(hosts[0].blocks))]
     convs = [w.contiguous(memory_format=_CL) for w in convs]
     bns = [
@@ -406,10 +457,11 @@ def validate_batched(trainers: Sequence) -> list[CounterfactualResult | None]:
     ]
     head_w = torch.stack([h.classifier.weight for h in hosts])
     head_b = torch.stack([h.classifier.bias for h in hosts])
-    totals = [EvalTotals() for _ in plain]
-    val_y, size = first.data.val_y, first.config.eval_batch_size
-    for start in range(0, val_x.shape[0], size):
-        x, y = val_x[start : start + size], val_y[start : start + size]
+    loss_sum: Tensor | float = 0.0  # in the logits' dtype, as EvalTotals sums
+    correct = torch.zeros(E, device=val_x.device, dtype=torch.long)
+    val_y = first.data.val_y
+    for start in range(0, val_x.shape[0], rows):
+        x, y = val_x[start : start + rows], val_y[start : start + rows]
         h = x.repeat(1, E, 1, 1).contiguous(memory_format=_CL)
         for i, block in enumerate(hosts[0].blocks):
             h = F.conv2d(h, convs[i], padding=1, groups=E)
@@ -420,14 +472,17 @@ def validate_batched(trainers: Sequence) -> list[CounterfactualResult | None]:
                 h = F.max_pool2d(h, 2)
         feats = h.mean(dim=(-2, -1)).view(h.shape[0], E, -1)
         logits = torch.einsum("bec,ekc->bek", feats, head_w) + head_b
-        for e in range(E):
-            totals[e].add(logits[:, e], y)
-    for e, k in enumerate(plain):
-        t = totals[e]
-        out[k] = CounterfactualResult(
-            val_loss=t.loss,
-            val_acc=t.accuracy,
-            quality=quality(trainers[k].kind, t.loss, t.accuracy),
+        targets = y[:, None].expand(-1, E)
+        losses = F.cross_entropy(logits.permute(0, 2, 1), targets, reduction="none")  # [n, E]
+        loss_sum = loss_sum + losses.T.contiguous().sum(1)
+        correct += (logits.argmax(dim=-1) == targets).sum(0)
+    out = []
+    for e, tr in enumerate(trainers):
+        t = EvalTotals(loss_sum=loss_sum[e], correct=correct[e], count=int(val_x.shape[0]))  # type: ignore[index]
+        out.append(
+            CounterfactualResult(
+                val_loss=t.loss, val_acc=t.accuracy, quality=quality(tr.kind, t.loss, t.accuracy)
+            )
         )
     return out
 

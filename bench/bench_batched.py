@@ -1,0 +1,116 @@
+"""Batched envs: env steps/s of E envs trained one by one vs as one batched computation.
+
+`VectorMorphogenesisEnv(E)` steps its envs' hosts one after another (the per-env loop);
+`VectorMorphogenesisEnv(E, batched=True)` trains them as one grouped network per
+optimiser step and validates the seedless ones in one grouped pass
+(esper.training.batched). Both run in this process, alternating round by round, so
+the ratio is measured side by side under the same machine load (reported: the 1-minute
+load average before and after).
+
+Actions: ``wait`` (static hosts: what the host costs), ``seeds`` (at the first timed
+step env i germinates a residual seed in slot i mod S: seeds in different slots per
+env, whose own training pass and counterfactual validation run per env).
+
+    OMP_NUM_THREADS=1 python bench/bench_batched.py             # digits + fashion subset
+    python bench/bench_batched.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import benchlib
+from esper.actions import FactoredAction, LifecycleOp
+from esper.env import VectorMorphogenesisEnv
+
+FASHION = {"max_train": 4096, "max_val": 1024}  # the subset (full: 60k / 10k images)
+
+
+def _actions(vec: VectorMorphogenesisEnv, mode: str, step: int) -> list[FactoredAction]:
+    if mode == "seeds" and step == 0:
+        slots = vec.slot_config.num_slots
+        conv_light = vec.action_spec.blueprints.index("conv_light")
+        return [
+            FactoredAction(LifecycleOp.GERMINATE, i % slots, conv_light, 0)
+            for i in range(vec.num_envs)
+        ]
+    return [FactoredAction.wait()] * vec.num_envs
+
+
+def measure(task: str, envs: int, steps: int, batched: bool, mode: str, options: dict) -> float:
+    """Seconds per lockstep step (all envs), mean over ``steps`` after one warm-up."""
+    vec = VectorMorphogenesisEnv(envs, seed=0, task=task, batched=batched, **options)
+    if steps + 1 > vec.max_epochs:
+        raise ValueError(f"steps + 1 = {steps + 1} must fit in one episode ({vec.max_epochs})")
+    vec.reset()
+    vec.step([FactoredAction.wait()] * envs)  # warm-up: first-call costs, FLOP counts
+    start = time.perf_counter()
+    for t in range(steps):
+        vec.step(_actions(vec, mode, t))
+        if batched and not vec.last_step_batched:
+            raise RuntimeError(
+                f"step {t} fell back to the per-env loop: {vec._stepper.last_reason}"
+            )
+    seconds = (time.perf_counter() - start) / steps
+    vec.close()
+    return seconds
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", default="digits,fashion-mnist")
+    parser.add_argument("--envs", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per run")
+    parser.add_argument("--rounds", type=int, default=2, help="per-env/batched alternations")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="digits, 4 envs, 2 batches/step")
+    args = parser.parse_args(argv)
+    benchlib.set_threads(args.threads)
+    digits_options: dict = {}
+    fashion_options = {"task_options": FASHION, "batches_per_step": 10}
+    if args.quick:
+        args.tasks, args.envs, args.steps, args.rounds = "digits", 4, 2, 1
+        digits_options = {"batches_per_step": 2, "max_epochs": 4}
+    print(f"machine: {benchlib.machine()}", flush=True)
+    rows = []
+    for task in args.tasks.split(","):
+        options = fashion_options if task == "fashion-mnist" else digits_options
+        modes = ("wait", "seeds") if task == "digits" else ("wait",)
+        for mode in modes:
+            load_before = os.getloadavg()[0]
+            times: dict[bool, list[float]] = {False: [], True: []}
+            for _ in range(args.rounds):
+                for batched in (False, True):
+                    times[batched].append(
+                        measure(task, args.envs, args.steps, batched, mode, options)
+                    )
+            loop, batch = (args.envs * len(times[b]) / sum(times[b]) for b in (False, True))
+            rows.append(
+                {
+                    "task": task,
+                    "actions": mode,
+                    "envs": args.envs,
+                    "per-env loop env steps/s": f"{loop:.1f}",
+                    "batched env steps/s": f"{batch:.1f}",
+                    "ratio": f"{batch / loop:.2f}x",
+                    "load avg (before, after)": f"{load_before:.2f}, {os.getloadavg()[0]:.2f}",
+                }
+            )
+            print(rows[-1], flush=True)
+    settings = (
+        f"digits {digits_options or 'defaults (one epoch per step)'}; fashion-mnist "
+        f"subset {FASHION}, batches_per_step 10"
+    )
+    benchlib.report(
+        f"batched{'_quick' if args.quick else ''}",
+        "Batched envs vs the per-env loop (env steps/s, one process, side by side)",
+        rows,
+        note=f"{settings}; {args.rounds} alternating rounds of {args.steps} timed steps "
+        f"after one warm-up step; torch threads {args.threads}.",
+    )
+
+
+if __name__ == "__main__":
+    main()
