@@ -232,6 +232,14 @@ def summarise(static: dict[int, ArmResult], grown: dict[str, ArmResult], narrow:
     ]
     xs = [f[0] for f in front]
     base = static[narrow].rows
+    start = base[0]["params"]
+
+    def objective(row: dict) -> float:
+        # Growth is charged against the narrow host for every row: a wider static host
+        # pays for its extra parameters as if grown to that size at once. For grown
+        # arms this is the env's own objective.
+        return row["quality"] - lam * (row["params"] - start) / start
+
     arms = {}
     for label, res in {**{f"static w={w}": s for w, s in static.items()}, **grown}.items():
         rows = res.rows
@@ -239,7 +247,8 @@ def summarise(static: dict[int, ArmResult], grown: dict[str, ArmResult], narrow:
         acc, acc_std = benchlib.mean_std([r["quality"] for r in rows])
         front_acc, clipped = interp_log(xs, [f[1] for f in front], params)
         front_std, _ = interp_log(xs, [f[2] for f in front], params)
-        diff = paired([r["objective"] for r in rows], [r["objective"] for r in base])
+        objectives = [objective(r) for r in rows]
+        diff = paired(objectives, [objective(r) for r in base])
         flops = benchlib.mean_std([r["train_flops"] for r in rows])[0]
         scratch = benchlib.mean_std([r["scratch_flops"] for r in rows])[0]
         arms[label] = {
@@ -247,7 +256,7 @@ def summarise(static: dict[int, ArmResult], grown: dict[str, ArmResult], narrow:
             "params": params,
             "accuracy": acc,
             "accuracy_std": acc_std,
-            "objective": benchlib.mean_std([r["objective"] for r in rows]),
+            "objective": benchlib.mean_std(objectives),
             "diff": diff,
             "front_acc": front_acc,
             "front_std": front_std,
@@ -308,8 +317,10 @@ def write_tables(name, setup, summary, static, grown, args, lam) -> None:
             else "one epoch"
         )
         + f"; narrow host = width {setup.widths[0]} ({env.host_params} params); "
-        f"λ = {lam}. Front values are interpolated linearly in log(params) between the "
-        f"static widths {setup.widths} ('edge': outside them, clamped). FLOPs: the env's "
+        f"λ = {lam}; objective = accuracy − λ·(params − narrow params) / narrow params for "
+        f"every row (a wider static host is charged for its extra params). Front values "
+        f"are interpolated linearly in log(params) between the static widths "
+        f"{setup.widths} ('edge': outside them, clamped). FLOPs: the env's "
         "counter (esper.training.flops: forward + backward on training samples, validation "
         "and counterfactual passes); 'from scratch' = the final architecture trained "
         "statically for the same steps. "
@@ -328,7 +339,7 @@ def write_tables(name, setup, summary, static, grown, args, lam) -> None:
 
 def plot_image(name, static, grown, args) -> None:
     plt = benchlib.pyplot()
-    from matplotlib.ticker import FuncFormatter, NullFormatter
+    from matplotlib.ticker import NullFormatter
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, xlabel, unit in (
@@ -357,11 +368,10 @@ def plot_image(name, static, grown, args) -> None:
                         label=f"grown from w={grown[arm].width}: {arm}")  # fmt: skip
         ax.set_xscale("log")
         ax.margins(x=0.12)
-        if key == "params":  # label the static sizes themselves, not log decades
-            ax.set_xticks([p[0] for p in pts], [f"{p[0]:.0f}" for p in pts])
-            ax.xaxis.set_minor_formatter(NullFormatter())
-        else:
-            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        # Ticks at the static hosts themselves, not at log decades (which crowd).
+        ax.set_xticks([p[0] for p in pts], [f"{p[0]:.0f}" if p[0] >= 100 else f"{p[0]:.3g}"
+                                            for p in pts])  # fmt: skip
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(xlabel, fontsize=9)
         ax.set_ylabel("final validation accuracy", fontsize=9)
         ax.tick_params(labelsize=8)
