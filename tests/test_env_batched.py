@@ -85,6 +85,7 @@ def _run(env_ids, batched, data):
                 }
             )
     states = {i: vec.envs[k].model.state_dict() for k, i in enumerate(env_ids)}
+    vec.close()
     return trace, states
 
 

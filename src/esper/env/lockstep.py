@@ -46,6 +46,8 @@ class _Worker:
     def _loop(self) -> None:
         while True:
             self.turn.acquire()
+            if self.job is None:  # closed
+                return
             try:
                 self.result = self.job()  # type: ignore[misc]
             except BaseException as err:  # re-raised in the main thread
@@ -62,6 +64,10 @@ class _Worker:
         self.turn.release()
         self.yielded.acquire()
 
+    def stop(self) -> None:
+        self.job = None
+        self.turn.release()
+
     def pause(self) -> None:
         """Called on the worker's thread: hand control back until `resume`."""
         self.yielded.release()
@@ -76,6 +82,12 @@ class LockstepStepper:
         self.last_reason: str | None = None  # why not, when it did not
         self._yielded = threading.Semaphore(0)
         self._workers: list[_Worker] = []
+
+    def close(self) -> None:
+        """End the worker threads (a later `run` starts new ones)."""
+        for worker in self._workers:
+            worker.stop()
+        self._workers = []
 
     def run(self, envs: Sequence[Any], step_fns: Sequence[Callable[[], Any]]) -> list[Any]:
         E = len(envs)

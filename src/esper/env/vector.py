@@ -208,6 +208,8 @@ class VectorMorphogenesisEnv:
     def close(self) -> None:
         for env in self.envs:
             env.close()
+        if self._stepper is not None:
+            self._stepper.close()
 
 
 def _check_batchable(env: MorphogenesisEnv, devices: Sequence[torch.device]) -> None:
