@@ -189,8 +189,9 @@ def summary_table(rows: list[dict]) -> list[dict]:
         values = [r[key] for r in rows if r[key] is not None]
         missing = len(rows) - len(values)
         cell = benchlib.pm(values) if values else "—"
-        if missing:
-            cell += f" ({missing} of {len(rows)} not reached)"
+        if missing:  # a loss never reached, or FLOPs beyond the end of the other run
+            what = "not reached" if "to reach" in key else "beyond the other run's FLOPs"
+            cell += f" ({missing} of {len(rows)} seeds: {what})"
         table.append({"measure": key, "mean ± std over seeds": cell})
     return table
 
