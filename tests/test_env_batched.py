@@ -16,6 +16,7 @@ from esper.env import EnvConfig, VectorMorphogenesisEnv, lockstep
 from esper.model import LifecycleConfig
 from esper.training import batched as batched_module
 from esper.training import get_task
+from esper.training import grouped as grouped_module
 
 STEPS = 6
 SEEDS = [11, 22, 33, 44, 55]
@@ -23,7 +24,9 @@ G, F, W = LifecycleOp.GERMINATE, LifecycleOp.FOSSILIZE, FactoredAction.wait()
 # (op, slot, blueprint, blend) per env and step; blueprints: 3 conv_light, 0 norm, 7 wide_x1.
 SCRIPT = {
     0: {0: FactoredAction(G, 0, 3, 0), 4: FactoredAction(F, 0)},
-    1: {1: FactoredAction(G, 2, 7, 2)},
+    # At step 3 env 1's new seed trains in front of its blending width seed: its own
+    # pass crosses another seed, so it runs alone (envs 0, 2, 4 run theirs grouped).
+    1: {1: FactoredAction(G, 2, 7, 2), 3: FactoredAction(G, 0, 3, 0)},
     2: {0: FactoredAction(G, 1, 0, 1)},
     3: {},  # envs 3 and 4 stay seedless until step 4: their validation runs batched
     4: {4: FactoredAction(G, 0, 0, 0)},
@@ -123,10 +126,20 @@ def test_batched_trajectories_equal_each_env_alone(float64, budget, monkeypatch)
         return out
 
     monkeypatch.setattr(lockstep, "validate_batched", counting)
+    seed_passes = []  # (grouped, alone) own seed passes of each step's plan
+    plan_init = grouped_module.Plan.__init__
+
+    def recording(plan, models):
+        plan_init(plan, models)
+        seed_passes.append((len(plan.grouped), len(plan.alone)))
+
+    monkeypatch.setattr(grouped_module.Plan, "__init__", recording)
     data = _data()
     ids = list(SCRIPT)
     batched, batched_states = _run(ids, True, data)
     assert len(validated) >= 4  # envs 3 and 4 from step 1 (the FLOPs of step 0 are counted)
+    grouped = 2 if budget is None else 1  # several envs in one own seed pass
+    assert max(g for g, _ in seed_passes) >= grouped and max(a for _, a in seed_passes) >= 1
     for i in ids:
         alone, alone_states = _run([i], False, data)
         _close(alone[i], batched[i], f"env{i}")

@@ -5,19 +5,14 @@ The training phase of `Trainer.train_step` (``_train``: one epoch or
 CNN, almost all of it per-call overhead. `train_batched` runs that phase for E trainers
 at once, on one *grouped* network:
 
-* env e's images are channel group e of one input ``[B, E·C, H, W]``; every conv runs
-  with ``groups=E`` on the envs' weights concatenated along the output channels, and
-  BatchNorm over the ``E·C`` channels is exactly per-env BatchNorm (its statistics are
-  per channel); ReLU and max-pooling are per channel; the linear head is a batched
-  matmul over ``[E, K, C]``. The loss is the sum of the envs' mean losses, so each env's
-  gradient is exactly its own.
-* Seeds stay per env: at block i, env e's slot module (any blueprint, stage or blend)
-  is applied to its channel slice only, and a width seed's pending term is added to its
-  slice of the next conv's output (or its row of the logits). A TRAINING seed learns
-  from its env's own `MorphogeneticModel.seed_forward` pass, as in the per-env loop.
-* For the duration of the phase every env's host parameters and BatchNorm buffers are
-  *views* into the stacked tensors (so per-env code such as ``seed_forward`` sees the
-  current values); afterwards they own their storage again.
+* the network: `esper.training.grouped` (env e = channel group e, ``groups=E``
+  convolutions, per-env BatchNorm, a batched head; seeds per env on their channel
+  slice; TRAINING seeds' own passes grouped too). The loss is the sum of the envs'
+  mean losses, so each env's gradient is exactly its own.
+* envs go in groups of at most `ACTIVATION_BUDGET` activation floats per layer (one
+  group for digits; pairs on fashion-mnist, where bigger groups fall out of cache).
+* seedless envs validate in one grouped eval pass (`validate_batched`); envs with
+  seeds or fossils measure their counterfactuals on their own.
 * SGD (momentum, weight decay) is elementwise, so one SGD over the stacked parameters
   is E separate ones; a fresh env (no momentum buffer yet) gets a zero buffer, which
   gives exactly ``buf = grad`` as a fresh one does. Gradient clipping is per env.
@@ -37,58 +32,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from esper.lifecycle import SeedStage
 from esper.training.counterfactual import CounterfactualResult
-from esper.training.objective import EvalTotals, quality, task_loss
+from esper.training.grouped import (
+    CL,
+    Plan,
+    Stacked,
+    active_slots,
+    cnn_layout,
+    supports_host,
+    train_forward,
+)
+from esper.training.objective import EvalTotals, quality
 
-# Grouped convs with a few channels per group run ~3x faster channels-last on CPU
-# (16 digits envs: 8.9 vs 28.8 ms per batch, forward + backward, one thread).
-_CL = torch.channels_last
 _BN_FIELDS = ("weight", "bias", "running_mean", "running_var")
 TrainOutput = tuple[EvalTotals, dict[str, float], int]
-_HAS_MODULE = (
-    SeedStage.GERMINATED,
-    SeedStage.TRAINING,
-    SeedStage.BLENDING,
-    SeedStage.HOLDING,
-    SeedStage.FOSSILIZED,
-)
-
-
-def _cnn_layout(host: nn.Module) -> tuple | None:
-    """Shape signature of a plain `CNNHost` (None: some other structure)."""
-    from esper.model.hosts import CNNHost  # lazy: esper.model imports are not free
-
-    if type(host) is not CNNHost:
-        return None
-    layout = []
-    for block in host.blocks:
-        kinds = tuple(type(m) for m in block)
-        if kinds[:3] != (nn.Conv2d, nn.BatchNorm2d, nn.ReLU) or kinds[3:] not in (
-            (),
-            (nn.MaxPool2d,),
-        ):
-            return None
-        conv, bn = block[0], block[1]
-        if (
-            conv.bias is not None
-            or conv.groups != 1
-            or not bn.track_running_stats
-            or bn.momentum is None
-        ):
-            return None
-        layout.append((tuple(conv.weight.shape), len(kinds) == 4, bn.eps, bn.momentum))
-    return tuple(layout), tuple(host.classifier.weight.shape)
-
-
-def supports_host(host: nn.Module) -> str | None:
-    """Why this host cannot train batched (None: it can)."""
-    if _cnn_layout(host) is None:
-        return (
-            "batched host training supports plain CNNHost hosts only (conv-BN-ReLU[-pool] "
-            f"blocks, a linear head), got {type(host).__name__}"
-        )
-    return None
 
 
 def batched_support(trainers: Sequence) -> str | None:
@@ -96,7 +53,7 @@ def batched_support(trainers: Sequence) -> str | None:
     if not trainers:
         return "no trainers"
     first = trainers[0]
-    layout = _cnn_layout(first.model.host)
+    layout = cnn_layout(first.model.host)
     if layout is None:
         return supports_host(first.model.host)
     for tr in trainers:
@@ -107,7 +64,7 @@ def batched_support(trainers: Sequence) -> str | None:
             return f"batched host training runs in float32 only, got amp={cfg.amp!r}"
         if tr.device != first.device:
             return f"batched envs must share one device, got {first.device} and {tr.device}"
-        if _cnn_layout(tr.model.host) != layout:
+        if cnn_layout(tr.model.host) != layout:
             return "batched envs must have hosts of one shape"
         if (cfg.batch_size, cfg.batches_per_step) != (
             first.config.batch_size,
@@ -158,158 +115,6 @@ def group_size(trainers: Sequence, rows: int) -> int:
     return max(1, min(len(trainers), ACTIVATION_BUDGET // max(per_env, 1)))
 
 
-class _Stacked:
-    """The E hosts' parameters and BatchNorm buffers as stacked tensors, with every
-    env's own tensors turned into views of them until `release`."""
-
-    def __init__(self, hosts: Sequence[nn.Module]) -> None:
-        self.hosts = hosts
-        E = len(hosts)
-        self.convs, self.bns, self.pools = [], [], []
-        self.params: list[Tensor] = []  # stacked leaves, in host.parameters() order
-        self._owners: list[list[Tensor]] = []  # per stacked tensor: the env tensors
-        for i, block in enumerate(hosts[0].blocks):
-            self.pools.append(len(block) == 4)
-            conv_w = self._stack([h.blocks[i][0].weight for h in hosts], param=True)
-            bn = [h.blocks[i][1] for h in hosts]
-            self.convs.append(conv_w)
-            self.bns.append(
-                (
-                    self._stack([m.weight for m in bn], param=True),
-                    self._stack([m.bias for m in bn], param=True),
-                    self._stack([m.running_mean for m in bn]),
-                    self._stack([m.running_var for m in bn]),
-                    bn[0].eps,
-                    bn[0].momentum,
-                )
-            )
-        cls = [h.classifier for h in hosts]
-        self.head_w = self._stack([c.weight for c in cls], param=True, new_dim=True)
-        self.head_b = self._stack([c.bias for c in cls], param=True, new_dim=True)
-        self.num_envs = E
-
-    def _stack(self, tensors: list[Tensor], param: bool = False, new_dim: bool = False):
-        with torch.no_grad():
-            joined = torch.stack(tensors) if new_dim else torch.cat(tensors)
-        if param:
-            joined.requires_grad_(True)
-            self.params.append(joined)
-        views = joined.detach().view(len(tensors), *tensors[0].shape)
-        for e, t in enumerate(tensors):
-            t.data = views[e]
-        self._owners.append(tensors)
-        return joined
-
-    def env_params(self) -> list[list[Tensor]]:
-        """For each stacked leaf, the envs' own parameters (in `params` order)."""
-        return [o for o in self._owners if isinstance(o[0], nn.Parameter)]
-
-    def release(self, batches: int) -> None:
-        """Give every env tensor its own storage again; count the training forwards in
-        each BatchNorm's ``num_batches_tracked`` as the per-env loop does."""
-        for owners in self._owners:
-            for t in owners:
-                t.data = t.data.clone()
-        for host in self.hosts:
-            for block in host.blocks:
-                block[1].num_batches_tracked += batches
-
-
-def _slice(t: Tensor, e: int, E: int) -> Tensor:
-    c = t.shape[1] // E
-    return t[:, e * c : (e + 1) * c]
-
-
-def _env_part(t: Tensor, e: int, E: int) -> Tensor:
-    """Env e's channels as a tensor of its own: per-env modules (seeds) get the dense
-    layout they get in the per-env loop (oneDNN kernels crash in backward on the
-    strided channel slice of a channels-last tensor)."""
-    return _slice(t, e, E).contiguous()
-
-
-def _join(full: Tensor, parts: dict[int, Tensor], E: int) -> Tensor:
-    """``full`` with env e's channel slice replaced by ``parts[e]``."""
-    if not parts:
-        return full
-    return torch.cat([parts[e] if e in parts else _slice(full, e, E) for e in range(E)], 1)
-
-
-def _pending_full(parts: dict[int, Tensor], like: Tensor, E: int) -> Tensor | None:
-    """Per-env width terms as one tensor shaped like ``like`` (zeros elsewhere)."""
-    if not parts:
-        return None
-    c = like.shape[1] // E
-    zero = like.new_zeros((like.shape[0], c, *like.shape[2:]))
-    return torch.cat([parts.get(e, zero) for e in range(E)], 1)
-
-
-def _active_slots(models: Sequence[nn.Module], i: int) -> list[int]:
-    """Envs whose slot at block i holds a seed module (anything else is the identity)."""
-    out = []
-    for e, model in enumerate(models):
-        sid = model._block_slots[i]
-        if sid is not None:
-            slot = model.slots[sid]
-            if slot.seed is not None and slot.stage in _HAS_MODULE:
-                out.append(e)
-    return out
-
-
-class _Plan:
-    """Which env has what at which block: fixed for a step (stages change between steps)."""
-
-    def __init__(self, models) -> None:
-        self.firsts = [m._first_training_block() for m in models]
-        self.active = [_active_slots(models, i) for i in range(models[0].num_blocks)]
-        self.width = [
-            {e: models[e].slots[models[e]._block_slots[i]].holds_width for e in active}
-            for i, active in enumerate(self.active)
-        ]
-        self.seed_pass = [bool(m.training_seeds()) for m in models]
-
-
-def _forward(stacked: _Stacked, models, plan: _Plan, x: Tensor, xs: list[Tensor]):
-    """Train-mode forward of all envs: logits ``[B, E, K]``; records each env's seed
-    prefix (what enters its first TRAINING seed's block) for `seed_forward`."""
-    E = stacked.num_envs
-    firsts = plan.firsts
-    h, pend = x.contiguous(memory_format=_CL), {}
-    for i, w in enumerate(stacked.convs):
-        for e, first in enumerate(firsts):
-            if first == i:  # the own seed pass starts here and reuses this prefix
-                p = pend.get(e)
-                models[e]._seed_prefix = (
-                    xs[e],
-                    i,
-                    _env_part(h, e, E).detach(),
-                    None if p is None else p.detach(),
-                )
-        z = F.conv2d(h, w.contiguous(memory_format=_CL), padding=1, groups=E)
-        full = _pending_full(pend, z, E)
-        if full is not None:
-            z = z + full
-        g, b, rm, rv, eps, momentum = stacked.bns[i]
-        z = F.batch_norm(z, rm, rv, g, b, training=True, momentum=momentum, eps=eps)
-        z = F.relu(z, inplace=True)  # BatchNorm's backward reads its input, not output
-        if stacked.pools[i]:
-            z = F.max_pool2d(z, 2)
-        outs, pend = {}, {}
-        for e in plan.active[i]:
-            tap = _env_part(h, e, E) if plan.width[i][e] else None
-            out_e, p = models[e].apply_slot(i, _env_part(z, e, E), tap)
-            outs[e] = out_e
-            if p is not None:
-                pend[e] = p
-        h = _join(z, outs, E)
-    feats = h.mean(dim=(-2, -1)).view(h.shape[0], E, -1)
-    logits = torch.einsum("bec,ekc->bek", feats, stacked.head_w) + stacked.head_b
-    if pend:
-        logits = logits + torch.stack(
-            [pend[e] if e in pend else logits.new_zeros(logits[:, e].shape) for e in range(E)], 1
-        )
-    return logits
-
-
 def train_batched(trainers: Sequence) -> list[TrainOutput]:
     """The training phase of each trainer's next step, for all of them at once:
     per trainer ``(training totals, mean seed grad norms, samples)`` as `Trainer._train`
@@ -336,8 +141,8 @@ def _train_group(trainers: Sequence) -> list[TrainOutput]:
     if len({tuple(int(i.numel()) for i in b) for b in batches}) != 1:
         raise RuntimeError("batch streams drew batches of different sizes")  # aligned above
     shared = all(tr.data.train_x is trainers[0].data.train_x for tr in trainers)
-    stacked = _Stacked([m.host for m in models])
-    plan = _Plan(models)
+    stacked = Stacked([m.host for m in models])
+    plan = Plan(models)
     host_opts = [tr.host_optimizer for tr in trainers]
     group = host_opts[0].param_groups[0]
     optimizer = torch.optim.SGD(
@@ -371,13 +176,12 @@ def _train_group(trainers: Sequence) -> list[TrainOutput]:
                 for opt in opts:
                     opt.zero_grad(set_to_none=True)
             xs = list(xe.unbind(0))
-            logits = _forward(stacked, models, plan, x, xs).float()  # as `Trainer._train`
+            logits, seed_loss = train_forward(stacked, models, plan, x, xs, ye)
+            logits = logits.float()  # as `Trainer._train`
             losses = F.cross_entropy(logits.permute(0, 2, 1), ye.T, reduction="none")  # [B, E]
             loss = losses.mean(0).sum()
-            for e, model in enumerate(models):
-                own = model.seed_forward(xs[e]) if plan.seed_pass[e] else None
-                if own is not None:
-                    loss = loss + task_loss(own.float(), ye[e])
+            if seed_loss is not None:
+                loss = loss + seed_loss
             loss.backward()
             if cfg.grad_clip is not None:
                 _clip_per_env(stacked.params, E, cfg.grad_clip)
@@ -424,7 +228,7 @@ def validate_batched(trainers: Sequence) -> list[CounterfactualResult | None]:
     plain = [
         k
         for k, tr in enumerate(trainers)
-        if not any(_active_slots([tr.model], i) for i in range(tr.model.num_blocks))
+        if not any(active_slots([tr.model], i) for i in range(tr.model.num_blocks))
     ]
     val_x = trainers[plain[0]].data.val_x if plain else None
     plain = [k for k in plain if trainers[k].data.val_x is val_x]
@@ -450,7 +254,7 @@ def _validate_group(trainers: Sequence, rows: int) -> list[CounterfactualResult]
     hosts = [tr.model.host for tr in trainers]
     first = trainers[0]
     convs = [torch.cat([h.blocks[i][0].weight for h in hosts]) for i in range(len(hosts[0].blocks))]
-    convs = [w.contiguous(memory_format=_CL) for w in convs]
+    convs = [w.contiguous(memory_format=CL) for w in convs]
     bns = [
         [torch.cat([getattr(h.blocks[i][1], name) for h in hosts]) for name in _BN_FIELDS]
         for i in range(len(hosts[0].blocks))
@@ -462,7 +266,7 @@ def _validate_group(trainers: Sequence, rows: int) -> list[CounterfactualResult]
     val_y = first.data.val_y
     for start in range(0, val_x.shape[0], rows):
         x, y = val_x[start : start + rows], val_y[start : start + rows]
-        h = x.repeat(1, E, 1, 1).contiguous(memory_format=_CL)
+        h = x.repeat(1, E, 1, 1).contiguous(memory_format=CL)
         for i, block in enumerate(hosts[0].blocks):
             h = F.conv2d(h, convs[i], padding=1, groups=E)
             weight, bias, mean, var = bns[i]
