@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ import benchlib
 import pareto_text
 from esper.env import EnvConfig, MorphogenesisEnv
 from esper.experiment import episode_seed
+from esper.model import LifecycleConfig
 from esper.policy import (
     AlwaysGrowController,
     HeuristicController,
@@ -150,7 +152,24 @@ def run_arm(setup, arm, width, seeds, data, data_root, log) -> ArmResult:
     return result
 
 
+def lifecycle_overrides(text: str | None) -> dict:
+    """``min_train_epochs=1,blend_epochs=1`` -> LifecycleConfig keyword arguments."""
+    if not text:
+        return {}
+    fields = {f.name: f.type for f in dataclasses.fields(LifecycleConfig)}
+    out = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        if key not in fields or not value:
+            raise SystemExit(f"--lifecycle: bad item {item!r}; fields: {', '.join(fields)}")
+        out[key] = float(value) if "." in value else int(value)
+    return out
+
+
 def run_image_task(name: str, setup: ImageSetup, args) -> dict:
+    if args.lifecycle:
+        lifecycle = LifecycleConfig(**lifecycle_overrides(args.lifecycle))
+        setup = dataclasses.replace(setup, env={**setup.env, "lifecycle": lifecycle})
     data_root = args.fashion_root if setup.task == "fashion-mnist" else None
     try:
         data = MorphogenesisEnv(env_config(setup, setup.widths[0], data_root)).data
@@ -325,6 +344,7 @@ def write_tables(name, setup, summary, static, grown, args, lam) -> None:
         "and counterfactual passes); 'from scratch' = the final architecture trained "
         "statically for the same steps. "
         + (f"Data: {setup.note}. " if setup.note else "")
+        + (f"Lifecycle: {setup.env['lifecycle']}. " if "lifecycle" in setup.env else "")
         + f"Machine: {benchlib.machine()}."
     )
     suffix = "_quick" if args.quick else ""
@@ -408,6 +428,13 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         metavar="DIR",
         help="read the static front from DIR/pareto_<task>_episodes.csv",
+    )
+    parser.add_argument(
+        "--lifecycle",
+        default=None,
+        metavar="K=V,...",
+        help="LifecycleConfig overrides for the image tasks' grown arms, "
+        "e.g. min_train_epochs=1,blend_epochs=1",
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="tiny settings, 2 seeds")

@@ -124,3 +124,13 @@ def test_waiting_until_start_step(lib):
         ops.append(action.op)
         obs, *_ = env.step(action)
     assert ops == [LifecycleOp.WAIT, LifecycleOp.WAIT, LifecycleOp.GERMINATE]
+
+
+def test_lifecycle_overrides_parse_and_name_the_allowed_fields(pareto):
+    assert pareto.lifecycle_overrides("min_train_epochs=1,blend_epochs=1") == {
+        "min_train_epochs": 1,
+        "blend_epochs": 1,
+    }
+    assert pareto.lifecycle_overrides(None) == {}
+    with pytest.raises(SystemExit, match="fields: min_train_epochs"):
+        pareto.lifecycle_overrides("min_train=1")
