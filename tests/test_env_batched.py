@@ -161,3 +161,19 @@ def test_batched_refuses_what_it_cannot_make_exact():
         VectorMorphogenesisEnv(2, task="synthetic", batched=True, task_options=options)
     with pytest.raises(ValueError, match="float32"):
         VectorMorphogenesisEnv(2, task="digits", batched=True, task_options={"amp": "bf16"})
+
+
+def test_run_config_flag_plays_the_same_episodes():
+    from esper.run import evaluate
+    from esper.run_config import EnvSection, RunConfig, RunSection
+
+    records = []
+    for batched in (False, True):
+        config = RunConfig(
+            run=RunSection(controller="heuristic", envs=2, batched_envs=batched),
+            env=EnvSection(max_epochs=3, batches_per_step=2),
+        )
+        records.append(evaluate(config, episodes=2))
+    for alone, batched in zip(*records, strict=True):
+        assert batched.objective == pytest.approx(alone.objective, rel=1e-5)
+        assert batched.counts == alone.counts and batched.params_added == alone.params_added

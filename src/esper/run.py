@@ -216,7 +216,10 @@ def train(
     shard = env_shard(config.run.envs, dist)
     # Building the envs validates task, slots and data before anything is written.
     vec = VectorMorphogenesisEnv(
-        shard.count, config.env_config(), env_devices=config.run.env_devices
+        shard.count,
+        config.env_config(),
+        env_devices=config.run.env_devices,
+        batched=config.run.batched_envs,
     )
     created = False
     try:
@@ -387,7 +390,12 @@ def evaluate(
         raise ConfigError(f"episodes must be >= 1, got {episodes}")
     check_devices_available(config.run)
     num_envs = min(config.run.envs, episodes)
-    vec = VectorMorphogenesisEnv(num_envs, config.env_config(), env_devices=config.run.env_devices)
+    vec = VectorMorphogenesisEnv(
+        num_envs,
+        config.env_config(),
+        env_devices=config.run.env_devices,
+        batched=config.run.batched_envs,
+    )
     agent = None
     if checkpoint is not None:
         agent, _ = load_agent(checkpoint, vec.slot_config, vec.action_spec.blueprints,
