@@ -152,6 +152,11 @@ def run_arm(setup, arm, width, seeds, data, data_root, log) -> ArmResult:
     return result
 
 
+def output_suffix(args) -> str:
+    """Quick and lifecycle-override runs never overwrite the main results."""
+    return ("_quick" if args.quick else "") + ("_lifecycle" if args.lifecycle else "")
+
+
 def lifecycle_overrides(text: str | None) -> dict:
     """``min_train_epochs=1,blend_epochs=1`` -> LifecycleConfig keyword arguments."""
     if not text:
@@ -179,7 +184,7 @@ def run_image_task(name: str, setup: ImageSetup, args) -> dict:
     seeds = [episode_seed(0, i, 0, evaluation=True) for i in range(args.seeds)]
     print(f"== {name}: static widths {setup.widths}, arms {ARMS}, {len(seeds)} seeds", flush=True)
     if args.reuse_static is not None:
-        suffix = "_quick" if args.quick else ""
+        suffix = "_quick" if args.quick else ""  # the front has no lifecycle
         path = Path(args.reuse_static) / f"pareto_{name}{suffix}_episodes.csv"
         static = load_static(path, setup, seeds)
     else:
@@ -204,7 +209,7 @@ NUMERIC = ("quality", "val_loss", "params", "growth", "objective", "train_flops"
 
 def write_static(name: str, static: dict[int, ArmResult], args) -> None:
     rows = [{k: v for k, v in r.items() if k != "curve"} for s in static.values() for r in s.rows]
-    suffix = "_quick" if args.quick else ""
+    suffix = output_suffix(args)
     benchlib.write_csv(benchlib.out_dir() / f"pareto_{name}{suffix}_episodes.csv", rows)
 
 
@@ -347,7 +352,7 @@ def write_tables(name, setup, summary, static, grown, args, lam) -> None:
         + (f"Lifecycle: {setup.env['lifecycle']}. " if "lifecycle" in setup.env else "")
         + f"Machine: {benchlib.machine()}."
     )
-    suffix = "_quick" if args.quick else ""
+    suffix = output_suffix(args)
     benchlib.report(f"pareto_{name}{suffix}", f"Growth that pays: {name}", table, note=note)
     flat = [
         {k: v for k, v in row.items() if k != "curve"}
@@ -402,7 +407,7 @@ def plot_image(name, static, grown, args) -> None:
         fontsize=10,
     )
     fig.tight_layout()
-    path = benchlib.out_dir() / f"pareto_{name}{'_quick' if args.quick else ''}.png"
+    path = benchlib.out_dir() / f"pareto_{name}{output_suffix(args)}.png"
     fig.savefig(path, dpi=100)
     plt.close(fig)
     publish(path, args)
