@@ -52,7 +52,7 @@ class RunSection:
     device: str = "cpu"  # the policy's device (and the envs', unless env_devices is set)
     env_devices: tuple[str, ...] | None = None  # envs placed round-robin, e.g. cuda:0 cuda:1
     # Train the envs' CNN hosts as one grouped computation (VectorMorphogenesisEnv
-    # batched=True: same trajectories; 4.6x env steps/s for 16 digits envs on one thread)
+    # batched=True: same trajectories; 4.7x env steps/s for 16 digits envs on one thread)
     batched_envs: bool = False
     checkpoint_every: int = 10  # rounds between kept copies (last.pt is written every round)
     tensorboard: bool = False
