@@ -69,7 +69,11 @@ class MaskedCategorical:
             target = (uniform.to(cdf.dtype) * cdf[..., -1]).unsqueeze(-1)
             # First index whose CDF exceeds the target: never a zero-probability entry.
             draws = torch.searchsorted(cdf.contiguous(), target.contiguous(), right=True)
-            return draws.squeeze(-1).clamp_max(self.probs.shape[-1] - 1)
+            # Rounding can put the target at (or past) the total mass, which would land
+            # after the last legal entry: cap at the last entry the mask allows.
+            positions = torch.arange(self.mask.shape[-1], device=self.mask.device)
+            last_legal = torch.where(self.mask, positions, 0).amax(-1)
+            return torch.minimum(draws.squeeze(-1), last_legal)
         # multinomial never draws a zero-probability entry; masked entries underflow to 0.
         flat = self.probs.reshape(-1, self.probs.shape[-1])
         draws = torch.multinomial(flat, 1, generator=generator).squeeze(-1)
