@@ -52,8 +52,12 @@ from esper.policy import (
 )
 from esper.training import datasets
 from paretolib import (
+    NUMERIC,
     blueprint_index,
+    first_fossil,
     interp_log,
+    lifecycle_overrides,
+    number,
     paired,
     play,
 )
@@ -157,20 +161,6 @@ def output_suffix(args) -> str:
     return ("_quick" if args.quick else "") + ("_lifecycle" if args.lifecycle else "")
 
 
-def lifecycle_overrides(text: str | None) -> dict:
-    """``min_train_epochs=1,blend_epochs=1`` -> LifecycleConfig keyword arguments."""
-    if not text:
-        return {}
-    fields = {f.name: f.type for f in dataclasses.fields(LifecycleConfig)}
-    out = {}
-    for item in text.split(","):
-        key, _, value = item.partition("=")
-        if key not in fields or not value:
-            raise SystemExit(f"--lifecycle: bad item {item!r}; fields: {', '.join(fields)}")
-        out[key] = float(value) if "." in value else int(value)
-    return out
-
-
 def run_image_task(name: str, setup: ImageSetup, args) -> dict:
     if args.lifecycle:
         lifecycle = LifecycleConfig(**lifecycle_overrides(args.lifecycle))
@@ -202,19 +192,10 @@ def run_image_task(name: str, setup: ImageSetup, args) -> dict:
     return summary
 
 
-NUMERIC = ("quality", "val_loss", "params", "growth", "objective", "train_flops",
-           "flops_train", "flops_eval", "scratch_flops", "germinated", "fossilized", "pruned",
-           "rollbacks")  # fmt: skip
-
-
 def write_static(name: str, static: dict[int, ArmResult], args) -> None:
     rows = [{k: v for k, v in r.items() if k != "curve"} for s in static.values() for r in s.rows]
     suffix = output_suffix(args)
     benchlib.write_csv(benchlib.out_dir() / f"pareto_{name}{suffix}_episodes.csv", rows)
-
-
-def _number(text: str) -> int | float:
-    return int(text) if text.lstrip("-").isdigit() else float(text)
 
 
 def load_static(path: Path, setup: ImageSetup, seeds: list[int]) -> dict[int, ArmResult]:
@@ -232,7 +213,7 @@ def load_static(path: Path, setup: ImageSetup, seeds: list[int]) -> dict[int, Ar
             (r for r in rows if int(r["width"]) == w), key=lambda r: int(r["seed_index"])
         ):
             arm.rows.append({**r, "width": w, "seed_index": int(r["seed_index"]),
-                             **{k: _number(r[k]) for k in NUMERIC if k in r}})  # fmt: skip
+                             **{k: number(r[k]) for k in NUMERIC if k in r}})  # fmt: skip
         if len(arm.rows) != len(seeds):
             raise SystemExit(f"--reuse-static: {path} has {len(arm.rows)} static width-{w} "
                              f"rows, need {len(seeds)} (one per seed)")  # fmt: skip
@@ -294,17 +275,10 @@ def summarise(static: dict[int, ArmResult], grown: dict[str, ArmResult], narrow:
             "germinated": benchlib.mean_std([r["germinated"] for r in rows])[0],
             "fossilized": benchlib.mean_std([r["fossilized"] for r in rows])[0],
             "rollbacks": sum(r["rollbacks"] for r in rows),
-            "first_fossil": _first_fossil(rows),
+            "first_fossil": first_fossil(rows),
             "lambda": lam,
         }
     return arms
-
-
-def _first_fossil(rows: list[dict]) -> str:
-    """Mean step of an episode's first fossilization, over the episodes that had one."""
-    firsts = [int(str(r.get("fossil_steps", "")).split()[0]) for r in rows
-              if str(r.get("fossil_steps", "")).strip()]  # fmt: skip
-    return f"{sum(firsts) / len(firsts):.1f} ({len(firsts)}/{len(rows)} eps)" if firsts else "—"
 
 
 def write_tables(name, setup, summary, static, grown, args, lam) -> None:

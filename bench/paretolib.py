@@ -4,12 +4,14 @@ the static front. (The always-grow schedule is `esper.policy.AlwaysGrowControlle
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import statistics
 from collections.abc import Sequence
 
 from esper.env import MorphogenesisEnv
+from esper.model import LifecycleConfig
 from esper.telemetry.events import SeedFossilized, SeedGerminated, SeedPruned, seed_event_class
 from esper.training.data import BatchStream
 from esper.training.flops import BACKWARD_FACTOR, forward_flops
@@ -142,3 +144,35 @@ def play(env: MorphogenesisEnv, controller, seed: int, flops_limit: float | None
         "scratch_flops": float(scratch_flops(env, len(curve))),
         "curve": curve,
     }
+
+
+# -- per-episode rows -------------------------------------------------------------------
+
+NUMERIC = ("quality", "val_loss", "params", "growth", "objective", "train_flops",
+           "flops_train", "flops_eval", "scratch_flops", "germinated", "fossilized", "pruned",
+           "rollbacks")  # fmt: skip
+
+
+def number(text: str) -> int | float:
+    return int(text) if text.lstrip("-").isdigit() else float(text)
+
+
+def first_fossil(rows: list[dict]) -> str:
+    """Mean step of an episode's first fossilization, over the episodes that had one."""
+    firsts = [int(str(r.get("fossil_steps", "")).split()[0]) for r in rows
+              if str(r.get("fossil_steps", "")).strip()]  # fmt: skip
+    return f"{sum(firsts) / len(firsts):.1f} ({len(firsts)}/{len(rows)} eps)" if firsts else "—"
+
+
+def lifecycle_overrides(text: str | None) -> dict:
+    """``min_train_epochs=1,blend_epochs=1`` -> LifecycleConfig keyword arguments."""
+    if not text:
+        return {}
+    fields = {f.name: f.type for f in dataclasses.fields(LifecycleConfig)}
+    out = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        if key not in fields or not value:
+            raise SystemExit(f"--lifecycle: bad item {item!r}; fields: {', '.join(fields)}")
+        out[key] = float(value) if "." in value else int(value)
+    return out

@@ -126,11 +126,11 @@ def test_waiting_until_start_step(lib):
     assert ops == [LifecycleOp.WAIT, LifecycleOp.WAIT, LifecycleOp.GERMINATE]
 
 
-def test_lifecycle_overrides_parse_and_name_the_allowed_fields(pareto):
-    assert pareto.lifecycle_overrides("min_train_epochs=1,blend_epochs=1") == {
+def test_lifecycle_overrides_parse_and_name_the_allowed_fields(lib):
+    assert lib.lifecycle_overrides("min_train_epochs=1,blend_epochs=1") == {
         "min_train_epochs": 1,
         "blend_epochs": 1,
     }
-    assert pareto.lifecycle_overrides(None) == {}
+    assert lib.lifecycle_overrides(None) == {}
     with pytest.raises(SystemExit, match="fields: min_train_epochs"):
-        pareto.lifecycle_overrides("min_train=1")
+        lib.lifecycle_overrides("min_train=1")
