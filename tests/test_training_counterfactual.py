@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import subprocess
 import sys
@@ -12,7 +14,15 @@ import torch
 
 from esper.lifecycle import SeedStage
 from esper.model import CNNHost, LifecycleConfig, MorphogeneticModel, TransformerHost
-from esper.training import fast_counterfactuals, reference_counterfactuals, variants_to_measure
+from esper.training import (
+    Trainer,
+    fast_counterfactuals,
+    get_task,
+    reference_counterfactuals,
+    variants_to_measure,
+)
+from esper.training.counterfactual import sample_variants, sampled_counterfactuals
+from esper.training.flops import count_flops
 from esper.training.objective import evaluate, quality
 
 FAST_LIFECYCLE = LifecycleConfig(min_train_epochs=1, blend_epochs=2)
@@ -142,3 +152,114 @@ def test_bench_quick_runs_and_reports_every_case():
     rows = [line.split() for line in out.splitlines() if line.startswith(("cnn", "transformer"))]
     assert len(rows) == 7
     assert all(float(r[-1]) > 0 and float(r[-2]) > 0 for r in rows)
+
+
+# -- sampled credit (issue 16) ---------------------------------------------------------
+
+
+def holding_model(num_slots: int, width: int = 1, image_size: int = 8) -> MorphogeneticModel:
+    """A CNN host with a HOLDING seed (alpha 1, random weights) in every slot."""
+    torch.manual_seed(3)
+    host = CNNHost(1, 10, width=width, depth=num_slots, image_size=image_size)
+    plan = {f"r0c{i}": ("conv_light", "linear", SeedStage.HOLDING) for i in range(num_slots)}
+    return grown_model(host, plan)
+
+
+def test_sampled_credit_is_unbiased_and_each_reading_exact():
+    model = holding_model(8, width=2)
+    x, y = torch.rand(48, 1, 8, 8, dtype=torch.float64), torch.randint(0, 10, (48,))
+    variants = variants_to_measure(model)
+    exact = fast_counterfactuals(model, x, y, "classification", variants)
+    gen = torch.Generator().manual_seed(0)
+    draws, counts = 400, dict.fromkeys(variants, 0)
+    totals = []
+    for _ in range(draws):
+        res = sampled_counterfactuals(model, x, y, "classification", variants, 3, gen)
+        assert len(res.contributions) == 3 and res.inclusion_prob == pytest.approx(3 / 8)
+        assert res.unmeasured == frozenset(variants) - res.contributions.keys()
+        for sid, c in res.contributions.items():
+            counts[sid] += 1
+            assert c == pytest.approx(exact.contributions[sid], abs=1e-9)
+            assert res.contribution_se[sid] == pytest.approx(exact.contribution_se[sid])
+        totals.append(res.total_contribution())
+    t = torch.tensor(totals, dtype=torch.float64)
+    mc_error = float(t.std()) / draws**0.5
+    assert float(t.std()) > 0  # the estimator really varies from draw to draw
+    assert abs(float(t.mean()) - exact.total_contribution()) < 4 * mc_error
+    # Every seed is drawn with probability 3/8 (binomial, 4 sigma).
+    for sid, k in counts.items():
+        assert abs(k / draws - 3 / 8) < 4 * (3 / 8 * 5 / 8 / draws) ** 0.5, sid
+
+
+def test_sampled_equals_exact_when_samples_cover_every_seed():
+    model = holding_model(4, width=2)
+    x, y = torch.rand(30, 1, 8, 8, dtype=torch.float64), torch.randint(0, 10, (30,))
+    variants = variants_to_measure(model)
+    exact = fast_counterfactuals(model, x, y, "classification", variants)
+    for m in (4, 9):
+        gen = torch.Generator().manual_seed(1)
+        res = sampled_counterfactuals(model, x, y, "classification", variants, m, gen)
+        assert res == exact and res.inclusion_prob == 1.0 and res.unmeasured == frozenset()
+    with pytest.raises(ValueError, match="credit samples must be >= 1, got 0"):
+        sample_variants(variants, 0, torch.Generator())
+
+
+def test_sampled_cost_is_linear_in_samples_not_in_seeds():
+    """FLOPs counted: m sampled seeds add at most m validation passes, at 16 or 32 seeds;
+    the exact pass at 32 seeds costs far more than that."""
+    x, y = torch.rand(64, 1, 8, 8), torch.randint(0, 10, (64,))
+    for num_slots in (16, 32):
+        model = holding_model(num_slots).float()
+        variants = variants_to_measure(model)
+        _, plain = count_flops(lambda: evaluate(model, x, y, 1024))  # noqa: B023
+        gen = torch.Generator().manual_seed(2)
+        for m in (1, 2, 4):
+            for _ in range(3):
+                _, cost = count_flops(
+                    lambda: sampled_counterfactuals(model, x, y, "classification", variants, m, gen)  # noqa: B023
+                )
+                assert plain < cost <= (1 + m) * plain
+        if num_slots == 32:
+            _, exact = count_flops(
+                lambda: fast_counterfactuals(model, x, y, "classification", variants)  # noqa: B023
+            )
+            assert exact > 8 * plain
+
+
+def test_trainer_sampled_credit_keeps_stale_readings_out_of_the_gates():
+    task = get_task("synthetic", shape=(1, 8, 8), n_train=64, n_val=32, batches_per_step=1)
+    data = task.make_data()
+
+    def trainer(seed: int) -> tuple[Trainer, list[str]]:
+        torch.manual_seed(0)
+        model = MorphogeneticModel(
+            task.make_host(data), task.default_slots, lifecycle=FAST_LIFECYCLE
+        )
+        slots = list(model.slot_config.slot_ids)
+        for sid in slots:
+            model.germinate(sid, "conv_light")
+        config = dataclasses.replace(task.hparams, credit_samples=1)
+        return Trainer(model, data, config, seed=seed), slots
+
+    t, slots = trainer(0)
+    assert len(slots) >= 2
+    for sid in slots:  # a reading high enough for the blend gate, taken "long ago"
+        t.model.record_contribution(sid, 5.0, 0.1)
+    step = t.train_step()
+    assert len(step.contributions) == 1
+    measured = next(iter(step.contributions))
+    for sid in slots:
+        state = t.model.slot_state(sid)
+        if sid != measured:  # not drawn: last value kept, no error, no gate acted
+            assert state.contribution == 5.0 and math.isnan(state.contribution_se)
+            assert state.stage == SeedStage.TRAINING
+        else:
+            assert math.isfinite(state.contribution_se)
+
+    # The draws are this env's own: the same seed draws the same, another seed differs.
+    def draws(seed: int) -> list[str]:
+        tr, _ = trainer(seed)
+        return [next(iter(tr.train_step().contributions)) for _ in range(6)]
+
+    assert draws(0) == draws(0)
+    assert draws(0) != draws(1)

@@ -83,6 +83,14 @@ class TrainConfig:
     grad_clip: float | None = None  # max grad norm, host and each seed clipped apart
     max_epochs: int = 20  # default episode length for this task (the env reads it)
     measure_fossils: bool = True  # counterfactual credit for fossils too (alpha = 1)
+    # Sampled credit (esper.training.counterfactual.sampled_counterfactuals): None
+    # measures every seed each step (exact, cost grows with the seeds' depth times their
+    # number); m measures m seeds drawn at random from the trainer's own generator, so
+    # credit costs at most 1 + m validation passes; exact whenever there are <= m seeds.
+    # A seed not drawn keeps its last reading with a NaN standard error, so no
+    # lifecycle gate (blend, prune, fossilize) acts on it until it is measured again;
+    # the observation and the contribution reward still see that last value.
+    credit_samples: int | None = None
     plateau_tolerance: float = 1e-3  # quality gains below this count as a plateau
     history: int = 20  # how many past losses TrainingSignals keeps
     governor: GovernorConfig = field(default_factory=GovernorConfig)
@@ -106,6 +114,10 @@ class TrainConfig:
         if self.batches_per_step is not None and self.batches_per_step < 1:
             raise TrainConfigError(
                 f"batches_per_step must be >= 1 or None (a full epoch), got {self.batches_per_step}"
+            )
+        if self.credit_samples is not None and self.credit_samples < 1:
+            raise TrainConfigError(
+                f"credit_samples must be >= 1 or None (exact credit), got {self.credit_samples}"
             )
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise TrainConfigError(f"grad_clip must be > 0 or None, got {self.grad_clip}")

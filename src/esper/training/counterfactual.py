@@ -19,10 +19,18 @@ dimension* with the live rows, one kernel launch per block for all of them. Tota
 for k blocks and a seed at every slot is about k + (k-1) + ... + 1 blocks instead of
 k * (k + 1) for one full pass per variant. Hosts are per-sample in eval mode (BatchNorm
 uses running stats), so stacking does not change any result.
+
+Sampled credit (`sampled_counterfactuals`, `TrainConfig.credit_samples`): with many
+seeds, each step measures a uniform random subset of m variants (without replacement),
+so the extra cost is at most m validation passes whatever the number of seeds. Each
+variant is measured with probability m / n, so ``CounterfactualResult.total_contribution``
+(the measured sum divided by that probability) is an unbiased estimate of the sum over
+all seeds, and each measured seed's reading is an exact one for this step.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -51,6 +59,15 @@ class CounterfactualResult:
     variant_losses: dict[str, float] = field(default_factory=dict)
     # The same comparison in quality units (accuracy / -loss), same sign convention.
     quality_contributions: dict[str, float] = field(default_factory=dict)
+    # Sampled mode: the probability with which each variant was measured this step
+    # (1.0: all of them, exact) and the variants wanted but not measured.
+    inclusion_prob: float = 1.0
+    unmeasured: frozenset[str] = frozenset()
+
+    def total_contribution(self) -> float:
+        """Sum of the contributions of all wanted variants; unbiased in the sampled mode
+        (Horvitz-Thompson: each measured term weighted by 1 / its inclusion probability)."""
+        return sum(self.contributions.values()) / self.inclusion_prob
 
 
 @dataclass
@@ -234,3 +251,43 @@ def reference_counterfactuals(
             losses = totals[sid].add(model(xc, alpha_override={sid: alpha}), yc)
             paired[sid].add(losses, live)
     return _result(kind, totals, paired, variants)
+
+
+def sample_variants(
+    variants: Mapping[str, float], samples: int, generator: torch.Generator
+) -> tuple[dict[str, float], float]:
+    """A uniform random subset of ``samples`` variants (all when there are no more than
+    that) and the probability with which each variant is in it."""
+    if samples < 1:
+        raise ValueError(f"credit samples must be >= 1, got {samples}")
+    n = len(variants)
+    if n <= samples:
+        return dict(variants), 1.0
+    ids = sorted(variants)  # the draw must not depend on the mapping's order
+    picked = torch.randperm(n, generator=generator)[:samples].tolist()
+    return {ids[i]: variants[ids[i]] for i in sorted(picked)}, samples / n
+
+
+@torch.no_grad()
+def sampled_counterfactuals(
+    model,
+    x: Tensor,
+    y: Tensor,
+    kind: TaskKind,
+    variants: Mapping[str, float],
+    samples: int,
+    generator: torch.Generator,
+    eval_batch_size: int = 1024,
+    max_stacked_rows: int | None = None,
+) -> CounterfactualResult:
+    """`fast_counterfactuals` on ``samples`` variants drawn with ``generator``; equal
+    to the exact pass when there are no more variants than that. Each measured variant
+    costs at most the blocks from its slot to the head, so the pass costs at most
+    ``1 + samples`` validation passes."""
+    chosen, prob = sample_variants(variants, samples, generator)
+    result = fast_counterfactuals(model, x, y, kind, chosen, eval_batch_size, max_stacked_rows)
+    if prob == 1.0:
+        return result
+    return dataclasses.replace(
+        result, inclusion_prob=prob, unmeasured=frozenset(variants) - frozenset(chosen)
+    )

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -24,6 +25,7 @@ from esper.training.config import TrainConfig
 from esper.training.counterfactual import (
     CounterfactualResult,
     fast_counterfactuals,
+    sample_variants,
     variants_to_measure,
 )
 from esper.training.data import BatchStream, TaskData
@@ -91,6 +93,8 @@ class Trainer:
         # A loss of twice a uniform guess's is divergence, whatever the recent history.
         self.governor = Governor(self.config.governor, chance_loss=math.log(data.num_classes))
         self.flops = FlopMeter()  # cumulative compute of this trainer (one episode)
+        # Draws of sampled credit: this env's own stream, so other envs do not move it.
+        self.credit_generator = torch.Generator().manual_seed(0x5EED_C4ED + self.seed)
         self.epoch = 0
         self.host_optimizer = self._new_host_optimizer()
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.amp)
@@ -195,6 +199,11 @@ class Trainer:
             if with_counterfactuals
             else {}
         )
+        wanted, prob = variants, 1.0
+        if self.config.credit_samples is not None:
+            variants, prob = sample_variants(
+                wanted, self.config.credit_samples, self.credit_generator
+            )
         key = (structure_key(self.model), tuple(sorted(variants.items())))
         result, _ = self.flops.measure_eval(
             key,
@@ -210,6 +219,10 @@ class Trainer:
             ),
         )
         self.model.train()
+        if prob < 1.0:
+            result = dataclasses.replace(
+                result, inclusion_prob=prob, unmeasured=frozenset(wanted) - frozenset(variants)
+            )
         return result
 
     def _function_signature(self) -> tuple:
@@ -250,6 +263,10 @@ class Trainer:
         else:
             for sid, value in result.contributions.items():
                 self.model.record_contribution(sid, value, result.contribution_se.get(sid))
+            for sid in result.unmeasured:  # stale: kept, but no gate may act on it
+                last = self.model.slot_state(sid).contribution
+                if last is not None:
+                    self.model.record_contribution(sid, last, math.nan)
         changes = [*rollback_changes, *self.model.step_epoch()]
         if verdict == "ok":
             self.governor.snapshot(self.model, self.epoch)
