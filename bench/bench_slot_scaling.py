@@ -7,10 +7,16 @@ HOLDING seed in every slot, the worst case for crediting. For S in {1, 8, 32, 64
   masks            `stage_tensors` of every slot + `compute_batch_masks` (one env)
   observation      `build_observation` from the model's slot states
   policy           `PPOAgent.act` for one env (normaliser, network, sampling)
-  counterfactuals  `fast_counterfactuals`: live validation + one variant per seed
+  counterfactuals  `fast_counterfactuals`: live validation + one variant per seed (exact)
+  sampled m        the sampled mode (`TrainConfig.credit_samples=m`): live validation +
+                   m seeds drawn at random; the cost depends on which slots are drawn
+                   (a seed early in the host re-runs more blocks), so it is the mean
+                   over 16 fixed draws of the best of N/4 runs of each
   validation       one plain validation pass (the reference the env pays anyway)
 
-on 360 validation images (the digits split size). Best of N after a warm-up.
+on 360 validation images (the digits split size). Best of N after a warm-up. The FLOP
+ratios (`esper.training.flops.count_flops`, sampled: mean over the same draws) do not
+depend on the machine's load.
 
     OMP_NUM_THREADS=1 python bench/bench_slot_scaling.py           # S in {1, 8, 32, 64}
     python bench/bench_slot_scaling.py --quick
@@ -19,6 +25,8 @@ on 360 validation images (the digits split size). Best of N after a warm-up.
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 from functools import partial
 
 import torch
@@ -31,12 +39,38 @@ from esper.env.observations import TrainingProgress, build_observation
 from esper.model import CNNHost, blueprints_for
 from esper.rl import PPOAgent
 from esper.training import fast_counterfactuals, variants_to_measure
+from esper.training.counterfactual import sample_variants
+from esper.training.flops import count_flops
 from esper.training.objective import evaluate
 
 VAL_IMAGES = 360
+DRAWS = 16
 
 
-def costs(num_slots: int, repeats: int) -> dict[str, float]:
+def credit_costs(model, x, y, samples: list[int], repeats: int) -> dict[str, float]:
+    """Seconds and FLOPs (as multiples of a plain validation pass) of exact and sampled
+    credit; sampled: mean over DRAWS fixed random subsets of ``m`` seeds."""
+    variants = variants_to_measure(model)
+
+    def credit(subset):
+        return partial(fast_counterfactuals, model, x, y, "classification", subset, 1024)
+
+    _, plain_flops = count_flops(partial(evaluate, model, x, y, 1024))
+    _, exact_flops = count_flops(credit(variants))
+    out = {"exact flops x": exact_flops / plain_flops}
+    for m in samples:
+        gen = torch.Generator().manual_seed(m)
+        subsets = [sample_variants(variants, m, gen)[0] for _ in range(DRAWS)]
+        out[f"sampled {m}"] = statistics.mean(
+            benchlib.best_of(credit(s), max(2, repeats // 4)) for s in subsets
+        )
+        out[f"sampled {m} flops x"] = (
+            statistics.mean(count_flops(credit(s))[1] for s in subsets) / plain_flops
+        )
+    return out
+
+
+def costs(num_slots: int, repeats: int, samples: list[int]) -> dict[str, float]:
     torch.manual_seed(0)
     host = CNNHost(1, 10, width=1, depth=num_slots, image_size=8)
     host_params = sum(p.numel() for p in host.parameters())
@@ -75,7 +109,8 @@ def costs(num_slots: int, repeats: int) -> dict[str, float]:
             ),
             "validation": partial(evaluate, model, x, y, 1024),
         }
-        return {name: benchlib.best_of(fn, repeats) for name, fn in fns.items()}
+        timed = {name: benchlib.best_of(fn, repeats) for name, fn in fns.items()}
+        return {**timed, **credit_costs(model, x, y, samples, repeats)}
 
 
 def plot(measured: dict[int, dict[str, float]], name: str) -> None:
@@ -98,15 +133,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--slots", default="1,8,32,64")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--samples", default="4", help="credit_samples m of the sampled mode")
     parser.add_argument("--quick", action="store_true", help="S in {1, 8}, 2 repeats")
     args = parser.parse_args(argv)
     benchlib.set_threads(args.threads)
     if args.quick:
         args.slots, args.repeats = "1,8", 2
     print(f"machine: {benchlib.machine()}", flush=True)
+    samples = [int(m) for m in args.samples.split(",")]
+    load_before = os.getloadavg()[0]
     rows, measured = [], {}
     for num_slots in (int(s) for s in args.slots.split(",")):
-        ms = {k: 1e3 * v for k, v in costs(num_slots, args.repeats).items()}
+        raw = costs(num_slots, args.repeats, samples)
+        ms = {k: v if k.endswith("flops x") else 1e3 * v for k, v in raw.items()}
         measured[num_slots] = ms
         controller = ms["masks"] + ms["observation"] + ms["policy"]
         rows.append(
@@ -119,6 +158,19 @@ def main(argv: list[str] | None = None) -> None:
                 "counterfactuals ms": f"{ms['counterfactuals']:.1f}",
                 "validation ms": f"{ms['validation']:.1f}",
                 "cf / validation": f"{ms['counterfactuals'] / ms['validation']:.1f}x",
+                "cf FLOPs / validation": f"{ms['exact flops x']:.1f}x",
+                **{
+                    k: v
+                    for m in samples
+                    for k, v in (
+                        (f"sampled m={m} ms", f"{ms[f'sampled {m}']:.1f}"),
+                        (
+                            f"sampled m={m} / validation",
+                            f"{ms[f'sampled {m}'] / ms['validation']:.2f}x",
+                        ),
+                        (f"sampled m={m} FLOPs / validation", f"{ms[f'sampled {m} flops x']:.2f}x"),
+                    )
+                },
             }
         )
     plot(measured, f"slot_scaling{'_quick' if args.quick else ''}")
@@ -126,7 +178,9 @@ def main(argv: list[str] | None = None) -> None:
         f"slot_scaling{'_quick' if args.quick else ''}",
         "Per-step cost vs number of slots (one env, every slot holding a seed)",
         rows,
-        note=f"best of {args.repeats} after a warm-up; {VAL_IMAGES} validation images.",
+        note=f"best of {args.repeats} after a warm-up; {VAL_IMAGES} validation images; "
+        f"sampled: mean over {DRAWS} draws of the best of {max(2, args.repeats // 4)}; "
+        f"1-minute load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after.",
     )
 
 

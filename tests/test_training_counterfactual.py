@@ -21,7 +21,11 @@ from esper.training import (
     reference_counterfactuals,
     variants_to_measure,
 )
-from esper.training.counterfactual import sample_variants, sampled_counterfactuals
+from esper.training.counterfactual import (
+    sample_variants,
+    sampled_counterfactuals,
+    sampled_pass_flops,
+)
 from esper.training.flops import count_flops
 from esper.training.objective import evaluate, quality
 
@@ -224,6 +228,19 @@ def test_sampled_cost_is_linear_in_samples_not_in_seeds():
                 lambda: fast_counterfactuals(model, x, y, "classification", variants)  # noqa: B023
             )
             assert exact > 8 * plain
+
+
+def test_sampled_pass_flops_equal_the_counted_pass():
+    model = holding_model(8).float()
+    x, y = torch.rand(37, 1, 8, 8), torch.randint(0, 10, (37,))
+    variants = variants_to_measure(model)
+    cache: dict = {}
+    for subset in ({}, {"r0c0": 0.0}, {"r0c1": 0.0, "r0c5": 0.0, "r0c7": 0.0}, variants):
+        _, counted = count_flops(
+            lambda: fast_counterfactuals(model, x, y, "classification", subset, 16)  # noqa: B023
+        )
+        summed = sampled_pass_flops(model, x, y, "classification", subset, cache, "s")
+        assert summed == counted > 0
 
 
 def test_trainer_sampled_credit_keeps_stale_readings_out_of_the_gates():

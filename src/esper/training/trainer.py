@@ -26,6 +26,7 @@ from esper.training.counterfactual import (
     CounterfactualResult,
     fast_counterfactuals,
     sample_variants,
+    sampled_pass_flops,
     variants_to_measure,
 )
 from esper.training.data import BatchStream, TaskData
@@ -95,6 +96,7 @@ class Trainer:
         self.flops = FlopMeter()  # cumulative compute of this trainer (one episode)
         # Draws of sampled credit: this env's own stream, so other envs do not move it.
         self.credit_generator = torch.Generator().manual_seed(0x5EED_C4ED + self.seed)
+        self._credit_row_flops: dict = {}  # sampled_pass_flops' per-row FLOPs
         self.epoch = 0
         self.host_optimizer = self._new_host_optimizer()
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.amp)
@@ -204,20 +206,38 @@ class Trainer:
             variants, prob = sample_variants(
                 wanted, self.config.credit_samples, self.credit_generator
             )
-        key = (structure_key(self.model), tuple(sorted(variants.items())))
-        result, _ = self.flops.measure_eval(
-            key,
-            (lambda: precomputed)
-            if precomputed is not None and self.flops.has_eval(key)
-            else lambda: fast_counterfactuals(
+
+        def pass_() -> CounterfactualResult:
+            return fast_counterfactuals(
                 self.model,
                 self.data.val_x,
                 self.data.val_y,
                 self.kind,
                 variants,
                 self.config.eval_batch_size,
-            ),
-        )
+            )
+
+        if prob < 1.0:
+            # A new random subset most steps: its FLOPs are summed from per-variant
+            # counts rather than counted under FlopCounterMode every step.
+            result = pass_()
+            self.flops.eval += sampled_pass_flops(
+                self.model,
+                self.data.val_x,
+                self.data.val_y,
+                self.kind,
+                variants,
+                self._credit_row_flops,
+                structure_key(self.model),
+            )
+        else:
+            key = (structure_key(self.model), tuple(sorted(variants.items())))
+            result, _ = self.flops.measure_eval(
+                key,
+                (lambda: precomputed)
+                if precomputed is not None and self.flops.has_eval(key)
+                else pass_,
+            )
         self.model.train()
         if prob < 1.0:
             result = dataclasses.replace(
