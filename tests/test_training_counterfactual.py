@@ -273,6 +273,18 @@ def test_trainer_sampled_credit_keeps_stale_readings_out_of_the_gates():
         else:
             assert math.isfinite(state.contribution_se)
 
+    # FLOPs of a sampled validation: summed per variant, equal to the counted pass.
+    for _ in range(3):
+        before = t.flops.eval
+        res = t.validate()
+        wanted = variants_to_measure(t.model.eval())
+        subset = {sid: wanted[sid] for sid in res.contributions}
+        _, counted = count_flops(
+            lambda: fast_counterfactuals(t.model, data.val_x, data.val_y, t.kind, subset)  # noqa: B023
+        )
+        t.model.train()
+        assert t.flops.eval - before == counted and res.unmeasured
+
     # The draws are this env's own: the same seed draws the same, another seed differs.
     def draws(seed: int) -> list[str]:
         tr, _ = trainer(seed)

@@ -96,7 +96,9 @@ class Trainer:
         self.flops = FlopMeter()  # cumulative compute of this trainer (one episode)
         # Draws of sampled credit: this env's own stream, so other envs do not move it.
         self.credit_generator = torch.Generator().manual_seed(0x5EED_C4ED + self.seed)
-        self._credit_row_flops: dict = {}  # sampled_pass_flops' per-row FLOPs
+        # sampled_pass_flops' per-row FLOPs, for the current structure only.
+        self._credit_structure: tuple | None = None
+        self._credit_row_flops: dict = {}
         self.epoch = 0
         self.host_optimizer = self._new_host_optimizer()
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.amp)
@@ -221,6 +223,9 @@ class Trainer:
             # A new random subset most steps: its FLOPs are summed from per-variant
             # counts rather than counted under FlopCounterMode every step.
             result = pass_()
+            structure = structure_key(self.model)
+            if structure != self._credit_structure:  # old counts can never be used again
+                self._credit_structure, self._credit_row_flops = structure, {}
             self.flops.eval += sampled_pass_flops(
                 self.model,
                 self.data.val_x,
@@ -228,7 +233,7 @@ class Trainer:
                 self.kind,
                 variants,
                 self._credit_row_flops,
-                structure_key(self.model),
+                structure,
             )
         else:
             key = (structure_key(self.model), tuple(sorted(variants.items())))
