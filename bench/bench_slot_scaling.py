@@ -18,6 +18,11 @@ on 360 validation images (the digits split size). Best of N after a warm-up. The
 ratios (`esper.training.flops.count_flops`, sampled: mean over the same draws) do not
 depend on the machine's load.
 
+With ``--trainer``, also `Trainer.validate` itself (FLOP bookkeeping included) with
+``credit_samples=m`` against its plain validation, at the largest S: the mean over the
+first 4S/m calls after a structure change (each newly drawn seed's FLOPs are counted once
+on one row) and the best call once every seed's count is known.
+
     OMP_NUM_THREADS=1 python bench/bench_slot_scaling.py           # S in {1, 8, 32, 64}
     python bench/bench_slot_scaling.py --quick
 """
@@ -70,7 +75,30 @@ def credit_costs(model, x, y, samples: list[int], repeats: int) -> dict[str, flo
     return out
 
 
-def costs(num_slots: int, repeats: int, samples: list[int]) -> dict[str, float]:
+def trainer_costs(model, num_slots: int, m: int, repeats: int) -> dict[str, float]:
+    """`Trainer.validate` with sampled credit vs without credit (seconds)."""
+    import dataclasses
+    import time
+
+    from esper.training import Trainer, get_task
+
+    task = get_task("synthetic", shape=(1, 8, 8), n_train=64, n_val=VAL_IMAGES)
+    trainer = Trainer(model, task.make_data(), dataclasses.replace(task.hparams, credit_samples=m))
+    with torch.no_grad():
+        plain = benchlib.best_of(partial(trainer.validate, with_counterfactuals=False), repeats)
+        trainer.validate(with_counterfactuals=False)
+        times = []
+        for _ in range(4 * num_slots // m):
+            start = time.perf_counter()
+            trainer.validate()
+            times.append(time.perf_counter() - start)
+        steady = benchlib.best_of(trainer.validate, repeats)
+    return {"plain": plain, "first": statistics.mean(times), "steady": steady}
+
+
+def costs(
+    num_slots: int, repeats: int, samples: list[int], trainer: bool = False
+) -> dict[str, float]:
     torch.manual_seed(0)
     host = CNNHost(1, 10, width=1, depth=num_slots, image_size=8)
     host_params = sum(p.numel() for p in host.parameters())
@@ -110,7 +138,18 @@ def costs(num_slots: int, repeats: int, samples: list[int]) -> dict[str, float]:
             "validation": partial(evaluate, model, x, y, 1024),
         }
         timed = {name: benchlib.best_of(fn, repeats) for name, fn in fns.items()}
-        return {**timed, **credit_costs(model, x, y, samples, repeats)}
+        out = {**timed, **credit_costs(model, x, y, samples, repeats)}
+    if trainer:
+        for m in samples:
+            tc = trainer_costs(model, num_slots, m, repeats)
+            print(
+                f"S={num_slots} Trainer.validate, credit_samples={m}: plain "
+                f"{1e3 * tc['plain']:.1f} ms; mean of the first {4 * num_slots // m} calls "
+                f"{1e3 * tc['first']:.1f} ms ({tc['first'] / tc['plain']:.2f}x); steady "
+                f"{1e3 * tc['steady']:.1f} ms ({tc['steady'] / tc['plain']:.2f}x)",
+                flush=True,
+            )
+    return out
 
 
 def plot(measured: dict[int, dict[str, float]], name: str) -> None:
@@ -135,6 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--samples", default="4", help="credit_samples m of the sampled mode")
     parser.add_argument("--quick", action="store_true", help="S in {1, 8}, 2 repeats")
+    parser.add_argument("--trainer", action="store_true", help="Trainer.validate at the largest S")
     args = parser.parse_args(argv)
     benchlib.set_threads(args.threads)
     if args.quick:
@@ -143,8 +183,9 @@ def main(argv: list[str] | None = None) -> None:
     samples = [int(m) for m in args.samples.split(",")]
     load_before = os.getloadavg()[0]
     rows, measured = [], {}
-    for num_slots in (int(s) for s in args.slots.split(",")):
-        raw = costs(num_slots, args.repeats, samples)
+    slots = [int(s) for s in args.slots.split(",")]
+    for num_slots in slots:
+        raw = costs(num_slots, args.repeats, samples, args.trainer and num_slots == max(slots))
         ms = {k: v if k.endswith("flops x") else 1e3 * v for k, v in raw.items()}
         measured[num_slots] = ms
         controller = ms["masks"] + ms["observation"] + ms["policy"]
