@@ -41,7 +41,10 @@ def test_shipped_file_is_small_and_records_its_build():
 
 def test_build_policy_quick_and_eval_shipped(tmp_path, capsys):
     out = tmp_path / "p.pt"
-    assert main(["build-policy", "--out", str(out), "--quick", "--seed", "3"]) == 0
+    clone = tmp_path / "clone.pt"
+    argv = ["build-policy", "--out", str(out), "--quick", "--seed", "3", "--clone-out", str(clone)]
+    assert main(argv) == 0
+    assert torch.load(clone, weights_only=True)["build"]["chosen"] == "clone"
     assert "wrote" in capsys.readouterr().out
     env = MorphogenesisEnv(task_options={"width": 1})
     load_policy(env.slot_config, env.action_spec.blueprints, str(out))

@@ -115,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="controller to clone (default: heuristic)",
     )  # fmt: skip
     bp.add_argument("--ppo-rounds", type=int, help="PPO rounds of 8 episodes (default: 20)")
+    bp.add_argument("--clone-out", type=Path, help="also write the clone before fine-tuning")
     bp.add_argument("--quick", action="store_true", help="a seconds-long build (tests)")
 
     report = sub.add_parser("report", help="(re)build plots and summary.md of a run")
@@ -328,7 +329,7 @@ def _cmd_build_policy(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)  # tiny hosts: a second thread costs more than it gains
     record = build_policy(
         config, args.out, log=lambda m: print(f"esper: {m}", file=sys.stderr),
-        command=" ".join(["esper", *args.argv]),
+        command=" ".join(["esper", *args.argv]), clone_out=args.clone_out,
     )  # fmt: skip
     print(f"wrote {args.out} ({record['chosen']}) in {record['timings']['total_s']:.0f} s")
     return 0

@@ -136,9 +136,14 @@ def _validate(vec, config: BuildConfig, agent=None, teacher=None) -> list[float]
 
 
 def build_policy(
-    config: BuildConfig, out: str | Path, log: Callable[[str], None] = print, command: str = ""
+    config: BuildConfig,
+    out: str | Path,
+    log: Callable[[str], None] = print,
+    command: str = "",
+    clone_out: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Build, choose and write the policy to ``out``; returns the build record."""
+    """Build, choose and write the policy to ``out``; returns the build record.
+    ``clone_out`` also keeps the clone before fine-tuning (to compare the two)."""
     start = time.perf_counter()
     timings: dict[str, float] = {}
     vec = VectorMorphogenesisEnv(config.envs, _env_config(config))
@@ -210,6 +215,8 @@ def build_policy(
         "chosen": chosen,
     }
     _export(agent if chosen == "fine_tuned" else prior, Path(out), _primitive(build))
+    if clone_out is not None:
+        _export(prior, Path(clone_out), _primitive({**build, "chosen": "clone"}))
     log(f"validation (λ {config.default_lambda}) mean objective {means}; shipped: {chosen}")
     return build
 
