@@ -79,7 +79,8 @@ def rush_scene(stages, train_acc: float, val_acc: float, plateau: int = 0):
 
 
 def test_underfitting_host_is_widened_in_every_free_slot_at_once() -> None:
-    heuristic = HeuristicController()  # defaults: one live seed, germinate on plateau
+    # The rush on; otherwise defaults: one live seed, germinate on plateau.
+    heuristic = HeuristicController(HeuristicConfig(underfit_accuracy=0.9))
     state = heuristic.initial_state()
     free, training = SeedStage.DORMANT, SeedStage.TRAINING
     # Underfitting (train ≈ val, both low), no plateau, seeds already alive: still widen,
@@ -98,8 +99,8 @@ def test_underfitting_host_is_widened_in_every_free_slot_at_once() -> None:
     for train_acc, val_acc in ((0.80, 0.70), (0.95, 0.94)):
         obs, masks = rush_scene((training, free, free), train_acc, val_acc)
         assert heuristic.act(obs, masks, state)[0].op == LifecycleOp.WAIT
-    # Switched off: the same underfitting scene waits for a plateau.
-    off = HeuristicController(HeuristicConfig(underfit_accuracy=0.0))
+    # Off (the default): the same underfitting scene waits for a plateau.
+    off = HeuristicController()
     obs, masks = rush_scene((free, free, free), 0.55, 0.60)
     assert off.act(obs, masks, off.initial_state())[0].op == LifecycleOp.WAIT
 
