@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from esper.lifecycle import SeedStage, is_live
 from esper.model import LifecycleConfig, ParamCounts, SeedSlot, SlotState, StageChange
+from esper.model.slot import check_alpha_overrides
 from esper.slots import InjectionSpec, SlotConfig, SlotIdError, format_slot_id, parse_slot_id
 
 # Per-call alpha overrides reach the hooks through a context variable: it is local to the
@@ -232,14 +233,7 @@ class SlottedModel(nn.Module):
             _OVERRIDES.reset(token)
 
     def _check_overrides(self, overrides: Mapping[str, float] | None) -> dict[str, float]:
-        checked = {}
-        for slot_id, value in (overrides or {}).items():
-            self._slot(slot_id)
-            alpha = float(value)
-            if not 0.0 <= alpha <= 1.0:
-                raise ValueError(f"alpha override for {slot_id} must be in [0, 1], got {value!r}")
-            checked[slot_id] = alpha
-        return checked
+        return check_alpha_overrides(overrides, self._slot)
 
     # -- lifecycle (the operations of `MorphogeneticModel`) -----------------------------
     def _slot(self, slot_id: str) -> SeedSlot:

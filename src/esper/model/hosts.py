@@ -169,13 +169,7 @@ class CNNHost(Host):
     def block_forward(
         self, i: int, h: Tensor, pre: Tensor | None = None, tap: bool = False
     ) -> tuple[Tensor, Tensor | None]:
-        block = self.blocks[i]
-        z = block[0](h)
-        if pre is not None:
-            z = z + pre
-        for layer in block[1:]:
-            z = layer(z)
-        return z, (h if tap else None)
+        return _sequential_block_forward(self.blocks[i], h, pre), (h if tap else None)
 
     def width_site(self, i: int) -> WidthSite:
         self._check_block(i)
@@ -250,13 +244,7 @@ class MLPHost(Host):
     def block_forward(
         self, i: int, h: Tensor, pre: Tensor | None = None, tap: bool = False
     ) -> tuple[Tensor, Tensor | None]:
-        block = self.blocks[i]
-        z = block[0](h)
-        if pre is not None:
-            z = z + pre
-        for layer in block[1:]:
-            z = layer(z)
-        return z, (h if tap else None)
+        return _sequential_block_forward(self.blocks[i], h, pre), (h if tap else None)
 
     def width_site(self, i: int) -> WidthSite:
         self._check_block(i)
@@ -289,6 +277,16 @@ class MLPHost(Host):
 
 # --------------------------------------------------------------------------------------
 # Width-seed builders (module-level so a `WidthSite` holds sizes, never host layers)
+
+
+def _sequential_block_forward(block: nn.Module, h: Tensor, pre: Tensor | None) -> Tensor:
+    """A block whose first layer is its linear op: the width term joins right after it."""
+    z = block[0](h)
+    if pre is not None:
+        z = z + pre
+    for layer in block[1:]:
+        z = layer(z)
+    return z
 
 
 def _cnn_units(in_channels: int, k: int, pool: bool) -> nn.Module:

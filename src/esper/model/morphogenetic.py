@@ -18,7 +18,14 @@ from torch import Tensor, nn
 
 from esper.lifecycle import SeedStage, is_live
 from esper.model.hosts import Host
-from esper.model.slot import LifecycleConfig, SeedSlot, SlotState, SlotStateError, StageChange
+from esper.model.slot import (
+    LifecycleConfig,
+    SeedSlot,
+    SlotState,
+    SlotStateError,
+    StageChange,
+    check_alpha_overrides,
+)
 from esper.model.width import (
     DEFAULT_WIDTH_INIT,
     WIDTH_INITS,
@@ -223,16 +230,7 @@ class MorphogeneticModel(nn.Module):
         return self._block_slots.index(slot_id)
 
     def _check_overrides(self, overrides: Mapping[str, float] | None) -> dict[str, float]:
-        if not overrides:
-            return {}
-        checked = {}
-        for slot_id, value in overrides.items():
-            self._slot(slot_id)
-            alpha = float(value)
-            if not 0.0 <= alpha <= 1.0:
-                raise ValueError(f"alpha override for {slot_id} must be in [0, 1], got {value!r}")
-            checked[slot_id] = alpha
-        return checked
+        return check_alpha_overrides(overrides, self._slot)
 
     # -- seeds learning behind the host ------------------------------------------------
     @property

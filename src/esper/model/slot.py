@@ -35,6 +35,7 @@ seed's parameters are read (PyTorch loads a module's extra state before its chil
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -143,6 +144,20 @@ class SlotState:
         # An exact contribution (no error) is its own lower bound, whatever gate_z is.
         if self.contribution_lower is None and self.contribution_se is None:
             object.__setattr__(self, "contribution_lower", self.contribution)
+
+
+def check_alpha_overrides(
+    overrides: Mapping[str, float] | None, check_slot: Callable[[str], object]
+) -> dict[str, float]:
+    """Slot id -> alpha in [0, 1] for one call; ``check_slot`` raises for an unknown id."""
+    checked: dict[str, float] = {}
+    for slot_id, value in (overrides or {}).items():
+        check_slot(slot_id)
+        alpha = float(value)
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha override for {slot_id} must be in [0, 1], got {value!r}")
+        checked[slot_id] = alpha
+    return checked
 
 
 def blend_alpha(blend: str, progress: float) -> float:
