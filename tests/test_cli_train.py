@@ -11,19 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from cli_helpers import TINY, TINY_PPO
+from cli_helpers import run_cli as _run
 from esper.checkpointing import atomic_torch_save, safe_torch_load
 from esper.cli import main
 from esper.run import train
 from esper.run_config import load_config
-
-TINY = ["--envs", "2", "--max-epochs", "3", "--set", "env.batches_per_step=2"]
-TINY_PPO = [*TINY, "--set", "ppo.hidden=16", "--set", "ppo.embed=16"]
-
-
-def _run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

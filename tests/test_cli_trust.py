@@ -7,17 +7,10 @@ import sys
 import pytest
 import torch
 
+from cli_helpers import TINY, TINY_PPO
+from cli_helpers import run_cli as _run
 from esper.cli import main
 from esper.telemetry import read_events
-
-TINY = ["--envs", "2", "--max-epochs", "3", "--set", "env.batches_per_step=2"]
-TINY_PPO = [*TINY, "--set", "ppo.hidden=16", "--set", "ppo.embed=16"]
-
-
-def _run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _one_line_error(code, err, message):
