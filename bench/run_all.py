@@ -41,6 +41,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "pareto": ("bench_pareto.py", []),
     "governor": ("bench_governor.py", ["--gates"]),
     "width_init": ("bench_width_init.py", ["--seeds", "8"]),
+    "host_layout": ("bench_host_layout.py", []),
     "learned": ("bench_learned.py", ["--seeds", "12", "--transfer", "5", "8"]),
 }
 
