@@ -46,6 +46,7 @@ from esper.experiment import episode_seed
 from esper.model import LifecycleConfig
 from esper.policy import (
     AlwaysGrowController,
+    HeuristicConfig,
     HeuristicController,
     RandomController,
     StaticController,
@@ -55,6 +56,7 @@ from paretolib import (
     NUMERIC,
     blueprint_index,
     first_fossil,
+    heuristic_overrides,
     interp_log,
     lifecycle_overrides,
     number,
@@ -77,6 +79,7 @@ class ImageSetup:
     env: dict  # EnvConfig fields
     widths: tuple[int, ...]  # the static front; the first is the host growth starts from
     note: str = ""
+    heuristic: HeuristicConfig | None = None  # the heuristic arm's config (None: defaults)
     data_hint: str = ""
 
 
@@ -126,11 +129,13 @@ def env_config(setup: ImageSetup, width: int, data_root: str | None) -> EnvConfi
     )
 
 
-def make_controller(arm: str, env: MorphogenesisEnv, seed: int):
+def make_controller(
+    arm: str, env: MorphogenesisEnv, seed: int, heuristic: HeuristicConfig | None = None
+):
     if arm == "static":
         return StaticController()
     if arm == "heuristic":
-        return HeuristicController()
+        return HeuristicController(heuristic)
     if arm == "random":
         return RandomController(seed=seed)
     if arm == "always-grow":
@@ -145,7 +150,7 @@ def run_arm(setup, arm, width, seeds, data, data_root, log) -> ArmResult:
     result = ArmResult(arm, width)
     start = time.perf_counter()
     for i, seed in enumerate(seeds):
-        row = play(env, make_controller(arm, env, seed), seed)
+        row = play(env, make_controller(arm, env, seed, setup.heuristic), seed)
         result.rows.append({"arm": arm, "width": width, "seed_index": i, **row})
     result.seconds = time.perf_counter() - start
     log(
@@ -157,14 +162,21 @@ def run_arm(setup, arm, width, seeds, data, data_root, log) -> ArmResult:
 
 
 def output_suffix(args) -> str:
-    """Quick and lifecycle-override runs never overwrite the main results."""
-    return ("_quick" if args.quick else "") + ("_lifecycle" if args.lifecycle else "")
+    """Quick and override runs never overwrite the main results."""
+    return (
+        ("_quick" if args.quick else "")
+        + ("_lifecycle" if args.lifecycle else "")
+        + ("_heuristic" if args.heuristic else "")
+    )
 
 
 def run_image_task(name: str, setup: ImageSetup, args) -> dict:
     if args.lifecycle:
         lifecycle = LifecycleConfig(**lifecycle_overrides(args.lifecycle))
         setup = dataclasses.replace(setup, env={**setup.env, "lifecycle": lifecycle})
+    if args.heuristic:
+        heuristic = HeuristicConfig(**heuristic_overrides(args.heuristic))
+        setup = dataclasses.replace(setup, heuristic=heuristic)
     data_root = args.fashion_root if setup.task == "fashion-mnist" else None
     try:
         data = MorphogenesisEnv(env_config(setup, setup.widths[0], data_root)).data
@@ -324,6 +336,7 @@ def write_tables(name, setup, summary, static, grown, args, lam) -> None:
         "statically for the same steps. "
         + (f"Data: {setup.note}. " if setup.note else "")
         + (f"Lifecycle: {setup.env['lifecycle']}. " if "lifecycle" in setup.env else "")
+        + (f"Heuristic: {setup.heuristic}. " if setup.heuristic is not None else "")
         + f"Machine: {benchlib.machine()}."
     )
     suffix = output_suffix(args)
@@ -414,6 +427,12 @@ def main(argv: list[str] | None = None) -> None:
         metavar="K=V,...",
         help="LifecycleConfig overrides for the image tasks' grown arms, "
         "e.g. min_train_epochs=1,blend_epochs=1",
+    )
+    parser.add_argument(
+        "--heuristic",
+        default=None,
+        metavar="K=V,...",
+        help="HeuristicConfig overrides for the heuristic arm, e.g. underfit_accuracy=0.9",
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="tiny settings, 2 seeds")

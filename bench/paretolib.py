@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from esper.env import MorphogenesisEnv
 from esper.model import LifecycleConfig
+from esper.policy import HeuristicConfig
 from esper.telemetry.events import SeedFossilized, SeedGerminated, SeedPruned, seed_event_class
 from esper.training.data import BatchStream
 from esper.training.flops import BACKWARD_FACTOR, forward_flops
@@ -164,15 +165,25 @@ def first_fossil(rows: list[dict]) -> str:
     return f"{sum(firsts) / len(firsts):.1f} ({len(firsts)}/{len(rows)} eps)" if firsts else "—"
 
 
-def lifecycle_overrides(text: str | None) -> dict:
-    """``min_train_epochs=1,blend_epochs=1`` -> LifecycleConfig keyword arguments."""
+def config_overrides(text: str | None, config_cls: type, flag: str) -> dict:
+    """``a=1,b=0.5`` -> keyword arguments of the dataclass ``config_cls`` (numbers only)."""
     if not text:
         return {}
-    fields = {f.name: f.type for f in dataclasses.fields(LifecycleConfig)}
+    fields = {f.name: f.type for f in dataclasses.fields(config_cls)}
     out = {}
     for item in text.split(","):
         key, _, value = item.partition("=")
         if key not in fields or not value:
-            raise SystemExit(f"--lifecycle: bad item {item!r}; fields: {', '.join(fields)}")
+            raise SystemExit(f"{flag}: bad item {item!r}; fields: {', '.join(fields)}")
         out[key] = float(value) if "." in value else int(value)
     return out
+
+
+def lifecycle_overrides(text: str | None) -> dict:
+    """``min_train_epochs=1,blend_epochs=1`` -> LifecycleConfig keyword arguments."""
+    return config_overrides(text, LifecycleConfig, "--lifecycle")
+
+
+def heuristic_overrides(text: str | None) -> dict:
+    """``underfit_accuracy=0.9`` -> HeuristicConfig keyword arguments."""
+    return config_overrides(text, HeuristicConfig, "--heuristic")

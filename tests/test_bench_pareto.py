@@ -134,3 +134,9 @@ def test_lifecycle_overrides_parse_and_name_the_allowed_fields(lib):
     assert lib.lifecycle_overrides(None) == {}
     with pytest.raises(SystemExit, match="fields: min_train_epochs"):
         lib.lifecycle_overrides("min_train=1")
+
+
+def test_heuristic_overrides_parse_and_name_the_allowed_fields(lib):
+    assert lib.heuristic_overrides("underfit_accuracy=0.9") == {"underfit_accuracy": 0.9}
+    with pytest.raises(SystemExit, match=r"--heuristic: bad item 'underfit=0.9'; fields: "):
+        lib.heuristic_overrides("underfit=0.9")
