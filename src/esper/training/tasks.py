@@ -54,8 +54,8 @@ def _cnn(
     ``pool_at``: the blocks followed by a 2x2 max-pool (None: the host's default, from
     the second block on); e.g. ``[0, 1, 2]`` pools after every block, a quarter of the
     activations from the first block on. ``channels_last``: NHWC weights, so the
-    convolutions run in that layout (1.5-1.7x per batch for a width-8 host on 32x32
-    images on an AVX-512 CPU, no change on 8x8 digits).
+    convolutions run in that layout (1.4-1.6x per batch for a width-8 host on 32x32
+    images, `bench/bench_host_layout.py`; no change on 8x8 digits).
     """
     if pool_at is not None:
         if isinstance(pool_at, (str, bytes)) or not all(
