@@ -1,27 +1,31 @@
 """Host training of E lockstep envs as one batched computation (issue 16, item 1).
 
-The training phase of `Trainer.train_step` (``_train``: one epoch or
-``batches_per_step`` batches) costs ~4 ms per 64-image batch for a 500-parameter digits
-CNN, almost all of it per-call overhead. `train_batched` runs that phase for E trainers
-at once, on one *grouped* network:
+The training phase of `Trainer.train_step` (one epoch or ``batches_per_step`` batches)
+costs ~4 ms per 64-image batch for a 500-parameter digits CNN, almost all of it
+per-call overhead. `train_batched` runs that phase for E trainers at once: the same
+training step (`esper.training.step.train_phase`: zero_grad, loss, backward, clip,
+seed gradient norms, step) on one *grouped* network:
 
 * the network: `esper.training.grouped` (env e = channel group e, ``groups=E``
   convolutions, per-env BatchNorm, a batched head; seeds per env on their channel
   slice; TRAINING seeds' own passes grouped too). The loss is the sum of the envs'
-  mean losses, so each env's gradient is exactly its own.
+  mean task losses, so each env's gradient is exactly its own.
+* the optimisers: one SGD over the stacked host parameters, with env 0's settings
+  (SGD is elementwise, so it is E SGDs; a fresh env's missing momentum buffer becomes
+  a zero one, which gives ``buf = grad`` exactly as a fresh SGD does), and every env's
+  own seed optimisers. Gradients are clipped per env's host and per seed.
+* every `TrainConfig` field is classified in `CONFIG_FIELDS`: values this path
+  implements, settings all envs must share, per-env settings, and fields the training
+  phase does not read. Anything else is refused by `batched_support`.
 * envs go in groups of at most `ACTIVATION_BUDGET` activation floats per layer (one
   group for digits; pairs on fashion-mnist, where bigger groups fall out of cache).
 * seedless envs validate in one grouped eval pass (`validate_batched`); envs with
   seeds or fossils measure their counterfactuals on their own.
-* SGD (momentum, weight decay) is elementwise, so one SGD over the stacked parameters
-  is E separate ones; a fresh env (no momentum buffer yet) gets a zero buffer, which
-  gives exactly ``buf = grad`` as a fresh one does. Gradient clipping is per env.
-  Adam/AdamW keep a step count per optimiser (a rollback restarts one env's), so they
-  are refused rather than approximated.
 
 `batched_support` says why a set of trainers cannot take this path (None: they can);
 the caller then trains them one by one. Results equal the per-env loop's to float
-tolerance (grouped kernels sum in another order): tests/test_env_batched.py.
+tolerance (grouped kernels sum in another order): tests/test_env_batched.py,
+tests/test_training_batched_fields.py.
 """
 
 from __future__ import annotations
@@ -29,23 +33,83 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
+from esper.training.config import TrainConfig
 from esper.training.counterfactual import CounterfactualResult
 from esper.training.grouped import (
     CL,
     Plan,
     Stacked,
-    active_slots,
+    block_slots,
     cnn_layout,
+    grouped_pass,
+    holds_seed_module,
     supports_host,
     train_forward,
 )
-from esper.training.objective import EvalTotals, quality
+from esper.training.objective import StackedTotals, quality
+from esper.training.step import (
+    GradSet,
+    TrainPhase,
+    optimizer_like,
+    optimizer_params,
+    optimizer_settings,
+    train_phase,
+)
 
-_BN_FIELDS = ("weight", "bias", "running_mean", "running_var")
-TrainOutput = tuple[EvalTotals, dict[str, float], int]
+__all__ = [
+    "ACTIVATION_BUDGET",
+    "CONFIG_FIELDS",
+    "batched_support",
+    "config_support",
+    "supports_host",
+    "train_batched",
+    "validate_batched",
+]
+
+# Every `TrainConfig` field, by what training E envs as one grouped step needs of it.
+# tests/test_training_batched_fields.py fails on a field missing here, so a new field
+# is classified before the batched path can skip it; it also runs each "same" and
+# "per env" field at a non-default value, batched and alone.
+CONFIG_FIELDS: dict[str, str] = {
+    # Values this path implements (`CONFIG_VALUES`); any other is refused.
+    "optimizer": "values",
+    "amp": "values",
+    # One stacked optimiser and one batch schedule for all envs: equal in every env.
+    "lr": "same",
+    "momentum": "same",
+    "weight_decay": "same",
+    "batch_size": "same",
+    "batches_per_step": "same",
+    "grad_clip": "same",
+    # Read by each env's own seed optimisers: may differ between envs.
+    "seed_lr": "per env",
+    # Not read by the training phase: validation, credit, governor and the episode run
+    # per env in `Trainer.train_step` (the grouped validation of seedless envs chunks
+    # rows by env 0's eval_batch_size, which changes only the summation order).
+    "eval_batch_size": "after training",
+    "max_epochs": "after training",
+    "measure_fossils": "after training",
+    "credit_samples": "after training",
+    "plateau_tolerance": "after training",
+    "history": "after training",
+    "governor": "after training",
+}
+# SGD (momentum, weight decay) is elementwise, so one SGD over stacked parameters is E
+# SGDs; Adam/AdamW keep a step count per optimiser (a rollback restarts one env's).
+# The grouped kernels run in the parameters' dtype: no autocast.
+CONFIG_VALUES: dict[str, tuple] = {"optimizer": ("sgd",), "amp": ("off",)}
+_WHY = {"optimizer": "supports optimizer 'sgd' only", "amp": "runs in float32 only (amp 'off')"}
+
+
+def config_support(config: TrainConfig) -> str | None:
+    """Why one env's config cannot train batched (None: it can)."""
+    for name, allowed in CONFIG_VALUES.items():
+        value = getattr(config, name)
+        if value not in allowed:
+            return f"batched host training {_WHY[name]}, got {name}={value!r}"
+    return None
 
 
 def batched_support(trainers: Sequence) -> str | None:
@@ -54,36 +118,35 @@ def batched_support(trainers: Sequence) -> str | None:
         return "no trainers"
     first = trainers[0]
     layout = cnn_layout(first.model.host)
-    if layout is None:
-        return supports_host(first.model.host)
+    same = [name for name, kind in CONFIG_FIELDS.items() if kind == "same"]
     for tr in trainers:
-        cfg = tr.config
-        if cfg.optimizer != "sgd":
-            return f"batched host training supports optimizer 'sgd' only, got {cfg.optimizer!r}"
-        if cfg.amp != "off":
-            return f"batched host training runs in float32 only, got amp={cfg.amp!r}"
+        reason = supports_host(tr.model.host) or config_support(tr.config)
+        if reason is not None:
+            return reason
         if tr.device != first.device:
             return f"batched envs must share one device, got {first.device} and {tr.device}"
         if cnn_layout(tr.model.host) != layout:
             return "batched envs must have hosts of one shape"
-        if (cfg.batch_size, cfg.batches_per_step) != (
-            first.config.batch_size,
-            first.config.batches_per_step,
-        ):
-            return "batched envs must share batch_size and batches_per_step"
+        for name in same:
+            mine, theirs = getattr(tr.config, name), getattr(first.config, name)
+            if mine != theirs:
+                return f"batched envs must share {name}, got {theirs!r} and {mine!r}"
         if getattr(tr.model, "own_seed_pass", True) is False:
             return "batched host training needs own_seed_pass=True (the default)"
-        group = tr.host_optimizer.param_groups[0]
-        ref = first.host_optimizer.param_groups[0]
-        keys = ("lr", "momentum", "weight_decay", "dampening", "nesterov")
-        if len(tr.host_optimizer.param_groups) != 1 or any(group[k] != ref[k] for k in keys):
+        # The stacked optimiser copies env 0's settings as they stand (a scheduler may
+        # have moved them since the config built the optimiser).
+        try:
+            settings = optimizer_settings(tr.host_optimizer)
+        except ValueError as err:
+            return f"batched host training needs one host optimiser group: {err}"
+        if settings != optimizer_settings(first.host_optimizer):
             return "batched envs' host optimisers must share their settings"
         stream = tr.stream
         # Batches line up only if every stream is at the same place of a same-sized epoch.
-        if (stream.n, stream.batch_size, stream._pos) != (
+        if (stream.n, stream.batch_size, stream.position) != (
             first.stream.n,
             first.stream.batch_size,
-            first.stream._pos,
+            first.stream.position,
         ):
             return "batched envs' batch streams are not aligned"
     return None
@@ -103,7 +166,7 @@ def _floats_per_sample(host: nn.Module, shape: tuple[int, ...]) -> int:
     most = 0
     for block in host.blocks:
         most = max(most, block[0].out_channels * h * w)
-        if len(block) == 4:
+        if any(isinstance(m, nn.MaxPool2d) for m in block):
             h, w = h // 2, w // 2
     return most
 
@@ -115,10 +178,10 @@ def group_size(trainers: Sequence, rows: int) -> int:
     return max(1, min(len(trainers), ACTIVATION_BUDGET // max(per_env, 1)))
 
 
-def train_batched(trainers: Sequence) -> list[TrainOutput]:
-    """The training phase of each trainer's next step, for all of them at once:
-    per trainer ``(training totals, mean seed grad norms, samples)`` as `Trainer._train`
-    returns. Call `batched_support` first; raises ValueError if it objects."""
+def train_batched(trainers: Sequence) -> list[TrainPhase]:
+    """The training phase of each trainer's next step, for all of them at once (pass
+    each to ``train_step(trained=)``). Call `batched_support` first; raises ValueError
+    if it objects."""
     reason = batched_support(trainers)
     if reason is not None:
         raise ValueError(reason)
@@ -130,7 +193,7 @@ def train_batched(trainers: Sequence) -> list[TrainOutput]:
     ]
 
 
-def _train_group(trainers: Sequence) -> list[TrainOutput]:
+def _train_group(trainers: Sequence) -> list[TrainPhase]:
     E = len(trainers)
     models = [tr.model for tr in trainers]
     cfg, device = trainers[0].config, trainers[0].device
@@ -144,78 +207,53 @@ def _train_group(trainers: Sequence) -> list[TrainOutput]:
     stacked = Stacked([m.host for m in models])
     plan = Plan(models)
     host_opts = [tr.host_optimizer for tr in trainers]
-    group = host_opts[0].param_groups[0]
-    optimizer = torch.optim.SGD(
-        stacked.params,
-        lr=group["lr"],
-        momentum=group["momentum"],
-        weight_decay=group["weight_decay"],
-        dampening=group["dampening"],
-        nesterov=group["nesterov"],
-    )
+    optimizer = optimizer_like(host_opts[0], stacked.params)
     env_params = stacked.env_params()
     _load_momentum(optimizer, stacked.params, env_params, host_opts)
-    seed_opts = [[opt for _, opt in tr.seed_optimizers.values()] for tr in trainers]
-    grad_sq = [
-        {sid: torch.zeros((), device=device) for sid in tr.seed_optimizers} for tr in trainers
-    ]
-    loss_sum = torch.zeros(E, device=device, dtype=torch.float32)  # as EvalTotals sums
-    correct = torch.zeros(E, device=device, dtype=torch.long)
+    seed_opts = [opt for tr in trainers for _, opt in tr.seed_optimizers.values()]
+    totals = StackedTotals()
+
+    def batch_loss(k: int) -> torch.Tensor:
+        idx = torch.stack([b[k] for b in batches]).to(device, non_blocking=True)  # [E, B]
+        if shared:
+            xe, ye = trainers[0].data.train_x[idx], trainers[0].data.train_y[idx]
+        else:
+            xe = torch.stack([tr.data.train_x[i] for tr, i in zip(trainers, idx, strict=True)])
+            ye = torch.stack([tr.data.train_y[i] for tr, i in zip(trainers, idx, strict=True)])
+        x = xe.transpose(0, 1).reshape(idx.shape[1], -1, *xe.shape[3:])  # group e = env e
+        logits, seed_loss = train_forward(stacked, models, plan, x, list(xe.unbind(0)), ye)
+        # Each env's mean task loss, summed: each env's gradient is exactly its own.
+        loss = totals.add(logits.float(), ye.T).mean(1).sum()  # float32 as `Trainer`'s
+        return loss if seed_loss is None else loss + seed_loss
+
     try:
-        for step in range(len(batches[0])):
-            idx = torch.stack([b[step] for b in batches]).to(device, non_blocking=True)  # [E, B]
-            if shared:
-                xe, ye = trainers[0].data.train_x[idx], trainers[0].data.train_y[idx]
-            else:
-                xe = torch.stack([tr.data.train_x[i] for tr, i in zip(trainers, idx, strict=True)])
-                ye = torch.stack([tr.data.train_y[i] for tr, i in zip(trainers, idx, strict=True)])
-            B = idx.shape[1]
-            x = xe.transpose(0, 1).reshape(B, -1, *xe.shape[3:])  # channel group e = env e
-            optimizer.zero_grad(set_to_none=True)
-            for opts in seed_opts:
-                for opt in opts:
-                    opt.zero_grad(set_to_none=True)
-            xs = list(xe.unbind(0))
-            logits, seed_loss = train_forward(stacked, models, plan, x, xs, ye)
-            logits = logits.float()  # as `Trainer._train`
-            losses = F.cross_entropy(logits.permute(0, 2, 1), ye.T, reduction="none")  # [B, E]
-            loss = losses.mean(0).sum()
-            if seed_loss is not None:
-                loss = loss + seed_loss
-            loss.backward()
-            if cfg.grad_clip is not None:
-                _clip_per_env(stacked.params, E, cfg.grad_clip)
-                for opts in seed_opts:
-                    for opt in opts:
-                        params = [p for g in opt.param_groups for p in g["params"]]
-                        nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            for e, model in enumerate(models):
-                for sid in grad_sq[e]:
-                    grads = [p.grad for p in model.seed_parameters(sid) if p.grad is not None]
-                    if grads:
-                        grad_sq[e][sid] += torch.linalg.vector_norm(
-                            torch.stack([torch.linalg.vector_norm(g) for g in grads])
-                        )
-            optimizer.step()
-            for opts in seed_opts:
-                for opt in opts:
-                    opt.step()
-            with torch.no_grad():
-                # Row sums of [E, B]: the same reduction as EvalTotals' sum of one env's [B].
-                loss_sum += losses.detach().T.contiguous().sum(1)
-                correct += (logits.argmax(dim=-1) == ye.T).sum(0)
+        grad_norms = train_phase(
+            len(batches[0]),
+            batch_loss,
+            [optimizer, *seed_opts],
+            # Clipped apart, as in each env's loop: each env's host, each seed.
+            clip_sets=[
+                *(GradSet(tuple(stacked.params), e, E) for e in range(E)),
+                *(GradSet(optimizer_params(opt)) for opt in seed_opts),
+            ],
+            seed_sets={
+                (e, sid): GradSet(tuple(tr.model.seed_parameters(sid)))
+                for e, tr in enumerate(trainers)
+                for sid in tr.seed_optimizers
+            },
+            grad_clip=cfg.grad_clip,
+        )
     finally:
         _store_momentum(optimizer, stacked.params, env_params, host_opts)
         stacked.release(len(batches[0]))
-        for model in models:
-            model._seed_prefix = None
-    out = []
-    for e in range(E):
-        samples = sum(int(i.numel()) for i in batches[e])
-        totals = EvalTotals(loss_sum=loss_sum[e], correct=correct[e], count=samples)
-        n = max(len(batches[e]), 1)
-        out.append((totals, {sid: float(v) / n for sid, v in grad_sq[e].items()}, samples))
-    return out
+    return [
+        TrainPhase(
+            env_totals,
+            {sid: grad_norms[(e, sid)] for sid in tr.seed_optimizers},
+            sum(int(i.numel()) for i in batches[e]),
+        )
+        for e, (tr, env_totals) in enumerate(zip(trainers, totals.split(), strict=True))
+    ]
 
 
 @torch.no_grad()
@@ -228,7 +266,7 @@ def validate_batched(trainers: Sequence) -> list[CounterfactualResult | None]:
     plain = [
         k
         for k, tr in enumerate(trainers)
-        if not any(active_slots([tr.model], i) for i in range(tr.model.num_blocks))
+        if not any(holds_seed_module(tr.model, sid) for sid in block_slots(tr.model))
     ]
     val_x = trainers[plain[0]].data.val_x if plain else None
     plain = [k for k in plain if trainers[k].data.val_x is val_x]
@@ -249,59 +287,24 @@ def validate_batched(trainers: Sequence) -> list[CounterfactualResult | None]:
 
 
 def _validate_group(trainers: Sequence, rows: int) -> list[CounterfactualResult]:
+    """One eval-mode grouped pass of seedless envs over their shared validation set."""
     E = len(trainers)
-    val_x = trainers[0].data.val_x
-    hosts = [tr.model.host for tr in trainers]
     first = trainers[0]
-    convs = [torch.cat([h.blocks[i][0].weight for h in hosts]) for i in range(len(hosts[0].blocks))]
-    convs = [w.contiguous(memory_format=CL) for w in convs]
-    bns = [
-        [torch.cat([getattr(h.blocks[i][1], name) for h in hosts]) for name in _BN_FIELDS]
-        for i in range(len(hosts[0].blocks))
-    ]
-    head_w = torch.stack([h.classifier.weight for h in hosts])
-    head_b = torch.stack([h.classifier.bias for h in hosts])
-    loss_sum: Tensor | float = 0.0  # in the logits' dtype, as EvalTotals sums
-    correct = torch.zeros(E, device=val_x.device, dtype=torch.long)
-    val_y = first.data.val_y
+    val_x, val_y = first.data.val_x, first.data.val_y
+    models = [tr.model for tr in trainers]
+    layers, plan = Stacked([m.host for m in models], bind=False), Plan(models)
+    totals = StackedTotals()
     for start in range(0, val_x.shape[0], rows):
         x, y = val_x[start : start + rows], val_y[start : start + rows]
-        h = x.repeat(1, E, 1, 1).contiguous(memory_format=CL)
-        for i, block in enumerate(hosts[0].blocks):
-            h = F.conv2d(h, convs[i], padding=1, groups=E)
-            weight, bias, mean, var = bns[i]
-            h = F.batch_norm(h, mean, var, weight, bias, training=False, eps=block[1].eps)
-            h = F.relu(h)
-            if len(block) == 4:
-                h = F.max_pool2d(h, 2)
-        feats = h.mean(dim=(-2, -1)).view(h.shape[0], E, -1)
-        logits = torch.einsum("bec,ekc->bek", feats, head_w) + head_b
-        targets = y[:, None].expand(-1, E)
-        losses = F.cross_entropy(logits.permute(0, 2, 1), targets, reduction="none")  # [n, E]
-        loss_sum = loss_sum + losses.T.contiguous().sum(1)
-        correct += (logits.argmax(dim=-1) == targets).sum(0)
-    out = []
-    for e, tr in enumerate(trainers):
-        t = EvalTotals(loss_sum=loss_sum[e], correct=correct[e], count=int(val_x.shape[0]))  # type: ignore[index]
-        out.append(
-            CounterfactualResult(
-                val_loss=t.loss, val_acc=t.accuracy, quality=quality(tr.kind, t.loss, t.accuracy)
-            )
+        h = x.repeat(1, E, 1, 1).contiguous(memory_format=CL)  # every env sees x
+        logits = grouped_pass(layers, models, plan, list(range(E)), h, {}, 0, training=False)
+        totals.add(logits, y[:, None].expand(-1, E))
+    return [
+        CounterfactualResult(
+            val_loss=t.loss, val_acc=t.accuracy, quality=quality(tr.kind, t.loss, t.accuracy)
         )
-    return out
-
-
-def _clip_per_env(params: list[Tensor], E: int, max_norm: float) -> None:
-    """`clip_grad_norm_` of each env's host gradients on its own."""
-    grads = [p.grad.view(E, -1) for p in params if p.grad is not None]
-    if not grads:
-        return
-    norms = torch.linalg.vector_norm(
-        torch.stack([torch.linalg.vector_norm(g, dim=1) for g in grads], 1), dim=1
-    )
-    coef = torch.clamp(max_norm / (norms + 1e-6), max=1.0)
-    for g in grads:
-        g.mul_(coef[:, None])
+        for tr, t in zip(trainers, totals.split(), strict=True)
+    ]
 
 
 def _load_momentum(optimizer, params, env_params, host_opts) -> None:

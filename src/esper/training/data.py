@@ -109,6 +109,11 @@ class BatchStream:
         self.epochs_started = 1
 
     @property
+    def position(self) -> int:
+        """Samples of the current permutation already drawn."""
+        return self._pos
+
+    @property
     def batches_per_epoch(self) -> int:
         return -(-self.n // self.batch_size)
 

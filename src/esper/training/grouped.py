@@ -39,8 +39,15 @@ _HAS_MODULE = (
 )
 
 
+def _pool(block: nn.Module) -> nn.MaxPool2d | None:
+    """The block's max-pool, found by module type (None: the block does not pool)."""
+    pools = [m for m in block if isinstance(m, nn.MaxPool2d)]
+    return pools[0] if pools else None
+
+
 def cnn_layout(host: nn.Module) -> tuple | None:
-    """Shape signature of a plain `CNNHost` (None: some other structure)."""
+    """Shape signature of a plain `CNNHost` (None: some other structure): what the
+    grouped pass computes from, so envs batch together only when theirs are equal."""
     from esper.model.hosts import CNNHost  # lazy: esper.model imports are not free
 
     if type(host) is not CNNHost:
@@ -53,16 +60,35 @@ def cnn_layout(host: nn.Module) -> tuple | None:
             (nn.MaxPool2d,),
         ):
             return None
-        conv, bn = block[0], block[1]
+        conv, bn, pool = block[0], block[1], _pool(block)
         if (
             conv.bias is not None
             or conv.groups != 1
+            or conv.padding_mode != "zeros"
+            or not bn.affine
             or not bn.track_running_stats
             or bn.momentum is None
+            or (pool is not None and pool.return_indices)
         ):
             return None
-        layout.append((tuple(conv.weight.shape), len(kinds) == 4, bn.eps, bn.momentum))
+        pooling = None
+        if pool is not None:
+            pooling = (pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode)
+        conv_settings = (conv.stride, conv.padding, conv.dilation)
+        layout.append((tuple(conv.weight.shape), conv_settings, bn.eps, bn.momentum, pooling))
     return tuple(layout), tuple(host.classifier.weight.shape)
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether hooks are registered on ``module`` or its parameters. torch offers no
+    public query, so its hook dictionaries are read."""
+    dicts = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    if any(getattr(module, name, None) for name in dicts):
+        return True
+    tensor_hooks = ("_backward_hooks", "_post_accumulate_grad_hooks")
+    return any(
+        getattr(p, name, None) for p in module.parameters(recurse=False) for name in tensor_hooks
+    )
 
 
 def supports_host(host: nn.Module) -> str | None:
@@ -72,24 +98,38 @@ def supports_host(host: nn.Module) -> str | None:
             "batched host training supports plain CNNHost hosts only (conv-BN-ReLU[-pool] "
             f"blocks, a linear head), got {type(host).__name__}"
         )
+    # The grouped network calls none of the host's modules and its gradients land on
+    # stacked tensors: a hook (a statistic collected for growth) would be skipped.
+    hooked = [name or "the host" for name, m in host.named_modules() if _hooked(m)]
+    if hooked:
+        return (
+            "batched host training would skip the hooks registered on the host "
+            f"(module {hooked[0]!r}); train these envs one by one"
+        )
     return None
 
 
 class Stacked:
-    """The E hosts' parameters and BatchNorm buffers as stacked tensors, with every
-    env's own tensors turned into views of them until `release`."""
+    """The E hosts' layers as stacked tensors. ``bind`` (training): the parameters are
+    new leaves and every env's own parameters and BatchNorm buffers are views of them
+    until `release`; otherwise (an eval pass) plain copies.
 
-    def __init__(self, hosts: Sequence[nn.Module]) -> None:
-        self.hosts = hosts
-        E = len(hosts)
-        self.convs, self.bns, self.pools = [], [], []
+    ``weights``, ``bns``, ``head_w``, ``head_b`` are what `grouped_pass` computes with;
+    ``convs`` and ``pools`` (env 0's modules: `cnn_layout` makes them equal in every
+    env) give the convolutions' and pools' settings."""
+
+    def __init__(self, hosts: Sequence[nn.Module], bind: bool = True) -> None:
+        self.hosts, self.bind = hosts, bind
+        self.num_envs = len(hosts)
         self.params: list[Tensor] = []  # stacked leaves, in host.parameters() order
-        self._owners: list[list[Tensor]] = []  # per stacked tensor: the env tensors
-        for i, block in enumerate(hosts[0].blocks):
-            self.pools.append(len(block) == 4)
-            conv_w = self._stack([h.blocks[i][0].weight for h in hosts], param=True)
+        self._bound: list[tuple[Tensor, list[Tensor]]] = []  # (stacked, env tensors)
+        self.convs: list[nn.Conv2d] = [block[0] for block in hosts[0].blocks]
+        self.pools = [_pool(block) for block in hosts[0].blocks]
+        self.weights: list[Tensor] = []
+        self.bns: list[tuple] = []
+        for i in range(len(self.convs)):
             bn = [h.blocks[i][1] for h in hosts]
-            self.convs.append(conv_w)
+            self.weights.append(self._stack([h.blocks[i][0].weight for h in hosts], param=True))
             self.bns.append(
                 (
                     self._stack([m.weight for m in bn], param=True),
@@ -103,30 +143,35 @@ class Stacked:
         cls = [h.classifier for h in hosts]
         self.head_w = self._stack([c.weight for c in cls], param=True, new_dim=True)
         self.head_b = self._stack([c.bias for c in cls], param=True, new_dim=True)
-        self.num_envs = E
 
     def _stack(self, tensors: list[Tensor], param: bool = False, new_dim: bool = False):
         with torch.no_grad():
             joined = torch.stack(tensors) if new_dim else torch.cat(tensors)
+        if not self.bind:
+            return joined
         if param:
             joined.requires_grad_(True)
             self.params.append(joined)
         views = joined.detach().view(len(tensors), *tensors[0].shape)
         for e, t in enumerate(tensors):
             t.data = views[e]
-        self._owners.append(tensors)
+        self._bound.append((joined, tensors))
         return joined
 
     def env_params(self) -> list[list[Tensor]]:
         """For each stacked leaf, the envs' own parameters (in `params` order)."""
-        return [o for o in self._owners if isinstance(o[0], nn.Parameter)]
+        return [owners for _, owners in self._bound if isinstance(owners[0], nn.Parameter)]
 
     def release(self, batches: int) -> None:
-        """Give every env tensor its own storage again; count the training forwards in
-        each BatchNorm's ``num_batches_tracked`` as the per-env loop does."""
-        for owners in self._owners:
-            for t in owners:
+        """Give every env tensor its own storage again, and leave each env's host what
+        the per-env loop leaves: its share of the last batch's gradient, and the
+        training forwards counted in each BatchNorm's ``num_batches_tracked``."""
+        for joined, owners in self._bound:
+            grads = None if joined.grad is None else joined.grad.view(len(owners), -1)
+            for e, t in enumerate(owners):
                 t.data = t.data.clone()
+                if grads is not None:
+                    t.grad = grads[e].view_as(t).clone()
         for host in self.hosts:
             for block in host.blocks:
                 block[1].num_batches_tracked += batches
@@ -160,16 +205,18 @@ def _pending_full(parts: dict[int, Tensor], like: Tensor, E: int) -> Tensor | No
     return torch.cat([parts.get(e, zero) for e in range(E)], 1)
 
 
-def active_slots(models: Sequence[nn.Module], i: int) -> list[int]:
-    """Envs whose slot at block i holds a seed module (anything else is the identity)."""
-    out = []
-    for e, model in enumerate(models):
-        sid = model._block_slots[i]
-        if sid is not None:
-            slot = model.slots[sid]
-            if slot.seed is not None and slot.stage in _HAS_MODULE:
-                out.append(e)
-    return out
+def block_slots(model: nn.Module) -> tuple[str | None, ...]:
+    """The slot id after each of ``model``'s blocks (None: no slot enabled there)."""
+    at = {model.block_index(sid): sid for sid in model.slots}
+    return tuple(at.get(i) for i in range(model.num_blocks))
+
+
+def holds_seed_module(model: nn.Module, slot_id: str | None) -> bool:
+    """Whether the slot holds a seed module (anything else is the identity)."""
+    if slot_id is None:
+        return False
+    slot = model.slots[slot_id]
+    return slot.seed is not None and slot.stage in _HAS_MODULE
 
 
 class Plan:
@@ -184,18 +231,25 @@ class Plan:
     """
 
     def __init__(self, models) -> None:
-        self.active = [active_slots(models, i) for i in range(models[0].num_blocks)]
+        self.slot_ids = [block_slots(m) for m in models]  # per env, per block
+        blocks = range(models[0].num_blocks)
+        self.active = [
+            [e for e, m in enumerate(models) if holds_seed_module(m, self.slot_ids[e][i])]
+            for i in blocks
+        ]
         self.width = [
-            {e: models[e].slots[models[e]._block_slots[i]].holds_width for e in active}
-            for i, active in enumerate(self.active)
+            {e: models[e].slots[self.slot_ids[e][i]].holds_width for e in self.active[i]}
+            for i in blocks
         ]
         training = [set(m.training_seeds()) for m in models]
-        firsts = [m._first_training_block() for m in models]
+        firsts = [
+            min((m.block_index(s) for s in training[e]), default=None) for e, m in enumerate(models)
+        ]
         seeded = [e for e, first in enumerate(firsts) if first is not None]
 
         def crosses_other(e: int, start: int) -> bool:
             return any(
-                e in self.active[i] and models[e]._block_slots[i] not in training[e]
+                e in self.active[i] and self.slot_ids[e][i] not in training[e]
                 for i in range(start, len(self.active))
             )
 
@@ -203,12 +257,11 @@ class Plan:
         self.grouped = [e for e in seeded if not crosses_other(e, start)]
         self.alone = [e for e in seeded if e not in self.grouped]
         self.start = min((firsts[e] for e in self.grouped), default=0)
-        self.firsts = firsts
         self.training = training
 
 
 def grouped_pass(
-    layers,
+    layers: Stacked | Detached,
     models,
     plan: Plan,
     envs: list[int],
@@ -217,35 +270,41 @@ def grouped_pass(
     start: int,
     *,
     seed_pass: bool = False,
+    training: bool = True,
     record=None,
-):
+) -> Tensor:
     """Blocks ``start``.. and the head of the grouped host for ``envs`` (indices into
     ``models``; group k of ``h`` is env ``envs[k]``): logits ``[B, len(envs), K]``.
-    ``seed_pass``: TRAINING seeds on at alpha 1 (their own pass). ``record(i, h, pend)``
-    sees what enters block i."""
+    ``seed_pass``: TRAINING seeds on at alpha 1 (their own pass). ``training``: False
+    normalises with the running statistics (an eval pass). ``record(i, h, pend)`` sees
+    what enters block i."""
     G = len(envs)
     local = {e: k for k, e in enumerate(envs)}
-    for i in range(start, len(layers.convs)):
+    for i, conv in enumerate(layers.convs):
+        if i < start:
+            continue
         if record is not None:
             record(i, h, pend)
-        z = F.conv2d(h, layers.convs[i].contiguous(memory_format=CL), padding=1, groups=G)
+        weight = layers.weights[i].contiguous(memory_format=CL)
+        z = F.conv2d(h, weight, None, conv.stride, conv.padding, conv.dilation, G)
         full = _pending_full(pend, z, G)
         if full is not None:
             z = z + full
         g, b, rm, rv, eps, momentum = layers.bns[i]
-        z = F.batch_norm(z, rm, rv, g, b, training=True, momentum=momentum, eps=eps)
+        z = F.batch_norm(z, rm, rv, g, b, training=training, momentum=momentum, eps=eps)
         z = F.relu(z, inplace=True)  # BatchNorm's backward reads its input, not output
-        if layers.pools[i]:
-            z = F.max_pool2d(z, 2)
+        pool = layers.pools[i]
+        if pool is not None:
+            z = pool(z)  # per channel: the same on E·C channels as on one env's C
         outs, pend = {}, {}
         for e in plan.active[i]:
             k = local.get(e)
             if k is None:
                 continue
-            model = models[e]
-            alpha = 1.0 if seed_pass and model._block_slots[i] in plan.training[e] else None
+            slot_id = plan.slot_ids[e][i]
+            alpha = 1.0 if seed_pass and slot_id in plan.training[e] else None
             tap = _env_part(h, k, G) if plan.width[i][e] else None
-            out_k, p = model.apply_slot(i, _env_part(z, k, G), tap, alpha)
+            out_k, p = models[e].apply_slot(i, _env_part(z, k, G), tap, alpha)
             outs[k] = out_k
             if p is not None:
                 pend[k] = p
@@ -268,9 +327,9 @@ class Detached:
         def pick(t: Tensor) -> Tensor:
             return t.detach().view(E, -1, *t.shape[1:]).index_select(0, index).flatten(0, 1)
 
-        self.convs = [pick(w) for w in stacked.convs]
+        self.convs, self.pools = stacked.convs, stacked.pools
+        self.weights = [pick(w) for w in stacked.weights]
         self.bns = [(pick(g), pick(b), None, None, eps, m) for g, b, _, _, eps, m in stacked.bns]
-        self.pools = stacked.pools
         self.head_w = stacked.head_w.detach().index_select(0, index)
         self.head_b = stacked.head_b.detach().index_select(0, index)
 
@@ -280,28 +339,27 @@ def _gather(t: Tensor, envs: list[int], E: int) -> Tensor:
     return torch.cat([_slice(t, e, E) for e in envs], 1).detach().contiguous(memory_format=CL)
 
 
-def train_forward(stacked: Stacked, models, plan: Plan, x: Tensor, xs: list[Tensor], ys: Tensor):
+def train_forward(
+    stacked: Stacked, models, plan: Plan, x: Tensor, xs: list[Tensor], ys: Tensor
+) -> tuple[Tensor, Tensor | None]:
     """Train-mode forward of all envs: (logits ``[B, E, K]``, the summed loss of the
     TRAINING seeds' own passes or None)."""
     E = stacked.num_envs
     entering: dict = {}
 
     def record(i: int, h: Tensor, pend: dict) -> None:
-        if plan.grouped and i == plan.start:
+        if i == plan.start:
             entering["h"], entering["pend"] = h, pend
-        for e in plan.alone:
-            if plan.firsts[e] == i:  # `seed_forward` reuses the forward up to here
-                p = pend.get(e)
-                models[e]._seed_prefix = (
-                    xs[e],
-                    i,
-                    _env_part(h, e, E).detach(),
-                    None if p is None else p.detach(),
-                )
 
-    everyone = list(range(E))
     logits = grouped_pass(
-        stacked, models, plan, everyone, x.contiguous(memory_format=CL), {}, 0, record=record
+        stacked,
+        models,
+        plan,
+        list(range(E)),
+        x.contiguous(memory_format=CL),
+        {},
+        0,
+        record=record if plan.grouped else None,
     )
     seed_loss = None
     if plan.grouped:
@@ -318,6 +376,8 @@ def train_forward(stacked: Stacked, models, plan: Plan, x: Tensor, xs: list[Tens
         # apart after a step, in float64 runs).
         seed_loss = sum(task_loss(own[:, k].contiguous(), ys[e]) for k, e in enumerate(envs))
     for e in plan.alone:
+        # The whole own pass, from the input: `seed_forward` recomputes the blocks before
+        # the first TRAINING seed (the per-env loop reuses its forward's; equal values).
         own = models[e].seed_forward(xs[e])
         term = task_loss(own.float(), ys[e])
         seed_loss = term if seed_loss is None else seed_loss + term

@@ -26,6 +26,17 @@ def task_loss(logits: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(*flat_logits(logits, targets))
 
 
+def sample_losses(logits: Tensor, targets: Tensor) -> Tensor:
+    """Cross-entropy of each prediction, shaped like ``targets`` (`task_loss` is their
+    mean)."""
+    return F.cross_entropy(*flat_logits(logits, targets), reduction="none").view(targets.shape)
+
+
+def env_rows(values: Tensor) -> Tensor:
+    """``[B, E, ...]`` (E envs' values stacked on dim 1) as ``[E, B·...]``: a row per env."""
+    return values.transpose(0, 1).reshape(values.shape[1], -1)
+
+
 @dataclass
 class EvalTotals:
     """Running sums over the predictions of one pass; no device sync until read."""
@@ -51,6 +62,36 @@ class EvalTotals:
     @property
     def accuracy(self) -> float:
         return float(self.correct) / max(self.count, 1)
+
+
+class StackedTotals:
+    """`EvalTotals` of E envs whose predictions come stacked on dim 1 (logits
+    ``[B, E, ..., K]``, targets ``[B, E, ...]``); no device sync until `split`."""
+
+    def __init__(self) -> None:
+        self.loss_sum: Tensor | float = 0.0  # [E], in the logits' dtype as EvalTotals sums
+        self.correct: Tensor | float = 0.0  # [E]
+        self.count = 0  # predictions per env
+
+    def add(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """Add one batch; returns each env's per-prediction losses ``[E, n]`` (not
+        detached: their row means are each env's task loss)."""
+        losses = env_rows(sample_losses(logits, targets))
+        with torch.no_grad():
+            # Row sums of [E, n]: the same reduction as EvalTotals' sum of one env's [n].
+            self.loss_sum = self.loss_sum + losses.detach().sum(1)
+            self.correct = self.correct + env_rows(logits.argmax(dim=-1) == targets).sum(1)
+        self.count += losses.shape[1]
+        return losses
+
+    def split(self) -> list[EvalTotals]:
+        """One `EvalTotals` per env."""
+        if not isinstance(self.loss_sum, Tensor) or not isinstance(self.correct, Tensor):
+            raise ValueError("StackedTotals.split before any batch was added")
+        return [
+            EvalTotals(loss_sum=loss, correct=correct, count=self.count)
+            for loss, correct in zip(self.loss_sum.unbind(), self.correct.unbind(), strict=True)
+        ]
 
 
 def quality(kind: TaskKind, loss: float, accuracy: float) -> float:

@@ -34,6 +34,13 @@ from esper.training.flops import FlopMeter, structure_key
 from esper.training.governor import ROLLBACK_VERDICTS, Governor, GovernorEvent
 from esper.training.objective import EvalTotals, bits_per_char, task_loss
 from esper.training.signals import TrainingSignals
+from esper.training.step import (
+    GradSet,
+    TrainPhase,
+    make_optimizer,
+    optimizer_params,
+    train_phase,
+)
 
 
 @dataclass(frozen=True)
@@ -60,16 +67,6 @@ class StepResult:
     # samples (host and every training seed), and validation + counterfactual passes.
     train_flops: int = 0
     eval_flops: int = 0
-
-
-def _make_optimizer(params: list[nn.Parameter], config: TrainConfig, lr: float):
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(
-            params, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay
-        )
-    if config.optimizer == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=config.weight_decay)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
 
 
 class Trainer:
@@ -113,7 +110,7 @@ class Trainer:
 
     # -- optimisers ------------------------------------------------------------------
     def _new_host_optimizer(self) -> torch.optim.Optimizer:
-        return _make_optimizer(self.model.host_parameters(), self.config, self.config.lr)
+        return make_optimizer(self.model.host_parameters(), self.config, self.config.lr)
 
     def sync_seed_optimizers(self) -> None:
         """One optimiser per seed module that exists; rebuilt when the module changed."""
@@ -126,7 +123,7 @@ class Trainer:
             key = tuple(id(p) for p in params)
             current = self.seed_optimizers.get(slot_id)
             if current is None or current[0] != key:
-                self.seed_optimizers[slot_id] = (key, _make_optimizer(params, self.config, seed_lr))
+                self.seed_optimizers[slot_id] = (key, make_optimizer(params, self.config, seed_lr))
 
     def on_germinate(self, slot_id: str) -> None:
         """Call after germinating ``slot_id`` (train_step also notices on its own)."""
@@ -145,50 +142,44 @@ class Trainer:
         return [self.host_optimizer, *(opt for _, opt in self.seed_optimizers.values())]
 
     # -- one step --------------------------------------------------------------------
-    def _train(self) -> tuple[EvalTotals, dict[str, float], int]:
+    def _train(self) -> TrainPhase:
+        """The training phase of one step: `esper.training.step.train_phase` on this
+        env's model, batches and optimisers."""
         model, data, cfg = self.model, self.data, self.config
         model.train()
         totals = EvalTotals()
-        grad_sq = {sid: torch.zeros((), device=self.device) for sid in self.seed_optimizers}
         batches = self.stream.step_batches(cfg.batches_per_step)
-        optimizers = self._optimizers()
-        for idx in batches:
-            idx = idx.to(self.device, non_blocking=True)
+        own_pass = getattr(model, "own_seed_pass", False)
+
+        def batch_loss(k: int) -> Tensor:
+            idx = batches[k].to(self.device, non_blocking=True)
             x, y = data.train_x[idx], data.train_y[idx]
-            for opt in optimizers:
-                opt.zero_grad(set_to_none=True)
             with torch.autocast(
                 self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
             ):
                 logits = model(x)
                 # TRAINING seeds learn in a pass of their own, host detached (issue 12).
-                own = model.seed_forward(x) if getattr(model, "own_seed_pass", False) else None
+                own = model.seed_forward(x) if own_pass else None
             logits = logits.float()
-            loss = task_loss(logits, y)
-            if own is not None:
-                loss = loss + task_loss(own.float(), y)
-            self.scaler.scale(loss).backward()
-            for opt in optimizers:  # true gradients for clipping and the norms below
-                self.scaler.unscale_(opt)
-            if cfg.grad_clip is not None:
-                # One norm per optimiser (host, each seed): a seed's gradient must never
-                # rescale the host's (docs/ARCHITECTURE.md, Seeds, isolation and blending).
-                for opt in optimizers:
-                    params = [p for group in opt.param_groups for p in group["params"]]
-                    nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            for sid in grad_sq:
-                grads = [p.grad for p in model.seed_parameters(sid) if p.grad is not None]
-                if grads:
-                    grad_sq[sid] += torch.linalg.vector_norm(
-                        torch.stack([torch.linalg.vector_norm(g) for g in grads])
-                    )
-            for opt in optimizers:
-                self.scaler.step(opt)
-            self.scaler.update()
             totals.add(logits.detach(), y)
-        n = max(len(batches), 1)
-        samples = sum(int(idx.numel()) for idx in batches)
-        return totals, {sid: float(v) / n for sid, v in grad_sq.items()}, samples
+            loss = task_loss(logits, y)
+            return loss if own is None else loss + task_loss(own.float(), y)
+
+        optimizers = self._optimizers()
+        grad_norms = train_phase(
+            len(batches),
+            batch_loss,
+            optimizers,
+            # One norm per optimiser (host, each seed): a seed's gradient must never
+            # rescale the host's (docs/ARCHITECTURE.md, Seeds, isolation and blending).
+            clip_sets=[GradSet(optimizer_params(opt)) for opt in optimizers],
+            seed_sets={
+                sid: GradSet(tuple(model.seed_parameters(sid))) for sid in self.seed_optimizers
+            },
+            grad_clip=cfg.grad_clip,
+            scaler=self.scaler,
+        )
+        return TrainPhase(totals, grad_norms, sum(int(idx.numel()) for idx in batches))
 
     def validate(
         self, with_counterfactuals: bool = True, precomputed: CounterfactualResult | None = None
@@ -262,12 +253,12 @@ class Trainer:
 
     def train_step(
         self,
-        trained: tuple[EvalTotals, dict[str, float], int] | None = None,
+        trained: TrainPhase | None = None,
         validated: CounterfactualResult | None = None,
     ) -> StepResult:
-        """One env step. ``trained`` / ``validated``: this step's training phase (as
-        ``_train`` returns) and its validation already done elsewhere, for E envs at
-        once (`esper.training.batched`)."""
+        """One env step. ``trained`` / ``validated``: this step's training phase and its
+        validation already done elsewhere, for E envs at once (`train_batched`,
+        `validate_batched` of `esper.training.batched`)."""
         self.sync_seed_optimizers()
         signature = self._function_signature()
         if signature != self._judged_signature:  # germinated, pruned, alpha stepped...
