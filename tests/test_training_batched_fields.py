@@ -180,7 +180,11 @@ def test_envs_that_differ_in_a_shared_field_are_refused(digits, field):
 
 @pytest.mark.parametrize(
     ("field", "value", "message"),
-    [("optimizer", "adam", "sgd"), ("optimizer", "adamw", "sgd"), ("amp", "bf16", "float32")],
+    [
+        ("optimizer", "adam", "sgd"),
+        ("optimizer", "adamw", "sgd"),
+        ("amp", "bf16", "mixed precision"),
+    ],
 )
 def test_values_the_batched_step_does_not_implement_are_refused(digits, field, value, message):
     config = dataclasses.replace(digits[0].hparams, **{field: value})

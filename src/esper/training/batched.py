@@ -41,6 +41,7 @@ from esper.training.grouped import (
     CL,
     Plan,
     Stacked,
+    block_pool,
     block_slots,
     cnn_layout,
     grouped_pass,
@@ -100,7 +101,10 @@ CONFIG_FIELDS: dict[str, str] = {
 # SGDs; Adam/AdamW keep a step count per optimiser (a rollback restarts one env's).
 # The grouped kernels run in the parameters' dtype: no autocast.
 CONFIG_VALUES: dict[str, tuple] = {"optimizer": ("sgd",), "amp": ("off",)}
-_WHY = {"optimizer": "supports optimizer 'sgd' only", "amp": "runs in float32 only (amp 'off')"}
+_WHY = {
+    "optimizer": "supports optimizer 'sgd' only",
+    "amp": "runs without mixed precision (amp 'off'), in the parameters' dtype",
+}
 
 
 def config_support(config: TrainConfig) -> str | None:
@@ -139,8 +143,14 @@ def batched_support(trainers: Sequence) -> str | None:
             settings = optimizer_settings(tr.host_optimizer)
         except ValueError as err:
             return f"batched host training needs one host optimiser group: {err}"
-        if settings != optimizer_settings(first.host_optimizer):
-            return "batched envs' host optimisers must share their settings"
+        ref = optimizer_settings(first.host_optimizer)
+        differ = [k for k in ref if settings.get(k) != ref[k]]
+        if differ:
+            k = differ[0]
+            return (
+                f"batched envs' host optimisers must share their settings, got "
+                f"{k}={ref[k]!r} and {settings.get(k)!r}"
+            )
         stream = tr.stream
         # Batches line up only if every stream is at the same place of a same-sized epoch.
         if (stream.n, stream.batch_size, stream.position) != (
@@ -166,7 +176,7 @@ def _floats_per_sample(host: nn.Module, shape: tuple[int, ...]) -> int:
     most = 0
     for block in host.blocks:
         most = max(most, block[0].out_channels * h * w)
-        if any(isinstance(m, nn.MaxPool2d) for m in block):
+        if block_pool(block) is not None:
             h, w = h // 2, w // 2
     return most
 

@@ -13,7 +13,10 @@
   (`Plan`).
 * While `Stacked` lives, every env's host parameters and BatchNorm buffers are *views*
   into the stacked tensors (so per-env code sees the current values); `release` gives
-  them their own storage again.
+  them their own storage again, and their share of the last gradient.
+* Only a plain `CNNHost` qualifies (`cnn_layout`, read from module types and
+  settings), and none whose modules carry hooks: the grouped pass calls none of the
+  host's modules, so a hook would silently miss the batched steps.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ _HAS_MODULE = (
 )
 
 
-def _pool(block: nn.Module) -> nn.MaxPool2d | None:
+def block_pool(block: nn.Module) -> nn.MaxPool2d | None:
     """The block's max-pool, found by module type (None: the block does not pool)."""
     pools = [m for m in block if isinstance(m, nn.MaxPool2d)]
     return pools[0] if pools else None
@@ -60,7 +63,7 @@ def cnn_layout(host: nn.Module) -> tuple | None:
             (nn.MaxPool2d,),
         ):
             return None
-        conv, bn, pool = block[0], block[1], _pool(block)
+        conv, bn, pool = block[0], block[1], block_pool(block)
         if (
             conv.bias is not None
             or conv.groups != 1
@@ -76,6 +79,8 @@ def cnn_layout(host: nn.Module) -> tuple | None:
             pooling = (pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode)
         conv_settings = (conv.stride, conv.padding, conv.dilation)
         layout.append((tuple(conv.weight.shape), conv_settings, bn.eps, bn.momentum, pooling))
+    if host.classifier.bias is None:
+        return None
     return tuple(layout), tuple(host.classifier.weight.shape)
 
 
@@ -124,7 +129,7 @@ class Stacked:
         self.params: list[Tensor] = []  # stacked leaves, in host.parameters() order
         self._bound: list[tuple[Tensor, list[Tensor]]] = []  # (stacked, env tensors)
         self.convs: list[nn.Conv2d] = [block[0] for block in hosts[0].blocks]
-        self.pools = [_pool(block) for block in hosts[0].blocks]
+        self.pools = [block_pool(block) for block in hosts[0].blocks]
         self.weights: list[Tensor] = []
         self.bns: list[tuple] = []
         for i in range(len(self.convs)):

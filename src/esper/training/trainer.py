@@ -4,7 +4,8 @@
 
 1. sync optimisers with the slots (a new seed gets its own optimiser, a pruned one's
    is dropped; the host keeps one optimiser for the whole episode),
-2. train on one epoch or ``batches_per_step`` batches in this env's own data order,
+2. train on one epoch or ``batches_per_step`` batches in this env's own data order
+   (`esper.training.step.train_phase`, the step the batched path shares too),
 3. validate and compute every seed's contribution in one shared pass
    (`fast_counterfactuals`) and record them on the model,
 4. let the governor judge the loss: roll back and penalise, or take a new snapshot,
