@@ -24,7 +24,7 @@ from esper.training.batched import (
     config_support,
     train_batched,
 )
-from esper.training.step import GradSet, clip_grads_
+from esper.training.step import ClipSet
 
 STEPS = 3
 ENVS = 3
@@ -201,6 +201,11 @@ def test_hooks_on_the_host_are_refused_not_skipped(digits):
     reason = batched_support(trainers)
     assert reason is not None and "hooks" in reason and "blocks.1.0" in reason
     handle.remove()
+    handle = nn.modules.module.register_module_forward_hook(lambda *a: None)
+    try:  # a global module hook would miss the grouped pass just the same
+        assert "global hook" in (batched_support(trainers) or "")
+    finally:
+        handle.remove()
     trainers[0].model.host.classifier.weight.register_post_accumulate_grad_hook(lambda p: None)
     assert "classifier" in (batched_support(trainers) or "")
 
@@ -223,18 +228,32 @@ def test_pooling_is_read_from_the_pool_module(float64, digits):
     assert batched_support(trainers) == "batched envs must have hosts of one shape"
 
 
-def test_clip_of_stacked_envs_equals_each_env_clipped_alone():
+def _with_grads(grads: list[torch.Tensor]) -> list[nn.Parameter]:
+    params = [nn.Parameter(torch.zeros_like(g)) for g in grads]
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g.clone()
+    return params
+
+
+def test_clip_sets_clip_as_clip_grad_norm_does():
     torch.manual_seed(0)
-    envs = [[torch.randn(4, 3) * 2, torch.randn(5)] for _ in range(3)]
-    params = [nn.Parameter(torch.zeros(3 * 4, 3)), nn.Parameter(torch.zeros(3, 5))]
-    params[0].grad = torch.cat([g[0] for g in envs])
-    params[1].grad = torch.stack([g[1] for g in envs])
-    for e in range(3):
-        clip_grads_(GradSet(tuple(params), e, 3).grads(), 1.0)
+    # Three envs' gradients; env 1's norm is below the limit (left as it is).
+    envs = [
+        [torch.randn(4, 3, dtype=torch.float64) * s, torch.randn(5, dtype=torch.float64) * s]
+        for s in (2, 0.1, 3)
+    ]
+    one = _with_grads(envs[0])
+    ClipSet(tuple(one)).clip_(1.0)
+    reference = _with_grads(envs[0])
+    nn.utils.clip_grad_norm_(reference, 1.0)
+    # One optimiser's set: bit for bit torch's own clip (the per-env trajectory).
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(one, reference, strict=True))
+    # Stacked envs: each env's share clipped on its own.
+    stacked = _with_grads([torch.cat([g[0] for g in envs]), torch.stack([g[1] for g in envs])])
+    ClipSet(tuple(stacked), envs=3).clip_(1.0)
     for e, grads in enumerate(envs):
-        alone = [nn.Parameter(torch.zeros_like(g)) for g in grads]
-        for p, g in zip(alone, grads, strict=True):
-            p.grad = g.clone()
-        nn.utils.clip_grad_norm_(alone, 1.0)  # bit for bit the same operations
-        assert torch.equal(params[0].grad[4 * e : 4 * e + 4], alone[0].grad)
-        assert torch.equal(params[1].grad[e], alone[1].grad)
+        alone = _with_grads(grads)
+        nn.utils.clip_grad_norm_(alone, 1.0)
+        assert torch.allclose(stacked[0].grad[4 * e : 4 * e + 4], alone[0].grad, rtol=1e-12)
+        assert torch.allclose(stacked[1].grad[e], alone[1].grad, rtol=1e-12)
+    assert torch.equal(stacked[1].grad[1], envs[1][1])  # below the limit: unchanged

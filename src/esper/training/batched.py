@@ -51,7 +51,7 @@ from esper.training.grouped import (
 )
 from esper.training.objective import StackedTotals, quality
 from esper.training.step import (
-    GradSet,
+    ClipSet,
     TrainPhase,
     optimizer_like,
     optimizer_params,
@@ -243,11 +243,11 @@ def _train_group(trainers: Sequence) -> list[TrainPhase]:
             [optimizer, *seed_opts],
             # Clipped apart, as in each env's loop: each env's host, each seed.
             clip_sets=[
-                *(GradSet(tuple(stacked.params), e, E) for e in range(E)),
-                *(GradSet(optimizer_params(opt)) for opt in seed_opts),
+                ClipSet(tuple(stacked.params), envs=E),
+                *(ClipSet(optimizer_params(opt)) for opt in seed_opts),
             ],
-            seed_sets={
-                (e, sid): GradSet(tuple(tr.model.seed_parameters(sid)))
+            seed_params={
+                (e, sid): tr.model.seed_parameters(sid)
                 for e, tr in enumerate(trainers)
                 for sid in tr.seed_optimizers
             },

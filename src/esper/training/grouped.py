@@ -84,16 +84,24 @@ def cnn_layout(host: nn.Module) -> tuple | None:
     return tuple(layout), tuple(host.classifier.weight.shape)
 
 
-def _hooked(module: nn.Module) -> bool:
-    """Whether hooks are registered on ``module`` or its parameters. torch offers no
-    public query, so its hook dictionaries are read."""
-    dicts = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-    if any(getattr(module, name, None) for name in dicts):
-        return True
-    tensor_hooks = ("_backward_hooks", "_post_accumulate_grad_hooks")
-    return any(
-        getattr(p, name, None) for p in module.parameters(recurse=False) for name in tensor_hooks
-    )
+def _hooked(host: nn.Module) -> str | None:
+    """Name of a module or parameter of ``host`` that carries a hook, global module
+    hooks included (None: none does). torch offers no public query, so its hook
+    dictionaries are read."""
+    hooks = torch.nn.modules.module
+    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
+        return "all modules (a global hook)"
+    if hooks._global_backward_hooks or hooks._global_backward_pre_hooks:
+        return "all modules (a global hook)"
+    for name, m in host.named_modules():
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks:
+            return name or "the host"
+        if m._backward_pre_hooks:
+            return name or "the host"
+    for name, p in host.named_parameters():
+        if p._backward_hooks or p._post_accumulate_grad_hooks:
+            return name
+    return None
 
 
 def supports_host(host: nn.Module) -> str | None:
@@ -105,11 +113,11 @@ def supports_host(host: nn.Module) -> str | None:
         )
     # The grouped network calls none of the host's modules and its gradients land on
     # stacked tensors: a hook (a statistic collected for growth) would be skipped.
-    hooked = [name or "the host" for name, m in host.named_modules() if _hooked(m)]
-    if hooked:
+    hooked = _hooked(host)
+    if hooked is not None:
         return (
-            "batched host training would skip the hooks registered on the host "
-            f"(module {hooked[0]!r}); train these envs one by one"
+            f"batched host training would skip the hooks registered on the host "
+            f"({hooked!r}); train these envs one by one"
         )
     return None
 

@@ -67,32 +67,35 @@ def optimizer_params(optimizer: torch.optim.Optimizer) -> tuple[Tensor, ...]:
     return tuple(p for group in optimizer.param_groups for p in group["params"])
 
 
+def _grads(params: Sequence[Tensor]) -> list[Tensor]:
+    return [p.grad for p in params if p.grad is not None]
+
+
 @dataclass(frozen=True)
-class GradSet:
-    """Gradients taken as one vector (for a clip or a norm): those of ``params``, or,
-    for parameters that stack ``parts`` envs along their first dimension, env
-    ``part``'s share of each."""
+class ClipSet:
+    """Parameters whose gradient is clipped as one vector (one optimiser's), or, with
+    ``envs`` > 1, parameters that stack E envs along their first dimension, each env's
+    share clipped on its own (E hosts trained as one grouped network)."""
 
     params: tuple[Tensor, ...]
-    part: int = 0
-    parts: int = 1
+    envs: int = 1
 
-    def grads(self) -> list[Tensor]:
-        grads = [p.grad for p in self.params if p.grad is not None]
-        if self.parts == 1:
-            return grads
-        return [g.view(self.parts, -1)[self.part] for g in grads]
-
-
-def clip_grads_(grads: list[Tensor], max_norm: float) -> None:
-    """`torch.nn.utils.clip_grad_norm_` on gradient tensors (views included), with the
-    same operations, so one env's trajectory is bit for bit what that function gives."""
-    if not grads:
-        return
-    total = torch.nn.utils.get_total_norm(grads)
-    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    for g in grads:
-        g.mul_(coef)
+    def clip_(self, max_norm: float) -> None:
+        """Scale the gradients in place by min(1, max_norm / (norm + 1e-6))."""
+        grads = _grads(self.params)
+        if not grads:
+            return
+        if self.envs == 1:
+            # The operations of `torch.nn.utils.clip_grad_norm_`: one env's trajectory
+            # is bit for bit what that function gives.
+            total = torch.nn.utils.get_total_norm(grads)
+        else:
+            grads = [g.view(self.envs, -1) for g in grads]
+            per_tensor = torch.stack([torch.linalg.vector_norm(g, dim=1) for g in grads], 1)
+            total = torch.linalg.vector_norm(per_tensor, dim=1)[:, None]  # [E, 1]
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for g in grads:
+            g.mul_(coef)
 
 
 def grad_norm(grads: list[Tensor]) -> Tensor:
@@ -104,16 +107,16 @@ def train_phase(
     batches: int,
     batch_loss: Callable[[int], Tensor],
     optimizers: Sequence[torch.optim.Optimizer],
-    clip_sets: Sequence[GradSet],
-    seed_sets: Mapping[K, GradSet],
+    clip_sets: Sequence[ClipSet],
+    seed_params: Mapping[K, Sequence[Tensor]],
     grad_clip: float | None,
     scaler: torch.amp.GradScaler | None = None,
 ) -> dict[K, float]:
     """``batches`` optimiser steps; ``batch_loss(k)`` runs batch k's forward passes and
     returns the loss to minimise (recording whatever totals the caller keeps). Returns,
-    per key of ``seed_sets``, the mean over batches of that seed's gradient norm (after
-    clipping). ``scaler``: fp16 loss scaling (None or disabled: plain steps)."""
-    grad_sum: dict[K, Tensor | float] = dict.fromkeys(seed_sets, 0.0)
+    per key of ``seed_params``, the mean over batches of that seed's gradient norm
+    (after clipping). ``scaler``: fp16 loss scaling (None or disabled: plain steps)."""
+    grad_sum: dict[K, Tensor | float] = dict.fromkeys(seed_params, 0.0)
     for k in range(batches):
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
@@ -125,10 +128,10 @@ def train_phase(
             for opt in optimizers:  # true gradients for clipping and the norms below
                 scaler.unscale_(opt)
         if grad_clip is not None:
-            for grad_set in clip_sets:
-                clip_grads_(grad_set.grads(), grad_clip)
-        for key, grad_set in seed_sets.items():
-            grads = grad_set.grads()
+            for clip_set in clip_sets:
+                clip_set.clip_(grad_clip)
+        for key, params in seed_params.items():
+            grads = _grads(params)
             if grads:  # summed on the device: no sync per batch
                 grad_sum[key] = grad_sum[key] + grad_norm(grads)
         for opt in optimizers:

@@ -36,7 +36,7 @@ from esper.training.governor import ROLLBACK_VERDICTS, Governor, GovernorEvent
 from esper.training.objective import EvalTotals, bits_per_char, task_loss
 from esper.training.signals import TrainingSignals
 from esper.training.step import (
-    GradSet,
+    ClipSet,
     TrainPhase,
     make_optimizer,
     optimizer_params,
@@ -173,10 +173,8 @@ class Trainer:
             optimizers,
             # One norm per optimiser (host, each seed): a seed's gradient must never
             # rescale the host's (docs/ARCHITECTURE.md, Seeds, isolation and blending).
-            clip_sets=[GradSet(optimizer_params(opt)) for opt in optimizers],
-            seed_sets={
-                sid: GradSet(tuple(model.seed_parameters(sid))) for sid in self.seed_optimizers
-            },
+            clip_sets=[ClipSet(optimizer_params(opt)) for opt in optimizers],
+            seed_params={sid: model.seed_parameters(sid) for sid in self.seed_optimizers},
             grad_clip=cfg.grad_clip,
             scaler=self.scaler,
         )
