@@ -11,9 +11,9 @@ Both run the same cycle on a model with seed slots (an Esper host's
 * **record + gates**: each seed's credit is recorded on the model and the lifecycle
   gates run (``model.step_epoch()``). The `Grower` calls `GrowthStepper.settle`; the
   env's `Trainer` does the same inside ``train_step``, because its governor decides
-  between measuring and recording whether the step counts at all. Both hold a seed
-  whose reading is unknown: a NaN reading has NaN bounds, so it passes no gate and
-  triggers no prune.
+  between measuring and recording whether the step counts at all. Both read credit
+  the same way (`esper.training.counterfactual`) and hold a seed whose reading is
+  unknown: a NaN error gives NaN bounds, which pass no gate and trigger no prune.
 * **observe**: `GrowthStepper.observe` turns the reading into the reward and the
   observation, from one `TrainingProgress` definition: λ and the budget, the step
   fraction, deltas against the previous step (the episode's baseline validation for
@@ -217,18 +217,11 @@ class GrowthStepper:
     def settle(
         self, contributions: Mapping[str, float], stderrs: Mapping[str, float]
     ) -> list[StageChange]:
-        """Record each measured seed's credit, then run the lifecycle gates.
-
-        A NaN reading (a pass that produced NaN, or a NaN error) is recorded as NaN, with
-        no error attached: its bounds are NaN, so the seed is held where it is (no gate
-        passes, no prune fires), as the env holds a seed whose reading is stale.
-        """
+        """Record each measured seed's credit (a NaN reading is 0.0 with a NaN error, as
+        `esper.training.counterfactual` reads it: no gate passes, no prune fires), then
+        run the lifecycle gates, as the env's `Trainer` does."""
         for sid, value in contributions.items():
-            se = stderrs.get(sid)
-            if math.isnan(value) or (se is not None and math.isnan(se)):
-                self.model.record_contribution(sid, math.nan)
-            else:
-                self.model.record_contribution(sid, value, se)
+            self.model.record_contribution(sid, value, stderrs.get(sid))
         return self.model.step_epoch()
 
     def observe(self, reading: Reading) -> Observed:
