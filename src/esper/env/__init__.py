@@ -9,7 +9,8 @@ max_epochs=10, reward_mode="contribution")``. Without importing esper first, use
 
 import gymnasium
 
-from esper.env.environment import EnvConfig, EpisodeOverError, MorphogenesisEnv
+from esper.env.environment import BegunStep, EnvConfig, EpisodeOverError, MorphogenesisEnv
+from esper.env.growth_step import GrowthStepper, Observed, Reading, seed_grad_norm
 from esper.env.masks import (
     blueprint_cost_table,
     compute_action_masks,
@@ -49,12 +50,16 @@ __all__ = [
     "REWARD_MODES",
     "SCHEMA_VERSION",
     "SLOT_DIM",
+    "BegunStep",
     "EnvConfig",
     "EpisodeOverError",
+    "GrowthStepper",
     "JointActionLayout",
     "JointActionWrapper",
     "MorphogenesisEnv",
     "ObservationSchema",
+    "Observed",
+    "Reading",
     "RewardBreakdown",
     "RewardConfig",
     "RewardTracker",
@@ -68,5 +73,6 @@ __all__ = [
     "compute_batch_masks",
     "flat_masks",
     "register_envs",
+    "seed_grad_norm",
     "stage_tensors",
 ]

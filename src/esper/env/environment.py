@@ -10,6 +10,11 @@ See docs/ARCHITECTURE.md, The environment.
   (`Trainer.train_step`), and returns the new observation. An episode is ``max_epochs``
   steps; the last one returns ``truncated=True`` (never ``terminated``: the task could
   go on, so agents should bootstrap from the final observation).
+* ``step`` is three phases a lockstep runner may call itself: ``begin_step(action)``
+  (apply), ``train_phase(trained=, validated=)`` (host training and everything the
+  trainer does after it) and ``end_step(begun, result)`` (twin, reward, observation).
+  Observation, reward, masks and actions are the growth step the `Grower` runs too
+  (`esper.env.growth_step`).
 * λ and the budget are part of the observation (schema v3). With
   ``growth_penalty_range=(lo, hi)`` every reset draws the episode's λ uniformly from
   [lo, hi] (from the episode seed, so a seed always gets the same λ); the draw is in
@@ -44,12 +49,16 @@ from esper.actions import (
     FactoredAction,
     LifecycleOp,
 )
-from esper.env.masks import blueprint_cost_table, compute_action_masks, flat_masks
-from esper.env.observations import GLOBAL_DIM, SLOT_DIM, TrainingProgress, build_observation
-from esper.env.rewards import RewardConfig, RewardMode, RewardTracker, contribution_potential
-from esper.model import LifecycleConfig, MorphogeneticModel, blueprints_for
+from esper.env.growth_step import GrowthStepper, Reading
+from esper.env.masks import blueprint_cost_table, flat_masks
+from esper.env.observations import GLOBAL_DIM, SLOT_DIM
+from esper.env.rewards import RewardConfig, RewardMode
+from esper.model import LifecycleConfig, MorphogeneticModel, StageChange, blueprints_for
 from esper.slots import SlotConfig
 from esper.training import TaskData, Trainer, get_task
+from esper.training.counterfactual import CounterfactualResult
+from esper.training.objective import EvalTotals
+from esper.training.trainer import StepResult
 
 
 @dataclass(frozen=True)
@@ -131,21 +140,13 @@ class MorphogenesisEnv(gym.Env):
         self.data = data
         self.lifecycle = cfg.lifecycle if cfg.lifecycle is not None else LifecycleConfig()
         self.device = torch.device(cfg.device)
-        # Slot config, blueprints and costs come from a throwaway host: they fix the spaces.
+        # Slot config and blueprints come from a throwaway host: they fix the spaces. (Each
+        # episode's blueprint costs come from its own model: `GrowthStepper.costs`.)
         probe = MorphogeneticModel(self.task.make_host(self.data), self._slots(), self.lifecycle)
         self.slot_config: SlotConfig = probe.slot_config
         self.topology = probe.topology
         self.action_spec = ActionSpace(self.slot_config, blueprints_for(self.topology))
-        self.blueprint_costs = blueprint_cost_table(
-            self.slot_config,
-            self.action_spec.blueprints,
-            blends=self.action_spec.blends,
-            model=probe,
-        )
         self.host_params = probe.param_counts().host
-        self.param_budget = (
-            math.inf if cfg.max_growth is None else cfg.max_growth * self.host_params
-        )
         num_slots = self.slot_config.num_slots
         self.observation_space = gym.spaces.Dict(
             {
@@ -161,7 +162,7 @@ class MorphogenesisEnv(gym.Env):
         self.growth_penalty = cfg.growth_penalty  # this episode's λ
         self.episode_seed: int | None = None
         self.illegal_actions = 0
-        self.epoch = 0
+        self.growth: GrowthStepper | None = None  # this episode's (esper.env.growth_step)
 
     def _slots(self) -> tuple[str, ...]:
         return (
@@ -181,23 +182,18 @@ class MorphogenesisEnv(gym.Env):
         self.episode_seed = int(self.np_random.integers(2**31 - 1))
         # Module initialisation draws from torch's global generator: fork it so that an
         # env's host and seeds depend on its own seeds only (not on other envs or calls).
-        self._init_rng = np.random.default_rng(self.episode_seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.episode_seed)
             host = self.task.make_host(self.data)
         twin_host = copy.deepcopy(host) if self.config.reward_mode == "twin" else None
-        self.model = MorphogeneticModel(host, self.slot_config, self.lifecycle)
+        self.model = model = MorphogeneticModel(host, self.slot_config, self.lifecycle)
         self.trainer = Trainer(
-            self.model, self.data, self.train_config, seed=self.episode_seed, device=self.device
+            model, self.data, self.train_config, seed=self.episode_seed, device=self.device
         )
         result = self.trainer.validate(with_counterfactuals=False)
-        self.epoch, self.illegal_actions = 0, 0
-        self._quality, self._val_loss = float(result.quality), float(result.val_loss)
+        self.illegal_actions = 0
         self.growth_penalty = self._draw_growth_penalty()
-        self._rewards = RewardTracker(
-            replace(self.reward_config, growth_penalty=self.growth_penalty)
-        )
-        self._twin_quality = self._quality
+        self._twin_quality = float(result.quality)
         self.twin_trainer = None
         if twin_host is not None:
             twin = MorphogeneticModel(twin_host, self.slot_config, self.lifecycle)
@@ -205,24 +201,39 @@ class MorphogenesisEnv(gym.Env):
                 twin, self.data, self.train_config, seed=self.episode_seed, device=self.device
             )
             self._twin_quality = float(self.twin_trainer.validate(False).quality)
-        self._rewards.reset(self._quality, self.model.growth_ratio(), self._twin_quality)
-        progress = TrainingProgress(
-            0,
-            self.max_epochs,
-            # No training yet: the train-side features show the validation values.
-            result.val_loss,
-            result.val_loss,
-            result.val_acc,
-            result.val_acc,
-            growth=self.model.growth_ratio(),
-            budget_left_fraction=self._budget_left_fraction(),
-            growth_penalty=self.growth_penalty,
+        space = self.action_spec
+        self.growth = GrowthStepper(
+            model,
+            space,
+            lambda: blueprint_cost_table(
+                self.slot_config, space.blueprints, blends=space.blends, model=model
+            ),
+            max_steps=self.max_epochs,
+            rewards=replace(self.reward_config, growth_penalty=self.growth_penalty),
             max_growth=self.config.max_growth,
+            plateau_tolerance=self.train_config.plateau_tolerance,
+            history=self.train_config.history,
+            seed=self.episode_seed,  # germinated seeds' initialisation
         )
-        return self._observation(progress, None), self._info(result.quality)
+        # No training yet: the train-side features show the validation values.
+        reading = Reading(
+            result.val_loss, result.val_acc, result.val_loss, result.val_acc, result.quality,
+            baseline=self._twin_quality,
+        )  # fmt: skip
+        obs = self.growth.start(reading)
+        return _numpy(obs), self._info(self.growth.quality)
 
     def step(self, action):
-        if self.trainer is None or self.model is None:
+        """One env step: `begin_step` (apply the action), `train_phase` (one step of host
+        training, validation, credit, governor, lifecycle gates), `end_step` (reward and
+        observation). A lockstep runner calls the three phases itself."""
+        begun = self.begin_step(action)
+        return self.end_step(begun, self.train_phase())
+
+    # -- the phases of a step ----------------------------------------------------------
+    def begin_step(self, action) -> BegunStep:
+        """Parse and check ``action``, then apply it (an illegal one runs as WAIT)."""
+        if self.trainer is None or self.growth is None:
             raise EpisodeOverError("call reset() before step()")
         if self.epoch >= self.max_epochs:
             raise EpisodeOverError(
@@ -233,61 +244,56 @@ class MorphogenesisEnv(gym.Env):
         if illegal:
             self.illegal_actions += 1
             chosen = FactoredAction.wait()
-        events = self._apply(chosen)
-        result = self.trainer.train_step()
-        self.epoch += 1
-        last = self.epoch >= self.max_epochs
-        quality = float(result.quality)
-        if not math.isfinite(quality):
-            quality = self._quality  # a failed restore: no credit either way this step
-        states = self.model.slot_states()
-        growth = self.model.growth_ratio()
-        potential = contribution_potential(
-            [s.stage for s in states],
-            [s.contribution for s in states],
-            self.reward_config.contribution_weight,
-        )
+        changes = self.growth.apply(chosen, illegal=illegal)
+        if chosen.op == LifecycleOp.GERMINATE:
+            self.trainer.on_germinate(changes[0].slot_id)
+        elif chosen.op == LifecycleOp.PRUNE:
+            self.trainer.on_prune(changes[0].slot_id)
+        return BegunStep(self.epoch, chosen, illegal, tuple(changes))
+
+    def train_phase(
+        self,
+        trained: tuple[EvalTotals, dict[str, float], int] | None = None,
+        validated: CounterfactualResult | None = None,
+    ) -> StepResult:
+        """`Trainer.train_step`; ``trained`` / ``validated``: its training phase and its
+        validation already run for several envs at once (`esper.env.lockstep`)."""
+        if self.trainer is None:
+            raise EpisodeOverError("call reset() before step()")
+        return self.trainer.train_step(trained=trained, validated=validated)
+
+    def end_step(self, begun: BegunStep, result: StepResult):
+        """The static twin's step, then reward, observation and info: the Gymnasium
+        ``(obs, reward, terminated, truncated, info)`` of the step ``begun`` started."""
+        if begun.epoch != self.epoch:
+            raise ValueError(
+                f"end_step got the step begun at epoch {begun.epoch}; this env is at "
+                f"epoch {self.epoch}"
+            )
         if self.twin_trainer is not None:
             twin_quality = float(self.twin_trainer.train_step().quality)
             if math.isfinite(twin_quality):  # else: no baseline change this step
                 self._twin_quality = twin_quality
-        reward = self._rewards.step(
-            quality, growth, penalty=result.penalty, potential=potential, last=last,
-            baseline=self._twin_quality,
-        )  # fmt: skip
-        signals = self.trainer.signals
-        progress = TrainingProgress(
-            self.epoch,
-            self.max_epochs,
+        reading = Reading(
             result.train_loss,
-            result.val_loss,
             result.train_acc,
+            result.val_loss,
             result.val_acc,
-            quality_delta=quality - self._quality,
-            val_loss_delta=result.val_loss - self._val_loss,
-            gap_to_best_quality=max(signals.best_quality - quality, 0.0),
-            plateau_epochs=signals.plateau_epochs,
-            growth=growth,
-            budget_left_fraction=self._budget_left_fraction(),
-            governor_rollback=result.governor_event is not None,
-            last_op=int(chosen.op),
-            last_action_illegal=illegal,
-            growth_penalty=self.growth_penalty,
-            max_growth=self.config.max_growth,
+            result.quality,
+            grad_norms=result.seed_grad_norms,
+            penalty=result.penalty,
+            rollback=result.governor_event is not None,
+            baseline=self._twin_quality,
         )
-        self._quality, self._val_loss = quality, float(result.val_loss)
-        grads = [result.seed_grad_norms.get(s.slot_id, 0.0) for s in states]
-        info = self._info(quality)
+        observed = self.growth.observe(reading)  # type: ignore[union-attr]
+        changes = begun.changes + result.stage_changes
+        info = self._info(observed.quality)
         info.update(
-            illegal_action=illegal,
-            executed_action=chosen.as_tuple(),
-            events=events
-            + [
-                _event(c.slot_id, c.source.name, c.target.name, c.reason)
-                for c in result.stage_changes
-            ],
+            illegal_action=begun.illegal,
+            executed_action=begun.action.as_tuple(),
+            events=[_event(c.slot_id, c.source.name, c.target.name, c.reason) for c in changes],
             governor_event=None if result.governor_event is None else result.governor_event.reason,
-            reward_parts=asdict(reward),
+            reward_parts=asdict(observed.reward),
             train_loss=float(result.train_loss),
             val_loss=float(result.val_loss),
             # This step's seed credit (what the lifecycle gates read): paired
@@ -296,8 +302,8 @@ class MorphogenesisEnv(gym.Env):
             contribution_se=dict(result.contribution_se),
             prospective=sorted(result.prospective),
         )
-        obs = self._observation(progress, grads)
-        return obs, float(reward.total), False, bool(last), info
+        reward = float(observed.reward.total)
+        return _numpy(observed.observation), reward, False, bool(observed.last), info
 
     def action_masks(self) -> np.ndarray:
         """Flat per-head masks ``[4 + S + B + L]`` (bool), each head with >= 1 True."""
@@ -305,18 +311,23 @@ class MorphogenesisEnv(gym.Env):
 
     def conditional_masks(self) -> ActionMasks:
         """Exact conditional masks of the current state (what our own agent reads)."""
-        if self.model is None:
+        if self.growth is None:
             raise EpisodeOverError("call reset() before asking for masks")
-        return compute_action_masks(
-            self.model.slot_states(),
-            self.slot_config,
-            self.blueprint_costs,
-            budget_left=self.budget_left(),
-            fossilize_threshold=self.lifecycle.fossilize_threshold,
-            num_blends=len(self.action_spec.blends),
-        )
+        return self.growth.masks()
 
     # -- helpers ---------------------------------------------------------------------
+    @property
+    def epoch(self) -> int:
+        """Steps taken in this episode."""
+        return 0 if self.growth is None else self.growth.steps
+
+    @property
+    def blueprint_costs(self) -> torch.Tensor:
+        """This env's blueprint cost table ``[S, B]`` (rebuilt after structural changes)."""
+        if self.growth is None:
+            raise EpisodeOverError("call reset() before asking for costs")
+        return self.growth.costs
+
     def parse_action(self, action) -> FactoredAction:
         """A `FactoredAction` from a MultiDiscrete sample, a 4-sequence or itself."""
         if isinstance(action, FactoredAction):
@@ -332,8 +343,9 @@ class MorphogenesisEnv(gym.Env):
         return FactoredAction.from_indices(*values, space=self.action_spec)
 
     def budget_left(self) -> float:
-        counts = self.model.param_counts()  # type: ignore[union-attr]
-        return self.param_budget - (counts.live_seeds + counts.fossils)
+        if self.growth is None:
+            raise EpisodeOverError("call reset() before asking for the budget")
+        return self.growth.budget_left()
 
     def _draw_growth_penalty(self) -> float:
         """This episode's λ: from the episode seed alone (a generator of its own, so the
@@ -344,54 +356,14 @@ class MorphogenesisEnv(gym.Env):
         rng = np.random.default_rng((self.episode_seed, 0x1A3B))
         return float(rng.uniform(bounds[0], bounds[1]))
 
-    def _budget_left_fraction(self) -> float:
-        if math.isinf(self.param_budget):
-            return 1.0
-        return max(self.budget_left(), 0.0) / max(self.param_budget, 1.0)
-
-    def _apply(self, action: FactoredAction) -> list[dict[str, str]]:
-        """Execute a legal decision; returns its stage change as an event record."""
-        model, trainer = self.model, self.trainer
-        if action.op == LifecycleOp.WAIT:
-            return []
-        slot_id = self.slot_config.slot_id_for_index(action.slot)
-        before = model.slot_state(slot_id).stage
-        if action.op == LifecycleOp.GERMINATE:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(int(self._init_rng.integers(2**31 - 1)))
-                model.germinate(
-                    slot_id,
-                    self.action_spec.blueprints[action.blueprint],
-                    self.action_spec.blends[action.blend],
-                )
-            trainer.on_germinate(slot_id)
-        elif action.op == LifecycleOp.FOSSILIZE:
-            model.fossilize(slot_id)
-        else:
-            model.prune(slot_id, reason="policy")
-            trainer.on_prune(slot_id)
-        after = model.slot_state(slot_id).stage
-        reason = f"policy_{action.op.name.lower()}"
-        return [_event(slot_id, before.name, after.name, reason)]
-
-    def _observation(self, progress: TrainingProgress, grads: list[float] | None):
-        obs = build_observation(
-            progress,
-            self.model.slot_states(),
-            host_params=self.host_params,
-            blueprints=self.action_spec.blueprints,
-            grad_norms=grads,
-        )
-        return {key: value.numpy() for key, value in obs.items()}
-
     def _info(self, quality: float) -> dict[str, Any]:
-        model = self.model
+        model, rewards = self.model, self.growth.rewards  # type: ignore[union-attr]
         return {
             "epoch": self.epoch,
             "quality": float(quality),
             "growth": model.growth_ratio(),
-            "objective": self._rewards.objective(quality, model.growth_ratio()),
-            "initial_objective": self._rewards.initial_objective,
+            "objective": rewards.objective(quality, model.growth_ratio()),
+            "initial_objective": rewards.initial_objective,
             "growth_penalty": self.growth_penalty,
             # The static twin's quality (reward_mode="twin"; None otherwise).
             "twin_quality": self._twin_quality if self.twin_trainer is not None else None,
@@ -404,6 +376,21 @@ class MorphogenesisEnv(gym.Env):
             "flops_train": self.trainer.flops.train,
             "flops_eval": self.trainer.flops.eval,
         }
+
+
+@dataclass(frozen=True)
+class BegunStep:
+    """What `MorphogenesisEnv.begin_step` did: the action executed (WAIT for an illegal
+    one) and its stage change."""
+
+    epoch: int  # the env's epoch when the step began
+    action: FactoredAction
+    illegal: bool
+    changes: tuple[StageChange, ...]
+
+
+def _numpy(obs: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return {key: value.numpy() for key, value in obs.items()}
 
 
 def _event(slot_id: str, source: str, target: str, reason: str) -> dict[str, str]:

@@ -18,12 +18,12 @@
   one env's kernels need not queue behind another's. On CPU there are no streams.
 * **Batched host training** (opt-in, ``batched=True``): the envs' training phases run
   as one grouped computation per optimiser step (`esper.training.batched`, driven by
-  `esper.env.lockstep`); everything else (actions, validation and credit, governor,
-  lifecycle, rewards) stays per env. An env's trajectory is the same, to float
-  tolerance, as when it runs alone. CNN hosts with SGD in float32 on one device only
-  (refused otherwise, at construction); a step whose envs cannot be batched (e.g.
-  batch streams out of line) runs the per-env loop, and ``last_step_batched`` says
-  which path the last step took.
+  `esper.env.lockstep` through the phases of `MorphogenesisEnv.step`); everything else
+  (actions, validation and credit, governor, lifecycle, rewards) stays per env. An
+  env's trajectory is the same, to float tolerance, as when it runs alone. CNN hosts
+  with SGD in float32 on one device only (refused otherwise, at construction); a step
+  whose envs cannot be batched (e.g. batch streams out of line) runs the per-env loop,
+  and ``last_step_batched`` says which path the last step took.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from functools import partial
 from typing import Any
 
 import numpy as np
@@ -140,16 +139,18 @@ class VectorMorphogenesisEnv:
         return _stack(self._last_obs), self.masks(), [info for _, info in results]
 
     def masks(self) -> ActionMasks:
-        """Conditional masks of every env, ``[E, ...]``, in one batched computation."""
+        """Conditional masks of every env, ``[E, ...]``, in one batched computation (each
+        env with its own blueprint cost table)."""
+        envs = self._started()
         stages, contributions = zip(
-            *(stage_tensors(env.model.slot_states()) for env in self._started()), strict=True
+            *(stage_tensors(env.model.slot_states()) for env in envs), strict=True
         )
-        env0 = self.envs[0]
+        env0 = envs[0]
         return compute_batch_masks(
             torch.stack(stages),
             torch.stack(contributions),
-            env0.blueprint_costs,
-            torch.tensor([env.budget_left() for env in self.envs], dtype=torch.float64),
+            torch.stack([env.blueprint_costs for env in envs]),
+            torch.tensor([env.budget_left() for env in envs], dtype=torch.float64),
             fossilize_threshold=env0.lifecycle.fossilize_threshold,
             num_blends=len(env0.action_spec.blends),
         )
@@ -166,10 +167,7 @@ class VectorMorphogenesisEnv:
         if self._stepper is not None:
             for env, action in zip(self.envs, actions, strict=True):
                 env.parse_action(action)  # a bad action raises before any env steps
-            steps = self._stepper.run(
-                self.envs,
-                [partial(env.step, action) for env, action in zip(self.envs, actions, strict=True)],
-            )
+            steps = self._stepper.run(self.envs, actions)
         else:
             steps = [None] * self.num_envs
         for env, action, stream, done in zip(self.envs, actions, self._streams, steps, strict=True):
@@ -208,8 +206,6 @@ class VectorMorphogenesisEnv:
     def close(self) -> None:
         for env in self.envs:
             env.close()
-        if self._stepper is not None:
-            self._stepper.close()
 
 
 def _check_batchable(env: MorphogenesisEnv, devices: Sequence[torch.device]) -> None:

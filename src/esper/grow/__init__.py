@@ -7,12 +7,10 @@
 """
 
 from esper.grow.attach import AttachError, AttachPoint, SlottedModel, attach, load_slotted
-from esper.grow.choices import AgentController
 from esper.grow.export import FoldedSeed, export_model, save_portable
 from esper.grow.grower import Grower, GrowerConfig, GrowthStep
 
 __all__ = [
-    "AgentController",
     "AttachError",
     "AttachPoint",
     "FoldedSeed",

@@ -1,47 +1,31 @@
-"""What a `Grower` offers and who decides: blueprints that fit a user model's slots, and
-the controller (a named baseline, a PPO checkpoint or agent, or any `Controller`)."""
+"""What a `Grower` offers and who decides: blueprints that fit a model's slots, their
+costs, and the controller (a named baseline, a PPO checkpoint or agent, or any
+`Controller`)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from esper.actions import ActionMasks, FactoredAction, LifecycleOp
+from esper.actions import BLEND_ALGORITHMS
+from esper.env.masks import blueprint_cost_table
 from esper.env.observations import GLOBAL_DIM, MAX_BLUEPRINTS, SLOT_DIM
-from esper.grow.attach import SlottedModel
 from esper.model import blueprints_for, get_blueprint
-from esper.policy.controllers import HeuristicController, RandomController, StaticController
+from esper.policy.controllers import (
+    HeuristicController,
+    PolicyController,
+    RandomController,
+    StaticController,
+)
 
 _NAMED = {"heuristic": HeuristicController, "static": StaticController, "random": RandomController}
 
 
-class AgentController:
-    """A `esper.rl.PPOAgent` behind the one-env `Controller` interface (state = hidden)."""
-
-    def __init__(self, agent: Any, slot_ids: tuple[str, ...], deterministic: bool = True):
-        self.agent, self.slot_ids, self.deterministic = agent, slot_ids, deterministic
-
-    def initial_state(self) -> Any:
-        return self.agent.initial_hidden(1)
-
-    def act(self, observation, masks: ActionMasks, state: Any) -> tuple[FactoredAction, Any]:
-        obs = {k: torch.as_tensor(v, dtype=torch.float32)[None] for k, v in observation.items()}
-        step = self.agent.act(
-            obs,
-            ActionMasks.stack([masks]),
-            state,
-            self.deterministic,
-            slot_ids=self.slot_ids,
-            update_normalizer=False,
-        )
-        op, slot, blueprint, blend = (int(v) for v in step.actions[0].tolist())
-        return FactoredAction(LifecycleOp(op), slot, blueprint, blend), step.hidden
-
-
 def make_controller(
-    spec: Any, model: SlottedModel, seed: int = 0, deterministic: bool = True
+    spec: Any, model: Any, seed: int = 0, deterministic: bool = True
 ) -> tuple[Any, str, Any]:
     """(controller, name for telemetry, PPO agent or None)."""
     if isinstance(spec, str) and spec in _NAMED:
@@ -58,8 +42,8 @@ def make_controller(
             spec, slot_config=model.slot_config, global_dim=GLOBAL_DIM, slot_dim=SLOT_DIM
         )
     if hasattr(spec, "initial_hidden") and hasattr(spec, "blueprints"):
-        agent_ctl = AgentController(spec, model.slot_config.slot_ids, deterministic)
-        return agent_ctl, "ppo", spec
+        spec.slot_config.check_matches(model.slot_config.slot_ids, what="the model's slots")
+        return PolicyController(spec, deterministic), "ppo", spec
     if hasattr(spec, "act") and hasattr(spec, "initial_state"):
         return spec, type(spec).__name__, None
     raise TypeError(
@@ -79,14 +63,26 @@ def residual_cost(topology: str, name: str, channels: int) -> int | None:
     return blueprint.param_count(channels)
 
 
-def offered_blueprints(model: SlottedModel, wanted: tuple[str, ...] | None) -> tuple[str, ...]:
-    """Residual blueprints of the slots' topologies, first-seen order (mixed models), or
-    the ``wanted`` ones, each checked to fit at least one slot."""
-    names: list[str] = []
+def cost_table(
+    model: Any, blueprints: Sequence[str], blends: Sequence[str] = BLEND_ALGORITHMS
+) -> torch.Tensor:
+    """``[S, B]`` parameter cost of each blueprint in each slot (-1: does not fit): the
+    model's own exact counts where it has them (an Esper host's `MorphogeneticModel`,
+    whose width seeds' costs depend on its layers), else the residual blueprints' counts
+    from each slot's channels (a user's `SlottedModel`)."""
+    if hasattr(model, "seed_param_count"):
+        return blueprint_cost_table(model.slot_config, blueprints, blends=blends, model=model)
+    return blueprint_cost_table(model.slot_config, blueprints, residual_cost, blends=blends)
+
+
+def offered_blueprints(model: Any, wanted: tuple[str, ...] | None) -> tuple[str, ...]:
+    """The blueprints of the slots' topologies that fit at least one slot, first-seen
+    order (mixed models), or the ``wanted`` ones, each checked to fit a slot."""
+    candidates: list[str] = []
     for spec in model.slot_config.specs:
-        for name in blueprints_for(spec.topology):
-            if name not in names and residual_cost(spec.topology, name, 1) is not None:
-                names.append(name)
+        candidates += [n for n in blueprints_for(spec.topology) if n not in candidates]
+    fits = (cost_table(model, candidates) >= 0).any(dim=0).tolist()
+    names = [name for name, ok in zip(candidates, fits, strict=True) if ok]
     if wanted is not None:
         unknown = [b for b in wanted if b not in names]
         if unknown or not wanted:

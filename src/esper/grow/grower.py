@@ -9,16 +9,20 @@
         train_one_epoch(slotted, optimizer)          # the user's code, unchanged
         grower.step(train_loss=..., val_loss=...)    # once per epoch (or any cadence)
 
-Each ``step`` is one environment step of `esper.env.MorphogenesisEnv`, cut where the
-user's loop hands over: measure every seed's contribution on the user's validation
-batches (one pass per seed, its alpha overridden for that call only), record them,
-advance the lifecycle, build the same observation and masks as the env, ask the
+Each ``step`` is one step of the growth step `MorphogenesisEnv` runs
+(`esper.env.growth_step`), cut where the user's loop hands over: measure every seed's
+contribution on the user's validation batches (one pass per seed, its alpha overridden
+for that call only), record them, advance the lifecycle, build the env's observation
+(λ = ``growth_penalty`` and the budget ``max_growth`` included) and masks, ask the
 controller, apply its action. It emits the typed events of ``esper train``.
 Contributions are paired per-sample validation-loss differences (> 0: the seed helps)
 with a standard error that the lifecycle gates read (``LifecycleConfig.gate_z``): on a
-few hundred samples one sample moves accuracy more than a young seed does. The seeds'
-gradient norms in the observation are those the user's last backward left. There is no
-governor here: rollbacks on a loss spike are the user's loop's business.
+few hundred samples one sample moves accuracy more than a young seed does; a NaN reading
+holds the seed where it is. The seeds' gradient-norm feature is the env's: the mean over
+the optimiser steps since the last growth step of each seed's gradient norm as the
+optimiser applies it (read by a hook on the user's optimiser, after unscaling and
+clipping). There is no governor here: rollbacks on a loss spike are the user's loop's
+business.
 
 Seed parameters join **the user's optimiser**, one param group per seed (tagged
 ``esper_slot``), added on germination and removed with their state on prune. Chosen over
@@ -34,28 +38,25 @@ lr (``StepLR``, ``ExponentialLR``, ``CosineAnnealingLR``) work.
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections import deque
+import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from esper.actions import ActionMasks, ActionSpace, FactoredAction, LifecycleOp
-from esper.env.masks import blueprint_cost_table, compute_action_masks
-from esper.env.observations import TrainingProgress, build_observation
-from esper.env.rewards import RewardConfig, RewardTracker
+from esper.actions import ActionMasks, ActionSpace, FactoredAction
+from esper.env.growth_step import GrowthStepper, Reading, seed_grad_norm
+from esper.env.rewards import RewardConfig
 from esper.grow.attach import SlottedModel
-from esper.grow.choices import make_controller, offered_blueprints, residual_cost
-from esper.model import StageChange
+from esper.grow.choices import cost_table, make_controller, offered_blueprints
+from esper.model import MorphogeneticModel, StageChange
 from esper.telemetry import EpisodeEnded, EpisodeStep, RunStarted, Telemetry, seed_event
 from esper.telemetry.events import SeedFossilized, SeedGerminated, SeedPruned, seed_event_class
-from esper.training.counterfactual import PairedDiff, variants_to_measure
+from esper.training.counterfactual import PairedDiff, _loss_contribution, variants_to_measure
 from esper.training.objective import EvalTotals, quality
-from esper.training.signals import TrainingSignals
 
 _KINDS = ("classification", "lm")
 
@@ -98,18 +99,25 @@ class GrowthStep:
 
 
 class Grower:
-    """Grows a `SlottedModel` at the points of the user's loop where ``step`` is called.
+    """Grows a model with seed slots at the points of the user's loop where ``step`` is
+    called: the `SlottedModel` of `esper.grow.attach`, or an Esper `MorphogeneticModel`
+    (whose TRAINING seeds learn only from ``seed_forward``'s loss, which the loop adds).
 
     ``val_data``: a re-iterable of ``(inputs, targets)`` batches (a list, a DataLoader);
     inputs may be a tensor or a tuple of positional arguments; the model's output must
     be logits ``[N, C]`` or ``[N, T, V]``. ``controller``: "heuristic" (default), "random",
     "static", a PPO checkpoint path, a `PPOAgent`, or any `Controller`. ``autocast``: a
     dtype to run the validation passes under ``torch.autocast`` (as your loop does).
+
+    Construction validates the model once on ``val_data``: the baseline of the first
+    step's deltas and reward, as the env's reset validation is. The env asks its agent
+    for a decision at reset, before any training; here the first decision comes after
+    your first epoch, so the one before it counts as a WAIT.
     """
 
     def __init__(
         self,
-        model: SlottedModel,
+        model: SlottedModel | MorphogeneticModel,
         optimizer: torch.optim.Optimizer | None,
         val_data: Iterable[Any],
         controller: Any = "heuristic",
@@ -118,10 +126,10 @@ class Grower:
         autocast: torch.dtype | None = None,
         run_name: str = "grow",
     ) -> None:
-        if not isinstance(model, SlottedModel):
+        if not isinstance(model, SlottedModel | MorphogeneticModel):
             raise TypeError(
-                f"Grower needs the SlottedModel returned by esper.grow.attach, got "
-                f"{type(model).__name__}"
+                f"Grower needs a model with seed slots: the SlottedModel returned by "
+                f"esper.grow.attach (or an Esper MorphogeneticModel), got {type(model).__name__}"
             )
         self.model, self.optimizer, self.val_data = model, optimizer, val_data
         self.config = cfg = config if config is not None else GrowerConfig()
@@ -130,24 +138,48 @@ class Grower:
             controller, model, cfg.seed, cfg.deterministic
         )
         blueprints = offered_blueprints(model, cfg.blueprints)
-        if agent is not None:
-            blueprints = tuple(agent.blueprints)  # the policy's head order
-        self.action_space = ActionSpace(model.slot_config, blueprints)
-        self.costs = blueprint_cost_table(model.slot_config, blueprints, residual_cost)
-        self.host_params = model.param_counts().host
-        self.param_budget = (
-            math.inf if cfg.max_growth is None else cfg.max_growth * self.host_params
+        space = ActionSpace(model.slot_config, blueprints)
+        if agent is not None:  # the policy's head order
+            space = ActionSpace(model.slot_config, agent.blueprints, agent.blends)
+        self.action_space = space
+        self.growth = GrowthStepper(
+            model,
+            space,
+            partial(cost_table, model, space.blueprints, space.blends),
+            max_steps=cfg.max_steps,
+            rewards=RewardConfig(growth_penalty=cfg.growth_penalty),
+            max_growth=cfg.max_growth,
+            plateau_tolerance=cfg.plateau_tolerance,
+            seed=cfg.seed,  # germinated seeds' initialisation
         )
-        self.signals = TrainingSignals(plateau_tolerance=cfg.plateau_tolerance)
-        self.rewards = RewardTracker(RewardConfig(growth_penalty=cfg.growth_penalty))
         self.state = self.controller.initial_state()
-        self.steps = 0
         self.counts = dict.fromkeys(("germinated", "fossilized", "pruned"), 0)
         self.episode_return = 0.0
-        self._last_op: int | None = None
-        self._rng = np.random.default_rng(cfg.seed)
         self._resumed = False
+        # The gradient-norm feature (esper.env.growth_step): seeds' gradient norms summed
+        # before each step of the user's optimiser, averaged at the next growth step.
+        self._grad_sums: dict[str, Tensor] = {}
+        self._optimizer_steps = 0
+        if optimizer is not None:
+            ref = weakref.ref(self)  # the hook must not keep a discarded Grower alive
+
+            def before_optimizer_step(_opt: Any, _args: Any, _kwargs: Any) -> None:
+                grower = ref()
+                if grower is not None:
+                    grower._add_seed_gradients()
+
+            optimizer.register_step_pre_hook(before_optimizer_step)
         self._sync_param_groups()  # seeds of a loaded model join the optimiser at once
+        live, _, _ = self.measure(credit=False)
+        q = quality(cfg.kind, live.loss, live.accuracy)
+        # Nothing trained yet: the train-side features show the validation values.
+        self.growth.start(Reading(live.loss, live.accuracy, live.loss, live.accuracy, q))
+        self.growth.apply(FactoredAction.wait())  # the decision before the first epoch
+
+    @property
+    def steps(self) -> int:
+        """How many times `step` has run."""
+        return self.growth.steps
 
     # -- optimiser -------------------------------------------------------------------
     def _sync_param_groups(self) -> None:
@@ -169,18 +201,34 @@ class Grower:
                 lr = opt.param_groups[0]["lr"] if lr is None else lr
                 opt.add_param_group({"params": params, "lr": lr, "esper_slot": sid})
 
+    def _add_seed_gradients(self) -> None:
+        self._optimizer_steps += 1
+        for sid in self.model.slot_config:
+            norm = seed_grad_norm(self.model.seed_parameters(sid))
+            if norm is not None:
+                total = self._grad_sums.get(sid)
+                self._grad_sums[sid] = norm if total is None else total + norm
+
+    def _take_grad_norms(self) -> dict[str, float]:
+        """Each seed's mean gradient norm over the optimiser steps since the last growth
+        step (none without an optimiser: its steps cannot be seen)."""
+        n, sums = self._optimizer_steps, self._grad_sums
+        self._grad_sums, self._optimizer_steps = {}, 0
+        return {sid: float(total) / n for sid, total in sums.items()} if n else {}
+
     # -- measuring -------------------------------------------------------------------
     def _device(self) -> torch.device:
         anchor = next(iter(self.model.parameters()), None)
         return anchor.device if anchor is not None else torch.device("cpu")
 
     @torch.no_grad()
-    def measure(self) -> tuple[EvalTotals, dict[str, float], dict[str, float]]:
-        """Live validation totals and each measured seed's contribution, on the mean
-        validation loss (> 0: the seed helps): ``loss(seed off) - loss(live)`` for seeds
-        with alpha > 0, ``loss(live) - loss(seed on)`` for seeds still TRAINING, paired
-        per sample, with its standard error (as `esper.training.counterfactual`)."""
-        variants = variants_to_measure(self.model, self.config.measure_fossils)
+    def measure(self, credit: bool = True) -> tuple[EvalTotals, dict[str, float], dict[str, float]]:
+        """Live validation totals and (with ``credit``) each measured seed's contribution,
+        on the mean validation loss (> 0: the seed helps): ``loss(seed off) - loss(live)``
+        for seeds with alpha > 0, ``loss(live) - loss(seed on)`` for seeds still TRAINING,
+        paired per sample, with its standard error (as `esper.training.counterfactual`).
+        A pass that produced NaN gives 0.0 with a NaN error, which holds the seed."""
+        variants = variants_to_measure(self.model, self.config.measure_fossils) if credit else {}
         totals = {name: EvalTotals() for name in (None, *variants)}
         paired = {name: PairedDiff() for name in variants}
         device, was_training = self._device(), self.model.training
@@ -215,38 +263,17 @@ class Grower:
             raise ValueError("val_data gave no batches (a one-shot generator? pass a list)")
         contributions, stderrs = {}, {}
         for sid, alpha in variants.items():
-            mean, se = paired[sid].mean_and_se()
-            c = mean if alpha == 0.0 else -mean
-            contributions[sid] = 0.0 if math.isnan(c) else max(-1e6, min(1e6, c))
-            stderrs[sid] = se if math.isfinite(se) else 1e6
+            # The env's reading rule: a NaN reading is 0.0 with a NaN error (held by every
+            # gate), a diverging variant is worth "a lot" (clipped), not an inf.
+            contributions[sid], stderrs[sid] = _loss_contribution(paired[sid], alpha)
         return live, contributions, stderrs
-
-    def _grad_norms(self) -> list[float]:
-        """Seeds' gradient norms left by the user's last backward (0 where none)."""
-        norms = []
-        for sid in self.model.slot_config:
-            grads = [p.grad for p in self.model.seed_parameters(sid) if p.grad is not None]
-            norms.append(
-                float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
-                if grads
-                else 0.0
-            )
-        return norms
 
     # -- the step --------------------------------------------------------------------
     def budget_left(self) -> float:
-        counts = self.model.param_counts()
-        return self.param_budget - (counts.live_seeds + counts.fossils)
+        return self.growth.budget_left()
 
     def masks(self) -> ActionMasks:
-        return compute_action_masks(
-            self.model.slot_states(),
-            self.model.slot_config,
-            self.costs,
-            budget_left=self.budget_left(),
-            fossilize_threshold=self.model.lifecycle.fossilize_threshold,
-            num_blends=len(self.action_space.blends),
-        )
+        return self.growth.masks()
 
     def step(
         self,
@@ -256,8 +283,9 @@ class Grower:
         val_loss: float | None = None,
         val_metric: float | None = None,
     ) -> GrowthStep:
-        """Measure, advance the lifecycle, let the controller act. Values you pass feed
-        the controller's observation; the contributions always use ``val_data``."""
+        """Measure, record, advance the lifecycle, observe, let the controller act (the
+        growth step of `esper.env.growth_step`). Values you pass feed the controller's
+        observation; the contributions always use ``val_data``."""
         if self.steps == 0 or self._resumed:
             self._emit(
                 RunStarted(
@@ -267,95 +295,41 @@ class Grower:
             )  # fmt: skip
             self._resumed = False
         live, contributions, stderrs = self.measure()
-        for sid, value in contributions.items():
-            self.model.record_contribution(sid, value, stderrs[sid])
-        changes = self.model.step_epoch()
+        changes = self.growth.settle(contributions, stderrs)
         self._sync_param_groups()
         q = quality(self.config.kind, live.loss, live.accuracy)
         vl = live.loss if val_loss is None else float(val_loss)
         vm = live.accuracy if val_metric is None else float(val_metric)
-        self.signals.update(
+        reading = Reading(
             vl if train_loss is None else float(train_loss),
             vm if train_metric is None else float(train_metric),
             vl,
             vm,
             q,
+            grad_norms=self._take_grad_norms(),
         )
-        growth = self.model.growth_ratio()
-        if self.steps == 0:
-            self.rewards.reset(q, growth)
-        reward = self.rewards.step(q, growth).total if math.isfinite(q) else 0.0
-        action = self._decide(growth)
-        changes += self._apply(action)
+        observed = self.growth.observe(reading)
+        action = self._decide(observed.observation)
+        changes += self.growth.apply(action)
         self._sync_param_groups()
+        reward = float(observed.reward.total)
         self.episode_return += reward
         result = GrowthStep(
-            self.steps, action.describe(self.action_space), q, live.loss,
+            self.steps - 1, action.describe(self.action_space), observed.quality, live.loss,
             self.model.growth_ratio(), reward, contributions, tuple(changes),
         )  # fmt: skip
         self._record(result, action)
-        self.steps += 1
-        self._last_op = int(action.op)
         return result
 
-    def _decide(self, growth: float) -> FactoredAction:
-        s = self.signals
-        progress = TrainingProgress(
-            self.steps + 1,
-            self.config.max_steps,
-            s.train_loss,
-            s.val_loss,
-            s.train_acc,
-            s.val_acc,
-            quality_delta=s.delta_quality,
-            val_loss_delta=s.delta_val_loss,
-            gap_to_best_quality=max(s.best_quality - s.quality, 0.0),
-            plateau_epochs=s.plateau_epochs,
-            growth=growth,
-            budget_left_fraction=(
-                1.0
-                if math.isinf(self.param_budget)
-                else max(self.budget_left(), 0.0) / max(self.param_budget, 1.0)
-            ),
-            last_op=self._last_op,
-        )
-        obs = build_observation(
-            progress,
-            self.model.slot_states(),
-            host_params=self.host_params,
-            blueprints=self.action_space.blueprints,
-            grad_norms=self._grad_norms(),
-        )
-        masks = self.masks()
-        action, self.state = self.controller.act(obs, masks, self.state)
+    def _decide(self, observation: dict[str, Tensor]) -> FactoredAction:
+        masks = self.growth.masks()
+        action, self.state = self.controller.act(observation, masks, self.state)
         if not masks.allows(action):
             raise ValueError(
                 f"controller {self.controller_name} chose an illegal action "
                 f"{action.as_tuple()} (op, slot, blueprint, blend)"
             )
         return action
-
-    def _apply(self, action: FactoredAction) -> list[StageChange]:
-        if action.op == LifecycleOp.WAIT:
-            return []
-        model = self.model
-        sid = model.slot_config.slot_id_for_index(action.slot)
-        before = model.slot_state(sid).stage
-        if action.op == LifecycleOp.GERMINATE:
-            # The seed's initial weights depend on the grower's seed only.
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(int(self._rng.integers(2**31 - 1)))
-                model.germinate(
-                    sid,
-                    self.action_space.blueprints[action.blueprint],
-                    self.action_space.blends[action.blend],
-                )
-        elif action.op == LifecycleOp.FOSSILIZE:
-            model.fossilize(sid)
-        else:
-            model.prune(sid, reason="policy")
-        after = model.slot_state(sid).stage
-        return [StageChange(sid, before, after, f"policy_{action.op.name.lower()}")]
 
     # -- telemetry -------------------------------------------------------------------
     def _emit(self, event: Any) -> None:
@@ -389,8 +363,8 @@ class Grower:
     # -- resuming --------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Where growth stands, as tensors and primitives (``weights_only`` loads it).
-        Save it with the model's and the optimiser's state to resume growth later."""
-        signals = {k: list(v) if isinstance(v, deque) else v for k, v in vars(self.signals).items()}
+        Save it with the model's and the optimiser's state, right after a `step`, to
+        resume growth later."""
         state = self.state
         if dataclasses.is_dataclass(state):
             packed: Any = {"dataclass": dataclasses.asdict(state)}
@@ -404,30 +378,24 @@ class Grower:
                 "a dataclass, a tuple of tensors, or None"
             )
         return {
-            "steps": self.steps,
             "episode_return": self.episode_return,
             "counts": dict(self.counts),
-            "last_op": self._last_op,
-            "rng": self._rng.bit_generator.state,
-            "signals": signals,
-            "rewards": {k: v for k, v in vars(self.rewards).items() if k != "config"},
+            "growth": self.growth.state_dict(),
             "controller": packed,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue from `state_dict` (a Grower built on the reloaded model and optimiser)."""
-        self.steps, self.episode_return = int(state["steps"]), float(state["episode_return"])
-        self.counts = {k: int(v) for k, v in state["counts"].items()}
-        self._last_op = state["last_op"]
-        self._rng.bit_generator.state = state["rng"]
-        for key, value in state["signals"].items():
-            old = getattr(self.signals, key)
-            setattr(
-                self.signals,
-                key,
-                deque(value, maxlen=old.maxlen) if isinstance(old, deque) else value,
+        missing = [
+            k for k in ("episode_return", "counts", "growth", "controller") if k not in state
+        ]
+        if missing:
+            raise ValueError(
+                f"not a Grower state of this Esper version: missing {missing}, has {sorted(state)}"
             )
-        vars(self.rewards).update(state["rewards"])
+        self.episode_return = float(state["episode_return"])
+        self.counts = {k: int(v) for k, v in state["counts"].items()}
+        self.growth.load_state_dict(state["growth"])
         packed, initial = state["controller"], self.controller.initial_state()
         if packed is None:
             self.state = initial
@@ -440,10 +408,10 @@ class Grower:
     def finish(self) -> EpisodeEnded:
         """The growth run's summary (also emitted, so ``metrics.csv`` gets a row)."""
         counts = self.model.param_counts()
-        q = self.signals.quality
+        q = self.growth.signals.quality
         event = EpisodeEnded(
             0, 0, self.episode_return, q, self.model.growth_ratio(),
-            self.rewards.objective(q, self.model.growth_ratio()),
+            self.growth.rewards.objective(q, self.model.growth_ratio()),
             counts.live_seeds + counts.fossils, illegal=0, rollbacks=0, **self.counts,
         )  # fmt: skip
         self._emit(event)

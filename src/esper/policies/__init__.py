@@ -6,9 +6,9 @@
 
 A shipped file is an ordinary `PPOAgent` checkpoint (weights, observation normaliser,
 slot-count-free network) plus a ``build`` record of how it was made; docs/policy_card.md
-says what it was trained on and what it achieves. `PolicyController` runs any agent as
-an `esper.policy.Controller` (one env, the LSTM state as the controller's state), so it
-drives the same loops as the heuristic.
+says what it was trained on and what it achieves. `PolicyController` (re-exported from
+`esper.policy.controllers`) runs any agent as an `esper.policy.Controller` (one env, the
+LSTM state as the controller's state), so it drives the same loops as the heuristic.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from esper.actions import ActionMasks, ActionSpace, FactoredAction
 from esper.env.observations import GLOBAL_DIM, SLOT_DIM
+from esper.policy.controllers import PolicyController
 from esper.rl.agent import PPOAgent
 from esper.slots import SlotConfig
 
@@ -65,25 +65,6 @@ def load_policy(
         slot_dim=SLOT_DIM,
         blueprints=blueprints,
     )
-
-
-class PolicyController:
-    """A trained agent as a per-env `Controller`: argmax actions by default (sampled with
-    ``deterministic=False``); the observation statistics are never updated."""
-
-    def __init__(self, agent: PPOAgent, deterministic: bool = True) -> None:
-        self.agent, self.deterministic = agent, deterministic
-        self.space = ActionSpace(agent.slot_config, agent.blueprints, agent.blends)
-
-    def initial_state(self):
-        return self.agent.initial_hidden(1)
-
-    def act(self, observation, masks: ActionMasks, state):
-        obs = {k: torch.as_tensor(observation[k]).unsqueeze(0) for k in ("global", "slots")}
-        batch = ActionMasks(*(t.unsqueeze(0) for t in masks.as_tuple()))
-        step = self.agent.act(obs, batch, state, self.deterministic, update_normalizer=False)
-        indices = (int(v) for v in step.actions[0])
-        return FactoredAction.from_indices(*indices, space=self.space), step.hidden
 
 
 __all__ = [

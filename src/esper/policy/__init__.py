@@ -27,6 +27,7 @@ from esper.policy.controllers import (
     HeuristicConfig,
     HeuristicController,
     HeuristicState,
+    PolicyController,
     RandomController,
     StaticController,
 )
@@ -38,6 +39,7 @@ __all__ += [
     "HeuristicConfig",
     "HeuristicController",
     "HeuristicState",
+    "PolicyController",
     "RandomController",
     "StaticController",
 ]

@@ -12,6 +12,9 @@ controller carries between steps (a frozen dataclass, or None). Start a new epis
 with a fresh ``initial_state()``. The returned `FactoredAction` is always legal under
 ``masks``. Controllers read only the observation and the masks, so they drive any env
 that produces them (single env, vector runner, an outside harness).
+
+`PolicyController` is the one adapter from a trained policy (a batched `PPOAgent`) to
+this interface; `esper.policies`, `esper.grow.Grower` and ``esper train shipped`` use it.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from esper.actions import ActionMasks, FactoredAction, LifecycleOp
+from esper.actions import ActionMasks, ActionSpace, FactoredAction, LifecycleOp
 from esper.env.observations import COUNTER_SCALE, DEFAULT_SCHEMA, DELTA_GAIN
 from esper.lifecycle import LIVE_STAGES, SeedStage
 from esper.model import blueprints_for
@@ -43,6 +46,39 @@ class Controller(Protocol):
 
 def _legal(mask: torch.Tensor) -> list[int]:
     return torch.nonzero(mask.reshape(-1)).reshape(-1).tolist()
+
+
+class PolicyController:
+    """A trained agent (`esper.rl.PPOAgent`, or anything with its ``act`` /
+    ``initial_hidden`` / ``slot_config`` / ``blueprints`` / ``blends``) as a one-env
+    controller: its recurrent state is the controller's state. Argmax actions by
+    default (sampled with ``deterministic=False``); the agent's observation statistics
+    are never updated, so acting does not change the policy."""
+
+    def __init__(self, agent: Any, deterministic: bool = True) -> None:
+        self.agent, self.deterministic = agent, deterministic
+        self.space = ActionSpace(agent.slot_config, agent.blueprints, agent.blends)
+
+    def initial_state(self) -> Any:
+        return self.agent.initial_hidden(1)
+
+    def act(
+        self, observation: Observation, masks: ActionMasks, state: Any
+    ) -> tuple[FactoredAction, Any]:
+        obs = {
+            k: torch.as_tensor(observation[k], dtype=torch.float32).unsqueeze(0)
+            for k in ("global", "slots")
+        }
+        step = self.agent.act(
+            obs,
+            ActionMasks.stack([masks]),
+            state,
+            self.deterministic,
+            slot_ids=self.space.slot_config.slot_ids,
+            update_normalizer=False,
+        )
+        indices = (int(v) for v in step.actions[0])
+        return FactoredAction.from_indices(*indices, space=self.space), step.hidden
 
 
 class StaticController:
