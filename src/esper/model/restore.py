@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from esper.model.fold import _sync_sizes, refresh_specs
+from esper.model.morphogenetic import MorphogeneticModel
 
 
 def _resize_to(model: nn.Module, state: Mapping[str, Any]) -> None:
@@ -43,9 +44,9 @@ def _resize_to(model: nn.Module, state: Mapping[str, Any]) -> None:
 
 def _load(model: nn.Module, state: Mapping[str, Any]) -> None:
     _resize_to(model, state)
-    if hasattr(model, "slots") and hasattr(model, "host"):
+    if isinstance(model, MorphogeneticModel):
         # Slots check their channels against the state's: they must see the restored host.
-        refresh_specs(model)  # type: ignore[arg-type]
+        refresh_specs(model)
     model.load_state_dict(state)
 
 

@@ -22,7 +22,9 @@ count, t the piece's own; b = beta1 for ``exp_avg``, beta2 for the squared momen
 the bias-corrected moments Adam steps with are exactly what they were. When the counts
 agree (and always for SGD), the next step equals the unfolded model's to float
 rounding; otherwise only the weight of the next gradient in the fossil's moments differs
-(that of an optimiser of age T instead of t).
+(that of an optimiser of age T instead of t). Entries that are new (zero moments) step
+under the tensor's count T as well, so their first updates are those of an old Adam's:
+small, where a fresh Adam's first step would be a full ``lr`` per entry.
 
 Also not carried exactly: a gated fossil (its gate was a parameter of its own; the state
 of its fan-out is carried unscaled); hyperparameters that differ between the fossil's
