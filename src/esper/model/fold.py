@@ -83,7 +83,7 @@ def _swap(param: nn.Parameter, value: Tensor) -> None:
     param.grad = None  # a gradient of the old shape could never be accumulated into
 
 
-def _sync_sizes(layer: nn.Module) -> None:
+def sync_sizes(layer: nn.Module) -> None:
     """Size attributes read from the tensors (forward uses the tensors; repr and any
     code reading ``in_features`` etc. must not see stale sizes)."""
     weight = getattr(layer, "weight", None)
@@ -128,7 +128,7 @@ def append_units(layer: nn.Module, new: nn.Module) -> list[ParamChange]:
         change = _replace_tensor(layer, name, torch.cat([old, add.to(old)], dim=0), pieces)
         if change is not None:
             changes.append(change)
-    _sync_sizes(layer)
+    sync_sizes(layer)
     return changes
 
 
@@ -149,7 +149,7 @@ def append_inputs(layer: nn.Module, source: nn.Parameter, scale: Tensor) -> Para
         Piece(source, (slice(None), slice(c, c + k))),
     )
     change = _replace_tensor(layer, "weight", torch.cat([old, columns.to(old)], dim=1), pieces)
-    _sync_sizes(layer)
+    sync_sizes(layer)
     return change  # type: ignore[return-value]
 
 
@@ -160,7 +160,7 @@ def pad_inputs(layer: nn.Module, k: int) -> ParamChange:
     zeros = old.new_zeros((old.shape[0], k, *old.shape[2:]))
     pieces = (Piece(old, (slice(None), slice(0, old.shape[1]))),)
     change = _replace_tensor(layer, "weight", torch.cat([old, zeros], dim=1), pieces)
-    _sync_sizes(layer)
+    sync_sizes(layer)
     return change  # type: ignore[return-value]
 
 
@@ -175,7 +175,7 @@ def pad_units(layer: nn.Module, k: int) -> list[ParamChange]:
         change = _replace_tensor(layer, name, torch.cat([old, zeros], dim=0), pieces)
         if change is not None:
             changes.append(change)
-    _sync_sizes(layer)
+    sync_sizes(layer)
     return changes
 
 
@@ -192,6 +192,12 @@ def fold_slot(slot: SeedSlot, others: Iterable[SeedSlot]) -> FoldPlan:
             f"cannot fold slot {slot.slot_id}: its width seed is {slot.stage.name}; only a "
             f"FOSSILIZED seed folds into the host (fossilize or prune it first)"
         )
+    sources, targets = site.unit_layers, param_layers(seed.fan_in)
+    if len(targets) != len(sources):  # checked before anything changes
+        raise ValueError(
+            f"slot {slot.slot_id}: the seed's fan-in has {len(targets)} parameterised "
+            f"layers, its site {len(sources)}"
+        )
     k = seed.units
     scale = slot.unit_scale()
     changes: list[ParamChange] = []
@@ -202,13 +208,6 @@ def fold_slot(slot: SeedSlot, others: Iterable[SeedSlot]) -> FoldPlan:
             changes.append(pad_inputs(param_layers(other.seed.fan_in)[0], k))
         if other.width_site.feeds(site):  # its term lands on the widened producer
             changes.extend(pad_units(param_layers(other.seed.fan_out)[-1], k))
-    sources = site.unit_layers
-    targets = param_layers(seed.fan_in)
-    if len(targets) != len(sources):
-        raise ValueError(
-            f"slot {slot.slot_id}: the seed's fan-in has {len(targets)} parameterised "
-            f"layers, its site {len(sources)}"
-        )
     for layer, new in zip(sources, targets, strict=True):
         changes.extend(append_units(layer, new))
     fan_out = param_layers(seed.fan_out)[-1]

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from esper.model.fold import _sync_sizes, refresh_specs
+from esper.model.fold import refresh_specs, sync_sizes
 from esper.model.morphogenetic import MorphogeneticModel
 
 
@@ -39,7 +39,7 @@ def _resize_to(model: nn.Module, state: Mapping[str, Any]) -> None:
             tensor.grad = None
         else:
             setattr(owner, attr, value)
-        _sync_sizes(owner)
+        sync_sizes(owner)
 
 
 def _load(model: nn.Module, state: Mapping[str, Any]) -> None:
