@@ -269,6 +269,7 @@ class MLPHost(Host):
 
 
 # --------------------------------------------------------------------------------------
+# Shared by the hosts
 
 
 def _sequential_block_forward(block: nn.Module, h: Tensor, pre: Tensor | None) -> Tensor:
