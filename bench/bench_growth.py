@@ -112,7 +112,7 @@ def scaled_cnn(base: CNNHost, scale: float, num_classes: int) -> CNNHost:
             layers.append(nn.MaxPool2d(2))
         blocks.append(nn.Sequential(*layers))
         c_in = c_out
-    host.widths, host.blocks = widths, nn.ModuleList(blocks)
+    host.blocks = nn.ModuleList(blocks)  # `host.widths` reads the new blocks
     host.classifier = nn.Linear(c_in, num_classes)
     return host
 

@@ -7,8 +7,10 @@ from esper.model.blueprints import (
     blueprints_for,
     get_blueprint,
 )
+from esper.model.fold import FoldPlan, ParamChange, Piece
 from esper.model.hosts import CNNHost, Host, MLPHost, count_parameters
 from esper.model.morphogenetic import MorphogeneticModel, ParamCounts
+from esper.model.restore import restore_state
 from esper.model.slot import (
     LifecycleConfig,
     SeedSlot,
@@ -18,7 +20,7 @@ from esper.model.slot import (
     blend_alpha,
 )
 from esper.model.transformer import TransformerHost
-from esper.model.width import DEFAULT_WIDTH_INIT, WIDTH_INITS, WidthSeed, WidthSite
+from esper.model.width import DEFAULT_WIDTH_INIT, WIDTH_INITS, UnitSite, WidthSeed, WidthSite
 
 __all__ = [
     "BLUEPRINTS",
@@ -26,16 +28,20 @@ __all__ = [
     "WIDTH_INITS",
     "Blueprint",
     "CNNHost",
+    "FoldPlan",
     "Host",
     "LifecycleConfig",
     "MLPHost",
     "MorphogeneticModel",
+    "ParamChange",
     "ParamCounts",
+    "Piece",
     "SeedSlot",
     "SlotState",
     "SlotStateError",
     "StageChange",
     "TransformerHost",
+    "UnitSite",
     "UnknownBlueprintError",
     "WidthSeed",
     "WidthSite",
@@ -43,4 +49,5 @@ __all__ = [
     "blueprints_for",
     "count_parameters",
     "get_blueprint",
+    "restore_state",
 ]

@@ -4,20 +4,19 @@ A host is split into ``embed -> blocks[0] -> ... -> blocks[k-1] -> head``. The o
 ``blocks[i]`` is where slot ``r0c{i}`` sits, so `MorphogeneticModel` can run the blocks
 itself and insert seeds between them without knowing anything host-specific.
 
-Width growth (`esper.model.width`) needs three more things from a host, all by block
-index: `width_site` (sizes and builders of a width seed's fan-in/fan-out),
-`block_forward` (a block that also takes a pending fan-out term for its first linear op
-and returns the width input a seed at that block reads) and `width_layers` (the layers a
-fold widens). A host without them offers no width blueprints.
+Width growth (`esper.model.width`) needs two more things from a host: `sites()`, one
+`UnitSite` per block (or None) built from references to the block's own layers, whose
+sizes are read from those layers on every call (so a fold or a restore never leaves
+them stale); and `block_forward`, the block's forward that also takes a pending width
+term for its first linear op and returns the width input a seed at that block reads.
+A host whose sites are all None offers no width blueprints.
 """
 
 from __future__ import annotations
 
-from functools import partial
-
 from torch import Tensor, nn
 
-from esper.model.width import GlobalAvgPool, WidthSite
+from esper.model.width import GlobalAvgPool, UnitSite
 from esper.slots import InjectionSpec, Topology, format_slot_id
 
 
@@ -52,13 +51,15 @@ class Host(nn.Module):
         return self.head(h)
 
     # -- width growth ----------------------------------------------------------------
-    def width_site(self, i: int) -> WidthSite | None:
-        """How a width seed at block ``i`` is built; None: no width growth there."""
-        return None
+    def sites(self) -> list[UnitSite | None]:
+        """One unit site per block (None: no width growth there), built afresh from the
+        host's current modules; sizes are read live from those modules."""
+        return [None] * len(self.blocks)
 
-    def width_layers(self, i: int) -> tuple[list[nn.Module], nn.Module]:
-        """(layers that make block ``i``'s grown units, the layer that reads them)."""
-        raise NotImplementedError(f"{type(self).__name__} offers no width growth")
+    def width_site(self, i: int) -> UnitSite | None:
+        """The unit site of block ``i`` (None: no width growth there)."""
+        self._check_block(i)
+        return self.sites()[i]
 
     def block_forward(
         self, i: int, h: Tensor, pre: Tensor | None = None, tap: bool = False
@@ -147,9 +148,8 @@ class CNNHost(Host):
             widths = [width * 2 ** min(i, 3) for i in range(depth)]
         elif len(widths) != depth or not all(isinstance(w, int) and w >= 1 for w in widths):
             raise ValueError(f"widths must be {depth} ints >= 1 (one per block), got {widths!r}")
-        self.widths = list(widths)
         blocks, c_in = [], in_channels
-        for i, c_out in enumerate(self.widths):
+        for i, c_out in enumerate(widths):
             layers: list[nn.Module] = [
                 nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
                 nn.BatchNorm2d(c_out),
@@ -162,37 +162,37 @@ class CNNHost(Host):
         self.blocks = nn.ModuleList(blocks)
         self.classifier = nn.Linear(c_in, num_classes)
 
+    @property
+    def widths(self) -> list[int]:
+        """Each block's output channels, read from its conv (a fold widens them)."""
+        return [int(block[0].weight.shape[0]) for block in self.blocks]
+
     def block_channels(self) -> list[int]:
-        # Read from the layers: a fold (or a bench) may have widened them.
-        return [block[0].out_channels for block in self.blocks]
+        return self.widths
 
     def block_forward(
         self, i: int, h: Tensor, pre: Tensor | None = None, tap: bool = False
     ) -> tuple[Tensor, Tensor | None]:
         return _sequential_block_forward(self.blocks[i], h, pre), (h if tap else None)
 
-    def width_site(self, i: int) -> WidthSite:
-        self._check_block(i)
-        block = self.blocks[i]
-        conv = block[0]
-        pool = any(isinstance(m, nn.MaxPool2d) for m in block)
-        if i + 1 < len(self.blocks):
-            fan_out = partial(_conv3x3, out_channels=self.blocks[i + 1][0].out_channels)
-        else:
-            fan_out = partial(_pooled_linear, out_features=self.classifier.out_features)
-        return WidthSite(
-            units=conv.out_channels,
-            target="next",
-            unit_dim_last=False,
-            fan_in=partial(_cnn_units, conv.in_channels, pool=pool),
-            fan_out=fan_out,
-        )
-
-    def width_layers(self, i: int) -> tuple[list[nn.Module], nn.Module]:
-        self._check_block(i)
-        block = self.blocks[i]
-        consumer = self.blocks[i + 1][0] if i + 1 < len(self.blocks) else self.classifier
-        return [block[0], block[1]], consumer
+    def sites(self) -> list[UnitSite | None]:
+        # Block i's conv makes the units; BN, ReLU (and the pool) act per unit; the next
+        # block's conv reads them, or, after the last block, the classifier reads their
+        # spatial means (the head's global average pool).
+        out: list[UnitSite | None] = []
+        for i, block in enumerate(self.blocks):
+            last = i + 1 == len(self.blocks)
+            consumer = self.classifier if last else self.blocks[i + 1][0]
+            out.append(
+                UnitSite(
+                    producer=block[0],
+                    unit_ops=tuple(block[1:]),
+                    consumer=consumer,
+                    target="next",
+                    consumer_ops=(GlobalAvgPool(),) if last else (),
+                )
+            )
+        return out
 
     def embed(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels or min(x.shape[-2:]) < 8:
@@ -239,29 +239,22 @@ class MLPHost(Host):
         self.classifier = nn.Linear(sizes[-1], num_classes)
 
     def block_channels(self) -> list[int]:
-        return [block[0].out_features for block in self.blocks]
+        return [int(block[0].weight.shape[0]) for block in self.blocks]
 
     def block_forward(
         self, i: int, h: Tensor, pre: Tensor | None = None, tap: bool = False
     ) -> tuple[Tensor, Tensor | None]:
         return _sequential_block_forward(self.blocks[i], h, pre), (h if tap else None)
 
-    def width_site(self, i: int) -> WidthSite:
-        self._check_block(i)
-        linear = self.blocks[i][0]
-        consumer = self.blocks[i + 1][0] if i + 1 < len(self.blocks) else self.classifier
-        return WidthSite(
-            units=linear.out_features,
-            target="next",
-            unit_dim_last=True,
-            fan_in=partial(linear_units, linear.in_features, act=nn.ReLU),
-            fan_out=partial(linear_fan_out, out_features=consumer.out_features),
-        )
-
-    def width_layers(self, i: int) -> tuple[list[nn.Module], nn.Module]:
-        self._check_block(i)
-        consumer = self.blocks[i + 1][0] if i + 1 < len(self.blocks) else self.classifier
-        return [self.blocks[i][0]], consumer
+    def sites(self) -> list[UnitSite | None]:
+        return [
+            UnitSite(
+                producer=block[0],
+                unit_ops=tuple(block[1:]),
+                consumer=self.blocks[i + 1][0] if i + 1 < len(self.blocks) else self.classifier,
+            )
+            for i, block in enumerate(self.blocks)
+        ]
 
     def embed(self, x: Tensor) -> Tensor:
         h = x.flatten(1)
@@ -276,7 +269,7 @@ class MLPHost(Host):
 
 
 # --------------------------------------------------------------------------------------
-# Width-seed builders (module-level so a `WidthSite` holds sizes, never host layers)
+# Shared by the hosts
 
 
 def _sequential_block_forward(block: nn.Module, h: Tensor, pre: Tensor | None) -> Tensor:
@@ -287,34 +280,6 @@ def _sequential_block_forward(block: nn.Module, h: Tensor, pre: Tensor | None) -
     for layer in block[1:]:
         z = layer(z)
     return z
-
-
-def _cnn_units(in_channels: int, k: int, pool: bool) -> nn.Module:
-    """k new output channels of a CNN block: the block's own layer structure."""
-    layers: list[nn.Module] = [
-        nn.Conv2d(in_channels, k, 3, padding=1, bias=False),
-        nn.BatchNorm2d(k),
-        nn.ReLU(),
-    ]
-    if pool:
-        layers.append(nn.MaxPool2d(2))
-    return nn.Sequential(*layers)
-
-
-def _conv3x3(k: int, out_channels: int) -> nn.Module:
-    return nn.Conv2d(k, out_channels, 3, padding=1, bias=False)
-
-
-def _pooled_linear(k: int, out_features: int) -> nn.Module:
-    return nn.Sequential(GlobalAvgPool(), nn.Linear(k, out_features, bias=False))
-
-
-def linear_units(in_features: int, k: int, act: type[nn.Module]) -> nn.Module:
-    return nn.Sequential(nn.Linear(in_features, k), act())
-
-
-def linear_fan_out(k: int, out_features: int) -> nn.Module:
-    return nn.Linear(k, out_features, bias=False)
 
 
 def count_parameters(module: nn.Module) -> int:

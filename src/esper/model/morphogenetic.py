@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from esper.lifecycle import SeedStage, is_live
+from esper.model.fold import FoldPlan, fold_slot, refresh_specs
 from esper.model.hosts import Host
 from esper.model.slot import (
     LifecycleConfig,
@@ -32,7 +33,6 @@ from esper.model.width import (
     WIDTH_SPLIT_NOISE,
     copy_units,
 )
-from esper.model.width import fold_seed as fold_width_seed
 from esper.slots import SlotConfig, SlotIdError
 
 
@@ -90,12 +90,15 @@ class MorphogeneticModel(nn.Module):
                 slot_config.slot_ids if isinstance(slot_config, SlotConfig) else list(slot_config)
             )
         self.host = host
+        # The host as built: parameters a fold moves into its layers stay growth.
+        self.built_host_params = sum(p.numel() for p in host.parameters())
         self.slot_config = SlotConfig.from_specs(specs, enabled)
         self.lifecycle = lifecycle if lifecycle is not None else LifecycleConfig()
         index = {s.slot_id: i for i, s in enumerate(specs)}
+        sites = host.sites()
         self.slots = nn.ModuleDict(
             {
-                s.slot_id: SeedSlot(s, self.lifecycle, host.width_site(index[s.slot_id]))
+                s.slot_id: SeedSlot(s, self.lifecycle, sites[index[s.slot_id]])
                 for s in self.slot_config.specs
             }
         )
@@ -293,8 +296,7 @@ class MorphogeneticModel(nn.Module):
         slot = self._slot(slot_id)
         slot.germinate(blueprint, blend)
         if slot.holds_width and self.width_init == "split":
-            sources, _ = self.host.width_layers(self.block_index(slot_id))
-            copy_units(sources, slot.seed, WIDTH_SPLIT_NOISE)  # type: ignore[arg-type]
+            copy_units(slot.width_site.unit_layers, slot.seed, WIDTH_SPLIT_NOISE)  # type: ignore[union-attr,arg-type]
 
     def seed_param_count(
         self, slot_id: str, blueprint: str, blend: str | None = None
@@ -359,6 +361,8 @@ class MorphogeneticModel(nn.Module):
         return list(self._slot(slot_id).parameters())
 
     def param_counts(self) -> ParamCounts:
+        """``host`` is the host as built; folded fossils count as fossils (a fold moves
+        parameters into the host's layers, it does not make them the host's)."""
         live = fossils = 0
         for slot in self.slots.values():
             n = slot.num_seed_params()
@@ -366,36 +370,38 @@ class MorphogeneticModel(nn.Module):
                 live += n
             elif slot.stage == SeedStage.FOSSILIZED:
                 fossils += n
-        host = sum(p.numel() for p in self.host.parameters())
-        return ParamCounts(host=host, live_seeds=live, fossils=fossils)
+        folded = sum(p.numel() for p in self.host.parameters()) - self.built_host_params
+        return ParamCounts(self.built_host_params, live_seeds=live, fossils=fossils + folded)
 
     def growth_ratio(self) -> float:
         counts = self.param_counts()
         return (counts.live_seeds + counts.fossils) / counts.host
 
-    # -- export ----------------------------------------------------------------------
+    # -- folding ---------------------------------------------------------------------
+    def fold_in_place(self, slot_id: str) -> FoldPlan:
+        """Fold the FOSSILIZED width seed of ``slot_id`` into the host's layers, in place
+        (`esper.model.fold`): same function and parameter counts, the slot DORMANT.
+        Whoever owns an optimiser applies the returned plan to it
+        (`esper.training.surgery.carry_optimizer_state`; the `Trainer` does)."""
+        plan = fold_slot(self._slot(slot_id), self.slots.values())
+        self._seed_prefix = None  # it may hold a pending term the fold moved into the host
+        refresh_specs(self)
+        return plan
+
     def fold_width(self) -> MorphogeneticModel:
         """A copy whose host physically contains every FOSSILIZED width seed (wider
         layers, same function); those slots are DORMANT in the copy, the others keep
-        their seeds. Every width seed must be fossilized (or gone) first."""
+        their seeds. Every width seed must be fossilized (or gone) first. The copy is a
+        model of its own: its host as built is the wider one."""
         for slot in self.slots.values():
             if slot.holds_width and slot.stage != SeedStage.FOSSILIZED:
                 raise SlotStateError(
                     f"cannot fold width seeds: slot {slot.slot_id} holds one that is "
                     f"{slot.stage.name}; fossilize or prune it first"
                 )
-        host = copy.deepcopy(self.host)
-        folded = set()
-        for i, slot_id in enumerate(self._block_slots):
-            slot = self.slots[slot_id] if slot_id is not None else None
-            if slot is not None and slot.holds_width:
-                sources, consumer = host.width_layers(i)
-                fold_width_seed(sources, consumer, slot.seed, slot.unit_scale())
-                folded.add(slot_id)
-        out = MorphogeneticModel(
-            host, self.slot_config.slot_ids, self.lifecycle, self.width_init, self.own_seed_pass
-        )
-        for slot_id, slot in self.slots.items():
-            if slot_id not in folded:
-                out.slots[slot_id].load_state_dict(slot.state_dict())
-        return out.train(self.training)
+        out = copy.deepcopy(self)
+        for slot_id, slot in out.slots.items():
+            if slot.holds_width:
+                out.fold_in_place(slot_id)
+        out.built_host_params = sum(p.numel() for p in out.host.parameters())
+        return out

@@ -1,19 +1,17 @@
 """The transformer host: a small GPT-style decoder (`TransformerHost`).
 
-Its width seeds add hidden units to the MLP of each block's last layer; see
+Its unit sites are the MLPs of each block's last layer (hidden units grow); see
 `esper.model.hosts` for the host protocol.
 """
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from esper.model.hosts import Host, check_positive_int, linear_fan_out, linear_units
-from esper.model.width import WidthSite
+from esper.model.hosts import Host, check_positive_int
+from esper.model.width import UnitSite
 from esper.slots import Topology
 
 
@@ -111,7 +109,7 @@ class TransformerHost(Host):
 
     def mlp_widths(self) -> list[int]:
         """Each layer's MLP hidden width (a fold widens the last layer of a block)."""
-        return [layer.mlp[0].out_features for block in self.blocks for layer in block]
+        return [int(layer.mlp[0].weight.shape[0]) for block in self.blocks for layer in block]
 
     def block_forward(
         self, i: int, h: Tensor, pre: Tensor | None = None, tap: bool = False
@@ -127,21 +125,17 @@ class TransformerHost(Host):
         z = last.ln2(x)
         return x + last.mlp(z), z
 
-    def width_site(self, i: int) -> WidthSite:
-        self._check_block(i)
-        mlp = self.blocks[i][-1].mlp
-        return WidthSite(
-            units=mlp[0].out_features,
-            target="output",
-            unit_dim_last=True,
-            fan_in=partial(linear_units, self.d_model, act=nn.GELU),
-            fan_out=partial(linear_fan_out, out_features=self.d_model),
-        )
-
-    def width_layers(self, i: int) -> tuple[list[nn.Module], nn.Module]:
-        self._check_block(i)
-        mlp = self.blocks[i][-1].mlp
-        return [mlp[0]], mlp[2]
+    def sites(self) -> list[UnitSite | None]:
+        # The MLP's hidden units grow; its output joins the residual stream of the block.
+        return [
+            UnitSite(
+                producer=block[-1].mlp[0],
+                unit_ops=(block[-1].mlp[1],),
+                consumer=block[-1].mlp[2],
+                target="output",
+            )
+            for block in self.blocks
+        ]
 
     def embed(self, x: Tensor) -> Tensor:
         if x.dim() != 2 or x.dtype not in (torch.int64, torch.int32):

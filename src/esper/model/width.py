@@ -1,18 +1,26 @@
-"""Width seeds: new units grown into a host layer, and folding them into the host.
+"""Width seeds: new units grown into a host layer, at a *unit site*.
 
-A width seed at slot ``r0c{i}`` adds ``k`` units to host block ``i``. Its *fan-in*
-computes the units from the block's width input (CNN/MLP: the block's input, so the
-units are extra output channels of the block's first layer; transformer: the ``ln2``
-output of the block's last layer, so they are extra hidden units of its MLP). Its
-*fan-out* maps the units to an additive term at the host's width target:
+A `UnitSite` is built from module references (docs/ARCHITECTURE.md, Seeds, isolation
+and blending): the ``producer`` (a Linear or Conv2d whose output units grow), the
+per-unit ``unit_ops`` between it and the ``consumer`` (BatchNorm, activation, pooling),
+and the ``consumer`` (the Linear or Conv2d that reads the units). Everything a seed or a
+fold needs to know about sizes is read from those modules on every call, never stored,
+so a fold, a governor restore or a user's own resize can never leave a site stale. The
+same site describes a user's own layers (nothing in here knows a host).
 
-- ``"next"``: the output of the consumer's first linear op, before its norm and
-  activation (the next block's conv/linear, or the logits after the last block);
-- ``"output"``: block ``i``'s output (the transformer MLP's output joins the stream).
+A width seed at a site adds ``k`` units. Its *fan-in* copies the producer's structure
+for ``k`` units (the producer's kind of layer, then fresh copies of the unit ops) and
+reads the producer's input; its *fan-out* copies the consumer's kind of layer for ``k``
+inputs (no bias) and yields an additive term at the consumer's output. The host's walk
+adds that term where ``target`` says:
 
-The fan-out is zero at birth, so the network's function is unchanged; the host
-describes each site with a `WidthSite` and names the layers a fold widens
-(`Host.width_layers`), so this module and `MorphogeneticModel` stay host-agnostic.
+- ``"next"``: the consumer is the next block's first linear op (or the head), so the
+  term is *pending* until that op has run;
+- ``"output"``: the consumer sits inside the block (the transformer MLP), so the term
+  joins block ``i``'s output.
+
+The fan-out is zero at birth, so the network's function is unchanged. Folding a seed
+into its site (the layers become physically wider) lives in `esper.model.fold`.
 
 Initialisation (``WIDTH_INITS``): ``"random"`` (default) keeps the fan-in's fresh
 default initialisation (what the host's own layers got); ``"split"`` copies the fan-in
@@ -29,12 +37,14 @@ so switching it on adds that change twice: our reading of the gate failures.)
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 WIDTH_TARGETS = ("next", "output")
 WIDTH_INITS = ("split", "random")
@@ -50,7 +60,7 @@ class GlobalAvgPool(nn.Module):
 
 
 class WidthSeed(nn.Module):
-    """``fan_out(fan_in(x))``: ``units`` new units and their term at the width target."""
+    """``fan_out(fan_in(x))``: ``units`` new units and their term at the consumer."""
 
     def __init__(self, fan_in: nn.Module, fan_out: nn.Module, units: int) -> None:
         super().__init__()
@@ -60,52 +70,185 @@ class WidthSeed(nn.Module):
         return self.fan_out(self.fan_in(x))
 
 
-@dataclass(frozen=True)
-class WidthSite:
-    """What a host offers for width growth at one block (pure sizes, no host refs).
+def _check_linear_op(role: str, module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        return
+    if isinstance(module, nn.Conv2d) and module.groups == 1:
+        return
+    what = type(module).__name__
+    if isinstance(module, nn.Conv2d):
+        what += f" with groups={module.groups}"
+    raise TypeError(
+        f"a unit site's {role} must be an nn.Linear or an nn.Conv2d (groups=1), got {what}"
+    )
 
-    ``units``: how many units the grown layer has now (a blueprint's fraction is of
-    this); ``fan_in(k)`` / ``fan_out(k)`` build fresh modules for ``k`` new units (the
-    fan-out with every parameter zero); ``unit_dim_last``: units are the last dim of
-    the fan-in's output (else dim 1, CNN maps).
+
+def _has_state(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters(recurse=False)) or any(
+        True for _ in module.buffers(recurse=False)
+    )
+
+
+def _check_unit_op(module: nn.Module) -> None:
+    """A unit op acts on each unit alone: a BatchNorm (per-unit parameters and
+    statistics) or a module without state (activation, pooling, dropout)."""
+    if isinstance(module, _BatchNorm) or not any(_has_state(m) for m in module.modules()):
+        return
+    raise TypeError(
+        f"a unit site's ops between producer and consumer must be BatchNorm or stateless "
+        f"per-unit modules (activation, pooling), got {type(module).__name__} with "
+        f"parameters or buffers"
+    )
+
+
+def unit_tensors(layer: nn.Module) -> list[str]:
+    """Names of a layer's own tensors whose first dim indexes its output units."""
+    names = [n for n, _ in layer.named_parameters(recurse=False)]
+    if isinstance(layer, _BatchNorm) and layer.track_running_stats:
+        names += ["running_mean", "running_var"]
+    return names
+
+
+def layer_like(layer: nn.Module, in_units: int, out_units: int, bias: bool) -> nn.Module:
+    """A fresh layer of ``layer``'s kind (kernel, stride, padding kept) with new sizes."""
+    if isinstance(layer, nn.Linear):
+        return nn.Linear(in_units, out_units, bias=bias)
+    return nn.Conv2d(
+        in_units,
+        out_units,
+        layer.kernel_size,
+        stride=layer.stride,
+        padding=layer.padding,
+        dilation=layer.dilation,
+        bias=bias,
+        padding_mode=layer.padding_mode,
+    )
+
+
+def _fresh_copy(module: nn.Module) -> nn.Module:
+    """A stateless module's copy without the hooks a user may have put on the original."""
+    out = copy.deepcopy(module)
+    for m in out.modules():
+        for name, value in vars(m).items():
+            if name.endswith("_hooks") and isinstance(value, dict):
+                value.clear()
+    return out
+
+
+def unit_op_like(op: nn.Module, k: int) -> nn.Module:
+    """``op`` for ``k`` new units: a BatchNorm of the same settings, or a fresh copy."""
+    if isinstance(op, _BatchNorm):
+        return type(op)(
+            k,
+            eps=op.eps,
+            momentum=op.momentum,
+            affine=op.affine,
+            track_running_stats=op.track_running_stats,
+        )
+    return _fresh_copy(op)
+
+
+@dataclass(frozen=True, eq=False)
+class UnitSite:
+    """Width growth at one layer: ``producer`` -> ``unit_ops`` -> ``consumer``.
+
+    ``consumer_ops``: stateless per-unit reductions the host applies outside its modules
+    between the units and the consumer (a CNN head's global average pool); the fan-out
+    runs them before its layer. ``target``: where the consumer's term joins the host's
+    walk (module docstring). Sizes (`units`, `in_units`, `out_units`) are read from the
+    layers' weights on every call. Two sites are neighbours when one's consumer is the
+    other's producer (`feeds`): growth at one changes the other's input.
     """
 
-    units: int
-    target: str
-    unit_dim_last: bool
-    fan_in: Callable[[int], nn.Module]
-    fan_out: Callable[[int], nn.Module]
+    producer: nn.Module
+    unit_ops: tuple[nn.Module, ...]
+    consumer: nn.Module
+    target: str = "next"
+    consumer_ops: tuple[nn.Module, ...] = ()
 
     def __post_init__(self) -> None:
         if self.target not in WIDTH_TARGETS:
-            raise ValueError(
-                f"WidthSite.target must be one of {WIDTH_TARGETS}, got {self.target!r}"
+            raise ValueError(f"UnitSite.target must be one of {WIDTH_TARGETS}, got {self.target!r}")
+        _check_linear_op("producer", self.producer)
+        _check_linear_op("consumer", self.consumer)
+        for op in self.unit_ops:
+            _check_unit_op(op)
+        for op in self.consumer_ops:
+            if any(_has_state(m) for m in op.modules()):
+                raise TypeError(
+                    f"a unit site's consumer_ops must be stateless, got {type(op).__name__}"
+                )
+        if isinstance(self.producer, nn.Linear) != isinstance(self.consumer, nn.Linear) and not (
+            self.consumer_ops
+        ):
+            raise TypeError(
+                f"unit site: producer {type(self.producer).__name__} and consumer "
+                f"{type(self.consumer).__name__} need a consumer_ops reduction between them"
             )
 
+    # -- sizes, read live ------------------------------------------------------------
+    @property
+    def units(self) -> int:
+        """How many units the producer makes now (a blueprint's fraction is of this)."""
+        return int(self.producer.weight.shape[0])
+
+    @property
+    def in_units(self) -> int:
+        """Width of the producer's input (what a seed's fan-in reads)."""
+        return int(self.producer.weight.shape[1])
+
+    @property
+    def out_units(self) -> int:
+        """Width of the consumer's output (where a seed's term lands)."""
+        return int(self.consumer.weight.shape[0])
+
+    @property
+    def unit_dim_last(self) -> bool:
+        """Units are the last dim of the fan-in's output (Linear), else dim 1 (maps)."""
+        return isinstance(self.producer, nn.Linear)
+
+    @property
+    def unit_layers(self) -> tuple[nn.Module, ...]:
+        """The layers whose tensors hold one entry per unit: what a fold widens and a
+        split initialisation copies from (the producer, then its BatchNorms)."""
+        return (self.producer, *(op for op in self.unit_ops if isinstance(op, _BatchNorm)))
+
+    def feeds(self, other: UnitSite) -> bool:
+        """This site's units are the input of ``other``'s producer."""
+        return other.producer is self.consumer
+
+    # -- seeds -----------------------------------------------------------------------
     def build(self, k: int) -> WidthSeed:
-        fan_out = self.fan_out(k)
+        """A seed of ``k`` units, its fan-out zero (identity at birth). The fan-out is
+        created before the fan-in: the random draws of seeds built before this class
+        existed, so recorded trajectories stay exact."""
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"a width seed needs an int >= 1 of units, got {k!r}")
+        fan_out = layer_like(self.consumer, k, self.out_units, bias=False)
+        if self.consumer_ops:
+            fan_out = nn.Sequential(*(_fresh_copy(op) for op in self.consumer_ops), fan_out)
         for p in fan_out.parameters():
             nn.init.zeros_(p)
-        return WidthSeed(self.fan_in(k), fan_out, k)
+        fan_in = nn.Sequential(
+            layer_like(self.producer, self.in_units, k, bias=self.producer.bias is not None),
+            *(unit_op_like(op, k) for op in self.unit_ops),
+        )
+        return WidthSeed(fan_in, fan_out, k)
 
     def param_count(self, k: int) -> int:
         """Exact parameter count of ``build(k)``, without allocating it."""
         with torch.device("meta"):
-            module = WidthSeed(self.fan_in(k), self.fan_out(k), k)
+            module = self.build(k)
         return sum(p.numel() for p in module.parameters())
+
+
+# `esper.model.slot` types a slot's width site with this name.
+WidthSite = UnitSite
 
 
 def param_layers(module: nn.Module) -> list[nn.Module]:
     """The modules that own parameters directly, in registration order."""
     return [m for m in module.modules() if any(True for _ in m.parameters(recurse=False))]
-
-
-def _unit_tensors(layer: nn.Module) -> list[str]:
-    """Names of a layer's tensors whose first dim indexes its output units."""
-    names = [n for n, _ in layer.named_parameters(recurse=False)]
-    if isinstance(layer, nn.modules.batchnorm._BatchNorm):
-        names += ["running_mean", "running_var"]
-    return names
 
 
 def _source_indices(units: int, k: int) -> Tensor:
@@ -118,9 +261,9 @@ def _source_indices(units: int, k: int) -> Tensor:
 def copy_units(sources: Sequence[nn.Module], seed: WidthSeed, noise: float) -> None:
     """Net2Wider init: the seed's fan-in layers copy randomly chosen source units.
 
-    ``sources`` are the host layers that make the existing units (`Host.width_layers`),
+    ``sources`` are the layers that make the existing units (`UnitSite.unit_layers`),
     paired in order with the fan-in's parameterised layers. Input columns the fan-in
-    does not read (a host already widened upstream) are not copied.
+    does not read are not copied.
     """
     targets = param_layers(seed.fan_in)
     if len(targets) != len(sources):
@@ -130,7 +273,7 @@ def copy_units(sources: Sequence[nn.Module], seed: WidthSeed, noise: float) -> N
     units = sources[0].weight.shape[0]
     idx = _source_indices(units, seed.units)
     for k, (src, dst) in enumerate(zip(sources, targets, strict=True)):
-        for name in _unit_tensors(dst):
+        for name in unit_tensors(dst):
             d, s = getattr(dst, name), getattr(src, name)[idx]
             if s.dim() > 1:
                 s = s[:, : d.shape[1]]
@@ -138,64 +281,3 @@ def copy_units(sources: Sequence[nn.Module], seed: WidthSeed, noise: float) -> N
             if k == 0 and name == "weight" and noise > 0.0:
                 std = float(getattr(src, name).std()) if getattr(src, name).numel() > 1 else 0.0
                 d.add_(torch.randn_like(d) * noise * (std or 1.0))
-
-
-def _pad_dim1(t: Tensor, size: int) -> Tensor:
-    """Zero columns appended so ``t.shape[1] == size`` (inputs the seed never read)."""
-    if t.shape[1] == size:
-        return t
-    pad = t.new_zeros((t.shape[0], size - t.shape[1], *t.shape[2:]))
-    return torch.cat([t, pad], dim=1)
-
-
-def _set(layer: nn.Module, name: str, value: Tensor) -> None:
-    old = getattr(layer, name)
-    if isinstance(old, nn.Parameter):
-        setattr(layer, name, nn.Parameter(value, requires_grad=old.requires_grad))
-    else:
-        setattr(layer, name, value)
-
-
-@torch.no_grad()
-def append_units(layer: nn.Module, new: nn.Module) -> None:
-    """Append ``new``'s output units to ``layer`` (Linear, Conv2d or BatchNorm)."""
-    for name in _unit_tensors(layer):
-        old, add = getattr(layer, name), getattr(new, name)
-        if old.dim() > 1:
-            add = _pad_dim1(add, old.shape[1])
-        _set(layer, name, torch.cat([old, add.to(old)], dim=0))
-    n = layer.weight.shape[0]
-    for attr in ("out_features", "out_channels", "num_features"):
-        if hasattr(layer, attr):
-            setattr(layer, attr, n)
-
-
-@torch.no_grad()
-def append_inputs(layer: nn.Module, weight: Tensor) -> None:
-    """Append input columns ``weight`` ([out, k, ...]) to a Linear or Conv2d."""
-    old = layer.weight
-    if weight.shape[0] != old.shape[0]:
-        raise ValueError(f"fan-out has {weight.shape[0]} outputs, consumer has {old.shape[0]}")
-    _set(layer, "weight", torch.cat([old, weight.to(old)], dim=1))
-    n = layer.weight.shape[1]
-    for attr in ("in_features", "in_channels"):
-        if hasattr(layer, attr):
-            setattr(layer, attr, n)
-
-
-@torch.no_grad()
-def fold_seed(
-    sources: Sequence[nn.Module], consumer: nn.Module, seed: WidthSeed, scale: Tensor
-) -> None:
-    """Make ``sources`` and ``consumer`` physically wider so that the host computes what
-    host + seed computed. ``scale`` ([k]) multiplies each unit's fan-out (alpha x gate)."""
-    targets = param_layers(seed.fan_in)
-    if len(targets) != len(sources):
-        raise ValueError(
-            f"fan-in has {len(targets)} parameterised layers, host source has {len(sources)}"
-        )
-    for src, new in zip(sources, targets, strict=True):
-        append_units(src, new)
-    out = param_layers(seed.fan_out)[-1].weight
-    shape = (1, -1) + (1,) * (out.dim() - 2)
-    append_inputs(consumer, out * scale.to(out).view(shape))

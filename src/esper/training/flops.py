@@ -15,7 +15,10 @@ FLOPs are those `torch.utils.flop_counter.FlopCounterMode` counts: matmuls, conv
 and attention (2 per multiply-add); element-wise ops (norms, activations) are not counted,
 as in the model-growth literature. Counts are cached by the model's structure (parameter
 shapes and each slot's stage), so a recount happens only after germinate, prune,
-fossilize or a stage change, not every step.
+fossilize, a stage change or a fold (`esper.model.fold`: layers change shape), not every
+step; a governor rollback to an earlier structure finds that structure's count again.
+A fold leaves the count as it was (the fossil's multiply-adds now run inside one wider
+layer); a live width seed next to it reads or feeds the folded units and costs more.
 """
 
 from __future__ import annotations

@@ -10,6 +10,14 @@ every live seed (a seed that was growing when things went wrong is not trusted),
 reports a `GovernorEvent` with a penalty. Nothing in here raises: a rollback that
 cannot restore reports ``restored=False`` instead.
 
+The snapshot outlives structural changes: after a fold (layers physically wider, a
+fossil gone into the host) a rollback restores the snapshot's structure too
+(`esper.model.restore.restore_state`: the same modules and Parameter objects, resized),
+so it returns to exactly the model that was snapshotted. A fold does not take a new
+snapshot: rolling back then undoes the fossilize and the fold together, as it undoes a
+fossilize that was not folded, so folding never changes what a rollback does. The
+snapshot belongs to the model it was taken of; another model is refused.
+
 Measured with ``bench/bench_governor.py --gates`` (digits widths 1 and 2, heuristic and
 random controllers, 80 healthy episodes of 20 steps): the earlier mean + 3σ rule caught a
 real divergence (lr = 50) in 1 of 5 episodes, because its history filled with the
@@ -24,6 +32,7 @@ from __future__ import annotations
 import copy
 import math
 import statistics
+import weakref
 from collections import deque
 from dataclasses import dataclass
 from typing import Literal
@@ -65,6 +74,7 @@ class Governor:
         self.grace_left = 0
         self.rollbacks = 0
         self._snapshot: dict | None = None
+        self._snapshot_of: weakref.ref | None = None  # the model the snapshot is of
         self.snapshot_epoch = -1
 
     # -- detection -------------------------------------------------------------------
@@ -112,6 +122,7 @@ class Governor:
     def snapshot(self, model, epoch: int) -> None:
         """Keep a copy of the model's current state as the last good one."""
         self._snapshot = copy.deepcopy(model.state_dict())
+        self._snapshot_of = weakref.ref(model)
         self.snapshot_epoch = epoch
 
     @property
@@ -123,16 +134,21 @@ class Governor:
         threshold = {"non_finite": math.inf, "diverged": self.ceiling()}.get(
             reason, self.threshold()
         )
+        from esper.model.restore import restore_state  # lazy: esper.model imports are not free
+
         restored, error = False, None
-        if self._snapshot is not None:
+        if self._snapshot is None:
+            error = "no snapshot taken yet"
+        elif self._snapshot_of is None or self._snapshot_of() is not model:
+            # Restoring would turn this model into another one (structure included).
+            error = "the snapshot was taken of another model: it does not match this one"
+        else:
             try:
                 # A copy, so a second rollback to the same snapshot starts from clean tensors.
-                model.load_state_dict(copy.deepcopy(self._snapshot))
+                restore_state(model, copy.deepcopy(self._snapshot))
                 restored = True
             except Exception as err:  # the governor must never crash training
                 error = f"{type(err).__name__}: {err}"
-        else:
-            error = "no snapshot taken yet"
         pruned = []
         for state in model.slot_states():
             if is_live(state.stage):
@@ -161,4 +177,5 @@ class Governor:
         self.spike_count = 0
         self.grace_left = 0
         self._snapshot = None
+        self._snapshot_of = None
         self.snapshot_epoch = -1

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -42,6 +43,10 @@ from esper.training.step import (
     optimizer_params,
     train_phase,
 )
+from esper.training.surgery import carry_optimizer_state
+
+if TYPE_CHECKING:
+    from esper.model.fold import FoldPlan
 
 
 @dataclass(frozen=True)
@@ -331,3 +336,43 @@ class Trainer:
         out = self.model(x.to(self.device))
         self.model.train()
         return out
+
+    # -- structural changes ----------------------------------------------------------
+    def fold(self, slot_id: str) -> FoldPlan:
+        """Fold the FOSSILIZED width seed of ``slot_id`` into the host's layers, in place,
+        and carry every optimiser through it: the fossil's seed-optimiser state moves into
+        the host's optimiser (the fossil joins it), neighbouring width seeds' optimisers
+        are resized (`esper.training.surgery`). The function is unchanged; the slot is
+        DORMANT. The env must refresh what it derived from the model's shape (its
+        blueprint cost table) afterwards."""
+        plan = self.model.fold_in_place(slot_id)
+        fossil = self.seed_optimizers.get(slot_id)
+        carry_optimizer_state(self.host_optimizer, plan, donors=[fossil[1]] if fossil else [])
+        for sid, (_, optimizer) in self.seed_optimizers.items():
+            if sid != slot_id:
+                carry_optimizer_state(optimizer, plan)
+        self.after_structure_change()
+        return plan
+
+    def after_structure_change(self) -> None:
+        """Bring the trainer in line with a model whose parameters changed shape or
+        owner (a fold; call after carrying the optimisers through it).
+
+        Seed optimisers follow the slots (the folded slot's is dropped). The governor's
+        snapshot stays the last good state as it was taken: a rollback restores it,
+        structure included (`esper.training.governor`). FLOP counts are cached by the
+        model's structure (parameter shapes and slot stages), so the next step recounts
+        the new structure and a rollback finds the old one's count again.
+        """
+        self.sync_seed_optimizers()
+        held = {id(p) for group in self.host_optimizer.param_groups for p in group["params"]}
+        missing = [
+            name
+            for name, p in self.model.host.named_parameters()
+            if p.requires_grad and id(p) not in held
+        ]
+        if missing:
+            raise RuntimeError(
+                f"host parameters {missing} are not in the host optimiser after a structural "
+                f"change: carry it with esper.training.surgery.carry_optimizer_state"
+            )
