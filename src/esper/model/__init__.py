@@ -8,7 +8,7 @@ from esper.model.blueprints import (
     get_blueprint,
 )
 from esper.model.hosts import CNNHost, Host, MLPHost, count_parameters
-from esper.model.morphogenetic import MorphogeneticModel, ParamCounts
+from esper.model.morphogenetic import MorphogeneticModel
 from esper.model.slot import (
     LifecycleConfig,
     SeedSlot,
@@ -17,6 +17,7 @@ from esper.model.slot import (
     StageChange,
     blend_alpha,
 )
+from esper.model.slotset import GrowableModel, ParamCounts
 from esper.model.transformer import TransformerHost
 from esper.model.width import DEFAULT_WIDTH_INIT, WIDTH_INITS, WidthSeed, WidthSite
 
@@ -26,6 +27,7 @@ __all__ = [
     "WIDTH_INITS",
     "Blueprint",
     "CNNHost",
+    "GrowableModel",
     "Host",
     "LifecycleConfig",
     "MLPHost",
