@@ -34,11 +34,12 @@ class UserCNN(nn.Module):
         return self.head(h.flatten(1))
 
 
-def _setup(blueprint: str = "conv_heavy", randomise: bool = True):
+def _setup(blueprint: str = "conv_heavy", randomise: bool = True, device: str = "cpu"):
     torch.manual_seed(0)
-    net = UserCNN()
+    net = UserCNN().to(device)
     reference = copy.deepcopy(net)
-    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 5, (16,))
+    x = torch.randn(16, 1, 8, 8, device=device)
+    y = torch.randint(0, 5, (16,), device=device)
     slotted = attach(net, ["conv1"], x[:2], LifecycleConfig(min_train_epochs=1))
     slotted.germinate(SID, blueprint)
     if randomise:  # a seed that has trained a while: its term is no longer zero
@@ -72,12 +73,29 @@ def _fully_on_grads(slotted, x, y, loss_at=None, rng_seed=7):
     return list(grads)
 
 
+CUDA = pytest.param(
+    "cuda",
+    marks=[
+        pytest.mark.gpu,
+        pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+    ],
+)
+
+
+def _rng(device: str) -> torch.Tensor:
+    return torch.cuda.get_rng_state() if device == "cuda" else torch.get_rng_state()
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("call", ["wrapper", "user_model"])
-def test_a_training_seed_leaves_the_host_bit_identical_over_training(call):
+def test_a_training_seed_leaves_the_host_bit_identical_over_training(call, device, monkeypatch):
     """Outputs, host gradients, BatchNorm statistics, parameters and the random stream
     equal those of the same model trained without any seed, step after step, whether
     the loop calls the wrapper or the user's own module."""
-    net, reference, slotted, x, y = _setup()
+    # Equal bits need the same kernels for the same shapes in both models.
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    net, reference, slotted, x, y = _setup(device=device)
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     opt.add_param_group({"params": slotted.seed_parameters(SID)})  # as the Grower does
     ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
@@ -87,10 +105,10 @@ def test_a_training_seed_leaves_the_host_bit_identical_over_training(call):
     for step in range(4):
         torch.manual_seed(step)
         out = (slotted if call == "wrapper" else net)(x)
-        rng_after = torch.get_rng_state()
+        rng_after = _rng(device)
         torch.manual_seed(step)
         ref_out = reference(x)
-        assert torch.equal(torch.get_rng_state(), rng_after), step
+        assert torch.equal(_rng(device), rng_after), step
         assert torch.equal(out, ref_out), step
         opt.zero_grad(), ref_opt.zero_grad()
         F.cross_entropy(out, y).backward()

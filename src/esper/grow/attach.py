@@ -24,6 +24,7 @@ attached (`esper.grow.seedpass`).
 from __future__ import annotations
 
 import contextvars
+import copy
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from esper.grow.seedpass import OwnPass, carry, cuda_devices, rng_state, set_rng_state
+from esper.grow.seedpass import SeedPass
 from esper.model import GrowableModel, LifecycleConfig, SeedSlot
 from esper.slots import InjectionSpec, SlotConfig, SlotIdError, format_slot_id, parse_slot_id
 
@@ -271,23 +272,11 @@ class SlottedModel(GrowableModel):
         like = next(iter(model.parameters()), None)
         if like is not None:
             self.slots.to(device=like.device, dtype=like.dtype)
-        # The own pass of the last training forward, until `seed_forward` takes it; and
-        # the random state that forward started from (never serialised).
-        self._own: OwnPass | None = None
-        self._rng_before: tuple | None = None
         self._handles = [
             _submodule(model, p.name).register_forward_hook(self._hook(p.spec.slot_id))
             for p in self.points
         ]
-        # Closures, not bound methods: ``copy.deepcopy(model)`` then copies no slots along
-        # with the hooks (`strip_hooks` removes them from such a copy).
-        self._root_handles = [
-            model.register_forward_pre_hook(lambda m, _args: self._before_forward(m)),
-            model.register_forward_hook(
-                lambda m, args, kwargs, out: self._after_forward(m, args, kwargs, out),
-                with_kwargs=True,
-            ),
-        ]
+        self._seed_pass = SeedPass(self, model, measuring=lambda: bool(_OVERRIDES.get()))
 
     def _hook(self, slot_id: str):
         def run_slot(module: nn.Module, args: tuple, output: Any) -> Tensor:
@@ -303,9 +292,9 @@ class SlottedModel(GrowableModel):
 
     def detach(self) -> nn.Module:
         """Remove the hooks: the user's model runs as before attaching; returns it."""
-        for handle in (*self._handles, *self._root_handles):
+        for handle in (*self._handles, *self._seed_pass.handles):
             handle.remove()
-        self._handles, self._root_handles = [], []
+        self._handles, self._seed_pass.handles = [], []
         return self.model
 
     def strip_hooks(self, copied: nn.Module) -> None:
@@ -313,11 +302,21 @@ class SlottedModel(GrowableModel):
         keeps them, still pointing at these slots)."""
         for point, handle in zip(self.points, self._handles, strict=False):
             copied.get_submodule(point.name)._forward_hooks.pop(handle.id, None)
-        for handle in self._root_handles:
+        for handle in self._seed_pass.handles:
             copied._forward_pre_hooks.pop(handle.id, None)
             copied._forward_hooks.pop(handle.id, None)
             copied._forward_hooks_with_kwargs.pop(handle.id, None)
             copied._forward_hooks_always_called.pop(handle.id, None)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SlottedModel:
+        """A copy whose hooks run its own slots (copying the hooks themselves would leave
+        the copy's model running these slots)."""
+        model = copy.deepcopy(self.model, memo)
+        self.strip_hooks(model)
+        twin = SlottedModel(model, self.points, self.lifecycle, self.own_seed_pass)
+        memo[id(self)] = twin
+        twin.slots.load_state_dict(self.slots.state_dict())
+        return twin.train(self.training)
 
     def forward(self, *args: Any, alpha_override: Mapping[str, float] | None = None, **kwargs):
         token = _OVERRIDES.set(self._check_overrides(alpha_override))
@@ -327,53 +326,6 @@ class SlottedModel(GrowableModel):
             _OVERRIDES.reset(token)
 
     # -- the seeds' own pass ------------------------------------------------------------
-    def _wants_own_pass(self, model: nn.Module) -> bool:
-        """A training forward of the host (no alpha override, not the own pass itself)
-        while a seed is TRAINING."""
-        return (
-            self.own_seed_pass
-            and model.training
-            and torch.is_grad_enabled()
-            and not _OVERRIDES.get()
-            and bool(self.training_seeds())
-        )
-
-    def _before_forward(self, model: nn.Module) -> None:
-        if not _OVERRIDES.get():
-            self._own = None  # a new forward of the host: the last pass is no one's now
-        if self._wants_own_pass(model):
-            devices = cuda_devices(model)
-            self._rng_before = (devices, rng_state(devices))
-
-    def _after_forward(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        if not self._wants_own_pass(model) or self._rng_before is None:
-            return None
-        replay, self._rng_before = self._rng_before, None
-        own = self._own_pass(args, kwargs, replay)
-        self._own = OwnPass(args, kwargs, own)
-        carried, paired = carry(output, own, self._own.claim)
-        if paired == 0:
-            raise TypeError(
-                f"{type(self.model).__name__} returned a {type(output).__name__}: no tensor "
-                "(nor tuple / list / dict of tensors) to carry the TRAINING seeds' own pass; "
-                "return one, or set own_seed_pass = False to train them straight-through"
-            )
-        return carried
-
-    def _own_pass(self, args: tuple, kwargs: dict, replay: tuple | None) -> Any:
-        """The user's model on ``args`` with every TRAINING seed fully on, the host as
-        constants. ``replay``: the random state a forward started from, so the pass
-        draws what it drew (dropout masks); the host's random stream goes on as if the
-        pass never ran."""
-        training = self.training_seeds()
-        state = self._own_pass_state(training)
-        devices = replay[0] if replay is not None else cuda_devices(self.model)
-        with torch.random.fork_rng(devices=devices, device_type="cuda"):
-            if replay is not None:
-                set_rng_state(replay[1], devices)
-            on = {"alpha_override": dict.fromkeys(training, 1.0)}
-            return torch.func.functional_call(self, state, args, {**kwargs, **on})
-
     def seed_forward(self, *args: Any, **kwargs: Any) -> Any:
         """The output with every TRAINING seed fully on and the host as constants, for
         those seeds' own loss (None when no seed is TRAINING). Right after a training
@@ -381,13 +333,7 @@ class SlottedModel(GrowableModel):
         forward's output no longer carries its gradient, so a loop that adds
         ``criterion(slotted.seed_forward(x), y)`` trains the seeds with exactly the
         fully-on gradient, without a second pass."""
-        if not self.training_seeds():
-            return None
-        last, self._own = self._own, None
-        if last is not None and last.matches(args, kwargs):
-            last.claim.taken = True
-            return last.output
-        return self._own_pass(args, kwargs, None)
+        return self._seed_pass.take(args, kwargs) if self.training_seeds() else None
 
     # -- what the slot set needs from this wrapper ----------------------------------------
     def point(self, slot_id: str) -> AttachPoint:

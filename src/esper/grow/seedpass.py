@@ -33,11 +33,14 @@ pass ends the drift; the exact one is better still, for a few added lines in the
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from esper.model import GrowableModel
 
 
 @dataclass
@@ -127,3 +130,80 @@ def set_rng_state(state: tuple[Tensor, list[Tensor]], devices: list[int]) -> Non
     torch.set_rng_state(state[0])
     for device, value in zip(devices, state[1], strict=True):
         torch.cuda.set_rng_state(value, device)
+
+
+class SeedPass:
+    """The own pass of a user's model whose slots are hooks: two hooks on its root module
+    run the pass after every training forward (train mode, autograd on, no alpha
+    override, a seed TRAINING) and attach it to the output (`carry`); `take` hands the
+    last one to ``seed_forward``. ``measuring()`` is True inside an alpha-override call
+    (a measurement, or the own pass itself)."""
+
+    def __init__(
+        self, slotted: GrowableModel, model: nn.Module, measuring: Callable[[], bool]
+    ) -> None:
+        self.slotted, self.model, self.measuring = slotted, model, measuring
+        self.last: OwnPass | None = None  # until ``take`` or the next forward
+        self._rng_before: tuple | None = None  # where the running forward's draws began
+        # Closures, not bound methods: ``copy.deepcopy(model)`` then copies no slots along
+        # with the hooks (`SlottedModel.strip_hooks` removes them from such a copy).
+        self.handles = [
+            model.register_forward_pre_hook(lambda m, _args: self._before(m)),
+            model.register_forward_hook(
+                lambda m, args, kwargs, out: self._after(m, args, kwargs, out),
+                with_kwargs=True,
+            ),
+        ]
+
+    def _wanted(self, model: nn.Module) -> bool:
+        return (
+            self.slotted.own_seed_pass
+            and model.training
+            and torch.is_grad_enabled()
+            and not self.measuring()
+            and bool(self.slotted.training_seeds())
+        )
+
+    def _before(self, model: nn.Module) -> None:
+        if not self.measuring():
+            self.last = None  # a new forward of the host: the last pass is no one's now
+        if self._wanted(model):
+            devices = cuda_devices(model)
+            self._rng_before = (devices, rng_state(devices))
+
+    def _after(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if not self._wanted(model) or self._rng_before is None:
+            return None
+        replay, self._rng_before = self._rng_before, None
+        self.last = OwnPass(args, kwargs, self.run(args, kwargs, replay))
+        carried, paired = carry(output, self.last.output, self.last.claim)
+        if paired == 0:
+            raise TypeError(
+                f"{type(model).__name__} returned a {type(output).__name__}: no tensor "
+                "(nor tuple / list / dict of tensors) to carry the TRAINING seeds' own pass; "
+                "return one, or set own_seed_pass = False to train them straight-through"
+            )
+        return carried
+
+    def run(self, args: tuple, kwargs: dict, replay: tuple | None = None) -> Any:
+        """The model on ``args`` with every TRAINING seed fully on, the host and the other
+        seeds as constants. ``replay``: the random state a forward started from, so the
+        pass draws what it drew (dropout masks); the host's random stream goes on as if
+        the pass never ran."""
+        training = self.slotted.training_seeds()
+        state = self.slotted.own_pass_state(training)
+        devices = replay[0] if replay is not None else cuda_devices(self.model)
+        with torch.random.fork_rng(devices=devices, device_type="cuda"):
+            if replay is not None:
+                set_rng_state(replay[1], devices)
+            on = {"alpha_override": dict.fromkeys(training, 1.0)}
+            return torch.func.functional_call(self.slotted, state, args, {**kwargs, **on})
+
+    def take(self, args: tuple, kwargs: dict) -> Any:
+        """The last forward's own pass, claimed (its carried gradient off), when it ran on
+        these very inputs; else a fresh pass."""
+        last, self.last = self.last, None
+        if last is not None and last.matches(args, kwargs):
+            last.claim.taken = True
+            return last.output
+        return self.run(args, kwargs)

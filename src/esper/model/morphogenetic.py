@@ -224,7 +224,7 @@ class MorphogeneticModel(GrowableModel):
         training = self.training_seeds()
         if not training:
             return None
-        state = self._own_pass_state(training)
+        state = self.own_pass_state(training)
         kwargs: dict = {"alpha_override": dict.fromkeys(training, 1.0)}
         prefix, self._seed_prefix = self._seed_prefix, None
         first = min(self.block_index(sid) for sid in training)

@@ -123,7 +123,7 @@ class GrowableModel(nn.Module):
             if slot.seed is not None and slot.stage in _LEARNING_BEHIND
         ]
 
-    def _own_pass_state(self, training: Iterable[str]) -> dict[str, Tensor]:
+    def own_pass_state(self, training: Iterable[str]) -> dict[str, Tensor]:
         """What `torch.func.functional_call` swaps in for the seeds' own pass: every
         parameter but the ``training`` seeds' detached, every buffer but theirs cloned
         (the pass's BatchNorm statistics land in the clones and are dropped)."""
