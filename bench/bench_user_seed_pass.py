@@ -17,7 +17,7 @@ with the seed off minus with it on (eval mode, nats; > 0: the seed would help), 
 median and worst over ``--seeds`` seeds. The host's trajectory is the same in every arm
 (the tests check it bit for bit), so only the seed differs.
 
-    OMP_NUM_THREADS=1 python bench/bench_user_seed_pass.py --seeds 4 --blueprint conv_heavy
+    OMP_NUM_THREADS=1 python bench/bench_user_seed_pass.py --seeds 4
 """
 
 from __future__ import annotations
@@ -82,16 +82,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--blueprint", default="conv_heavy")
+    parser.add_argument("--blueprints", default="conv_heavy,conv_light")
+    parser.add_argument("--quick", action="store_true", help="1 seed x 2 epochs (smoke run)")
     args = parser.parse_args()
+    if args.quick:
+        args.seeds, args.epochs = 1, 2
     torch.set_num_threads(1)
     data = get_task("digits").make_data(seed=0)
-    print(f"{args.blueprint}: prospective contribution (nats), median / worst of {args.seeds}")
-    print("arm       " + " ".join(f"{'epoch ' + str(e + 1):>20}" for e in range(args.epochs)))
-    for arm in ARMS:
-        runs = [run(arm, args.blueprint, s, args.epochs, data) for s in range(args.seeds)]
-        cells = [f"{statistics.median(c):+9.3f} / {min(c):+9.1f}" for c in zip(*runs, strict=True)]
-        print(f"{arm:<10}" + " ".join(f"{cell:>20}" for cell in cells), flush=True)
+    for blueprint in args.blueprints.split(","):
+        print(f"{blueprint}: prospective contribution (nats), median / worst of {args.seeds}")
+        epochs = " ".join(f"{'epoch ' + str(e + 1):>20}" for e in range(args.epochs))
+        print(f"{'arm':<10}{epochs}")
+        for arm in ARMS:
+            runs = [run(arm, blueprint, s, args.epochs, data) for s in range(args.seeds)]
+            cells = [
+                f"{statistics.median(c):+9.3f} / {min(c):+9.1f}" for c in zip(*runs, strict=True)
+            ]
+            print(f"{arm:<10}" + " ".join(f"{cell:>20}" for cell in cells), flush=True)
 
 
 if __name__ == "__main__":
