@@ -41,6 +41,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "pareto": ("bench_pareto.py", []),
     "governor": ("bench_governor.py", ["--gates"]),
     "width_init": ("bench_width_init.py", ["--seeds", "8"]),
+    "user_seed_pass": ("bench_user_seed_pass.py", ["--seeds", "4"]),  # issue 19
     "host_layout": ("bench_host_layout.py", []),
     "learned": ("bench_learned.py", ["--seeds", "12", "--transfer", "5", "8"]),
 }

@@ -222,3 +222,21 @@ def test_a_grown_model_saves_and_loads_in_a_new_process_with_the_same_outputs(tm
             torch.load(tmp_path / "grown.pt", weights_only=True)
         )
     assert isinstance(load_slotted(UserNet(), tmp_path / "grown.pt"), nn.Module)
+
+
+def test_a_deep_copy_runs_its_own_slots():
+    torch.manual_seed(4)
+    x = torch.randn(4, 1, 8, 8)
+    slotted = attach(Net(), ["b1", "b2"], x, FAST)
+    _grow_to(slotted, "r0c1", "conv_light", SeedStage.HOLDING)
+    twin = copy.deepcopy(slotted).eval()
+    slotted.eval()
+    assert torch.equal(twin(x), slotted(x))
+    assert twin.slot_state("r0c1").stage == SeedStage.HOLDING
+    with torch.no_grad():
+        for p in twin.seed_parameters("r0c1"):
+            p.zero_()
+    twin.germinate("r0c0", "norm")
+    assert slotted.slot_state("r0c0").stage == SeedStage.DORMANT
+    assert not torch.equal(twin(x), slotted(x))  # the copy's seed, not the original's
+    assert torch.equal(twin(x), twin.model(x))

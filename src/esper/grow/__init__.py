@@ -1,6 +1,10 @@
 """Grow your own model: seed slots on any `nn.Module`, growth in your own loop, export.
 
-- `attach(model, names, sample)` -> `SlottedModel`: slots on named submodules.
+- `attach(model, names, sample, causal=True)` -> `SlottedModel`: slots on named
+  submodules (``causal``: whether attention seeds on ``[N, T, D]`` outputs see only
+  earlier tokens). TRAINING seeds learn in their own pass with the loop unchanged; a
+  loop that adds ``criterion(slotted.seed_forward(x), y)`` gives them the exact
+  fully-on gradient (`esper.grow.seedpass`).
 - `Grower(slotted, optimizer, val_data)`: call ``grower.step(...)`` from your loop.
 - `load_slotted(model, path)`: re-attach and load a saved grown model.
 - `export_model(slotted)` -> plain `nn.Module`; `save_portable(...)` -> torch-only file.

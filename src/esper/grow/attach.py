@@ -5,19 +5,27 @@ read each named submodule's output shape, then registers one forward hook per su
 that passes its output through a `esper.model.SeedSlot`. The user's model is neither
 copied nor rewritten: its own ``forward`` runs, and calling ``model(x)`` directly already
 runs the slots. The returned `SlottedModel` holds the slots (so its ``state_dict`` holds
-the growth), takes per-call alpha overrides and offers the lifecycle operations.
+the growth), takes per-call alpha overrides and offers the lifecycle operations of
+`esper.model.GrowableModel`, the slot set it shares with Esper's own hosts.
 
 Topology and channels come from the output shape: ``[N, C, H, W]`` is a conv map
-(``cnn``, C channels), ``[N, T, D]`` a token sequence (``transformer``, channels last;
-its attention blueprint is causal), ``[N, D]`` a feature vector (``mlp``). Seeds are
+(``cnn``, C channels), ``[N, T, D]`` a token sequence (``transformer``, channels last),
+``[N, D]`` a feature vector (``mlp``). Whether a sequence point is causal (a token may
+see only earlier tokens: a decoder) or not (an encoder) is the user's choice,
+``attach(..., causal=...)``; it decides the attention seeds built there. Seeds are
 residual (depth) seeds ``h + α·f(h)``; new units inside a user's layer (width growth)
 are not offered here.
+
+TRAINING seeds learn in their own pass, as on Esper's hosts, with no change to the
+user's loop: a training forward returns the host's output with the own pass's gradient
+attached (`esper.grow.seedpass`).
 """
 
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Mapping, Sequence
+import copy
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,9 +33,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from esper.lifecycle import SeedStage, is_live
-from esper.model import LifecycleConfig, ParamCounts, SeedSlot, SlotState, StageChange
-from esper.model.slot import check_alpha_overrides
+from esper.grow.seedpass import SeedPass
+from esper.model import GrowableModel, LifecycleConfig, SeedSlot
 from esper.slots import InjectionSpec, SlotConfig, SlotIdError, format_slot_id, parse_slot_id
 
 # Per-call alpha overrides reach the hooks through a context variable: it is local to the
@@ -45,20 +52,36 @@ class AttachError(ValueError):
 
 @dataclass(frozen=True)
 class AttachPoint:
-    """Where a slot sits: the submodule path (as in ``named_modules``) and its spec."""
+    """Where a slot sits: the submodule path (as in ``named_modules``), its spec and, for
+    a token sequence (``transformer``), whether its seeds are causal (None elsewhere)."""
 
     name: str
     spec: InjectionSpec
+    causal: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.spec.topology == "transformer":
+            if self.causal is None:  # files written before the choice existed: causal
+                object.__setattr__(self, "causal", True)
+            elif not isinstance(self.causal, bool):
+                raise AttachError(
+                    f"attach point {self.name!r}: causal must be True or False, got {self.causal!r}"
+                )
+        elif self.causal is not None:
+            raise AttachError(
+                f"attach point {self.name!r} is a {self.spec.topology} point; causal applies "
+                f"only to token sequences [N, T, D], got causal={self.causal!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, **asdict(self.spec)}
+        return {"name": self.name, **asdict(self.spec), "causal": self.causal}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AttachPoint:
         spec = InjectionSpec(
             str(data["slot_id"]), int(data["channels"]), data["topology"], float(data["position"])
         )
-        return cls(str(data["name"]), spec)
+        return cls(str(data["name"]), spec, data.get("causal"))
 
 
 def _submodule(model: nn.Module, name: str) -> nn.Module:
@@ -142,20 +165,50 @@ def _spec(name: str, slot_id: str, outputs: list, position: float) -> InjectionS
     return InjectionSpec(slot_id, channels, topology, position)  # type: ignore[arg-type]
 
 
+def _causal_choice(
+    causal: bool | Mapping[str, bool], names: Sequence[str]
+) -> Callable[[str], bool]:
+    """Submodule name -> causal, from ``attach``'s ``causal`` (checked here)."""
+    if isinstance(causal, bool):
+        return lambda name: causal
+    if not isinstance(causal, Mapping):
+        raise AttachError(
+            f"causal must be True, False or a mapping submodule name -> bool, got {causal!r}"
+        )
+    for name, value in causal.items():
+        if name not in names:
+            raise AttachError(
+                f"causal names {name!r}, which is not an attached submodule; attached: "
+                f"{', '.join(names)}"
+            )
+        if not isinstance(value, bool):
+            raise AttachError(f"causal[{name!r}] must be True or False, got {value!r}")
+    return lambda name: causal.get(name, True)
+
+
 def attach(
     model: nn.Module,
     points: Sequence[str] | Mapping[str, str],
     sample: Any,
     lifecycle: LifecycleConfig | None = None,
+    *,
+    causal: bool | Mapping[str, bool] = True,
 ) -> SlottedModel:
     """Put a seed slot after each named submodule of ``model`` (not copied).
 
     ``points``: submodule names (ids ``r0c0, r0c1, ...`` in that order) or a mapping
     name -> slot id. ``sample``: one input batch (a tensor, or a tuple of positional
-    arguments) on the model's device. Raises `AttachError` naming the submodule when a
-    name is unknown, its output is not one tensor, or no blueprint fits its shape.
+    arguments) on the model's device. ``causal``: for submodules that return a token
+    sequence ``[N, T, D]``, whether a seed's attention may see only earlier tokens
+    (True, a decoder) or every token (False, an encoder); one bool, or a mapping
+    name -> bool (names left out: True). True is the default because it is the safe
+    side: a causal seed in an encoder only sees less, a non-causal seed in a decoder
+    would read the tokens it is asked to predict. Raises `AttachError` naming the
+    submodule when a name is unknown, its output is not one tensor, no blueprint fits
+    its shape, or ``causal`` names a submodule that is not a token sequence.
     """
     ids = _slot_ids(points)
+    is_causal = _causal_choice(causal, list(ids))
     modules = {name: _submodule(model, name) for name in ids}
     by_object: dict[int, str] = {}
     for name, module in modules.items():
@@ -168,19 +221,34 @@ def attach(
     seen = _probe(model, modules, sample)
     order = sorted(ids, key=lambda n: parse_slot_id(ids[n]))
     n = len(order)
-    attach_points = [
-        AttachPoint(name, _spec(name, ids[name], seen[name], (i + 1) / n))
-        for i, name in enumerate(order)
-    ]
+    attach_points = []
+    for i, name in enumerate(order):
+        spec = _spec(name, ids[name], seen[name], (i + 1) / n)
+        sequence = spec.topology == "transformer"
+        if not sequence and isinstance(causal, Mapping) and name in causal:
+            raise AttachError(
+                f"causal names {name!r}, whose output {tuple(seen[name][0].shape)} is not a "
+                "token sequence [N, T, D]; causal applies only to those"
+            )
+        attach_points.append(AttachPoint(name, spec, is_causal(name) if sequence else None))
     return SlottedModel(model, attach_points, lifecycle)
 
 
-class SlottedModel(nn.Module):
+class SlottedModel(GrowableModel):
     """A user's model with seed slots hooked onto some of its submodules.
 
     ``self.model`` is the user's module itself. ``forward(*args, alpha_override=None,
     **kwargs)`` calls ``self.model(*args, **kwargs)``; ``alpha_override`` maps slot ids to
-    the alpha used for this call only (0.0 = seed off, 1.0 = fully on).
+    the alpha used for this call only (0.0 = seed off, 1.0 = fully on). Lifecycle
+    operations, counts and the TRAINING-seed rule are `GrowableModel`'s.
+
+    With ``own_seed_pass`` (default) a training forward of the user's model (through
+    this wrapper or called directly, in train mode with autograd on, while a seed is
+    TRAINING) also runs the seeds' own pass, replaying the forward's random draws (the
+    same dropout masks) and leaving the host's random stream, BatchNorm statistics,
+    output and gradients exactly as without the seed; the output carries the pass's
+    gradient to the seeds (`esper.grow.seedpass`). `seed_forward` hands that pass to a
+    loop that adds its loss explicitly (the exact fully-on gradient).
     """
 
     def __init__(
@@ -188,15 +256,18 @@ class SlottedModel(nn.Module):
         model: nn.Module,
         points: Sequence[AttachPoint],
         lifecycle: LifecycleConfig | None = None,
+        own_seed_pass: bool = True,
     ) -> None:
         super().__init__()
         self.model = model
-        self.lifecycle = lifecycle if lifecycle is not None else LifecycleConfig()
+        lifecycle = lifecycle if lifecycle is not None else LifecycleConfig()
         self.slot_config = SlotConfig.from_specs([p.spec for p in points])
         by_id = {p.spec.slot_id: p for p in points}
         self.points: tuple[AttachPoint, ...] = tuple(by_id[s] for s in self.slot_config)
-        self.slots = nn.ModuleDict(
-            {p.spec.slot_id: SeedSlot(p.spec, self.lifecycle) for p in self.points}
+        self._init_slots(
+            (SeedSlot(p.spec, lifecycle, causal=p.causal is not False) for p in self.points),
+            lifecycle,
+            own_seed_pass,
         )
         like = next(iter(model.parameters()), None)
         if like is not None:
@@ -205,6 +276,7 @@ class SlottedModel(nn.Module):
             _submodule(model, p.name).register_forward_hook(self._hook(p.spec.slot_id))
             for p in self.points
         ]
+        self._seed_pass = SeedPass(self, model, measuring=lambda: bool(_OVERRIDES.get()))
 
     def _hook(self, slot_id: str):
         def run_slot(module: nn.Module, args: tuple, output: Any) -> Tensor:
@@ -220,10 +292,31 @@ class SlottedModel(nn.Module):
 
     def detach(self) -> nn.Module:
         """Remove the hooks: the user's model runs as before attaching; returns it."""
-        for handle in self._handles:
+        for handle in (*self._handles, *self._seed_pass.handles):
             handle.remove()
-        self._handles = []
+        self._handles, self._seed_pass.handles = [], []
         return self.model
+
+    def strip_hooks(self, copied: nn.Module) -> None:
+        """Remove this wrapper's hooks from a deep copy of its model (``copy.deepcopy``
+        keeps them, still pointing at these slots)."""
+        for point, handle in zip(self.points, self._handles, strict=False):
+            copied.get_submodule(point.name)._forward_hooks.pop(handle.id, None)
+        for handle in self._seed_pass.handles:
+            copied._forward_pre_hooks.pop(handle.id, None)
+            copied._forward_hooks.pop(handle.id, None)
+            copied._forward_hooks_with_kwargs.pop(handle.id, None)
+            copied._forward_hooks_always_called.pop(handle.id, None)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SlottedModel:
+        """A copy whose hooks run its own slots (copying the hooks themselves would leave
+        the copy's model running these slots)."""
+        model = copy.deepcopy(self.model, memo)
+        self.strip_hooks(model)
+        twin = SlottedModel(model, self.points, self.lifecycle, self.own_seed_pass)
+        memo[id(self)] = twin
+        twin.slots.load_state_dict(self.slots.state_dict())
+        return twin.train(self.training)
 
     def forward(self, *args: Any, alpha_override: Mapping[str, float] | None = None, **kwargs):
         token = _OVERRIDES.set(self._check_overrides(alpha_override))
@@ -232,67 +325,22 @@ class SlottedModel(nn.Module):
         finally:
             _OVERRIDES.reset(token)
 
-    def _check_overrides(self, overrides: Mapping[str, float] | None) -> dict[str, float]:
-        return check_alpha_overrides(overrides, self._slot)
+    # -- the seeds' own pass ------------------------------------------------------------
+    def seed_forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The output with every TRAINING seed fully on and the host as constants, for
+        those seeds' own loss (None when no seed is TRAINING). Right after a training
+        forward on these very inputs it is that forward's own pass, now *claimed*: the
+        forward's output no longer carries its gradient, so a loop that adds
+        ``criterion(slotted.seed_forward(x), y)`` trains the seeds with exactly the
+        fully-on gradient, without a second pass."""
+        return self._seed_pass.take(args, kwargs) if self.training_seeds() else None
 
-    # -- lifecycle (the operations of `MorphogeneticModel`) -----------------------------
-    def _slot(self, slot_id: str) -> SeedSlot:
-        if slot_id not in self.slots:
-            raise SlotIdError(
-                f"unknown slot {slot_id!r}; this model's slots: {', '.join(self.slot_config)}"
-            )
-        return self.slots[slot_id]  # type: ignore[return-value]
-
+    # -- what the slot set needs from this wrapper ----------------------------------------
     def point(self, slot_id: str) -> AttachPoint:
         return self.points[self.slot_config.index_of(slot_id)]
 
-    def germinate(self, slot_id: str, blueprint: str, blend: str = "linear") -> list[StageChange]:
-        return self._slot(slot_id).germinate(blueprint, blend)
-
-    def prune(self, slot_id: str, reason: str = "policy") -> StageChange:
-        return self._slot(slot_id).prune(reason)
-
-    def fossilize(self, slot_id: str) -> StageChange:
-        return self._slot(slot_id).fossilize()
-
-    def record_contribution(self, slot_id: str, value: float, stderr: float | None = None) -> None:
-        """Latest contribution (> 0: the seed helps) and its standard error (None: exact),
-        which the gates of `step_epoch` read."""
-        if stderr is not None and not float(stderr) >= 0:
-            raise ValueError(f"stderr of slot {slot_id}'s contribution must be >= 0, got {stderr}")
-        slot = self._slot(slot_id)
-        slot.contribution = float(value)
-        slot.contribution_se = None if stderr is None else float(stderr)
-
-    def step_epoch(self) -> list[StageChange]:
-        """Mechanical lifecycle transitions once per growth step, in slot order."""
-        return [change for slot in self.slots.values() for change in slot.step_epoch()]
-
-    def slot_state(self, slot_id: str) -> SlotState:
-        return self._slot(slot_id).state()
-
-    def slot_states(self) -> list[SlotState]:
-        return [slot.state() for slot in self.slots.values()]
-
-    def seed_parameters(self, slot_id: str) -> list[nn.Parameter]:
-        return list(self._slot(slot_id).parameters())
-
     def host_parameters(self) -> list[nn.Parameter]:
         return list(self.model.parameters())
-
-    def param_counts(self) -> ParamCounts:
-        live = fossils = 0
-        for slot in self.slots.values():
-            if is_live(slot.stage):
-                live += slot.num_seed_params()
-            elif slot.stage == SeedStage.FOSSILIZED:
-                fossils += slot.num_seed_params()
-        host = sum(p.numel() for p in self.model.parameters())
-        return ParamCounts(host=host, live_seeds=live, fossils=fossils)
-
-    def growth_ratio(self) -> float:
-        counts = self.param_counts()
-        return (counts.live_seeds + counts.fossils) / max(counts.host, 1)
 
     # -- serialisation: the attachment travels with the weights ------------------------
     def get_extra_state(self) -> dict[str, Any]:
@@ -305,9 +353,18 @@ class SlottedModel(nn.Module):
         theirs = [AttachPoint.from_dict(p) for p in state["points"]]
         if list(self.points) != theirs:
             raise AttachError(
-                f"checkpoint slots {[(p.name, p.spec.slot_id) for p in theirs]} differ from "
-                f"this model's {[(p.name, p.spec.slot_id) for p in self.points]}"
+                f"checkpoint slots {_describe(theirs)} differ from this model's "
+                f"{_describe(self.points)}"
             )
+
+
+def _describe(points: Sequence[AttachPoint]) -> list[tuple]:
+    return [
+        (p.name, p.spec.slot_id)
+        if p.causal is None
+        else (p.name, p.spec.slot_id, f"causal={p.causal}")
+        for p in points
+    ]
 
 
 def load_slotted(
@@ -315,7 +372,9 @@ def load_slotted(
 ) -> SlottedModel:
     """Re-attach the slots described in a `SlottedModel` state dict (or file saved with
     ``torch.save(slotted.state_dict(), path)``) to a fresh ``model`` and load the weights,
-    seeds included. No sample input is needed: the checkpoint names the submodules."""
+    seeds included. No sample input is needed: the checkpoint names the submodules and
+    whether each sequence point is causal (files written before that choice existed
+    hold causal points, and load as such)."""
     state = source
     if not isinstance(source, Mapping):
         state = torch.load(source, map_location=map_location, weights_only=True)

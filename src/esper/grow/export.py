@@ -57,13 +57,8 @@ def export_model(slotted: SlottedModel) -> nn.Module:
     """A plain copy of the grown model (see module docstring); same device and dtype."""
     if not isinstance(slotted, SlottedModel):
         raise TypeError(f"export_model needs a SlottedModel, got {type(slotted).__name__}")
-    hook_ids = {point.name: handle.id for point, handle in zip(
-        slotted.points, slotted._handles, strict=True
-    )} if slotted._handles else {}  # fmt: skip
     plain = copy.deepcopy(slotted.model)
-    # deepcopy keeps the hooks, which still point at the live slots: drop ours.
-    for name, hook_id in hook_ids.items():
-        plain.get_submodule(name)._forward_hooks.pop(hook_id, None)
+    slotted.strip_hooks(plain)  # deepcopy keeps them, still pointing at the live slots
     # Deepest names first: wrapping "layer1" before "layer1.0" would hide the inner one.
     for point in sorted(slotted.points, key=lambda p: -p.name.count(".")):
         slot = slotted.slots[point.spec.slot_id]

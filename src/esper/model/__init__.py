@@ -9,7 +9,7 @@ from esper.model.blueprints import (
 )
 from esper.model.fold import FoldPlan, ParamChange, Piece
 from esper.model.hosts import CNNHost, Host, MLPHost, count_parameters
-from esper.model.morphogenetic import MorphogeneticModel, ParamCounts
+from esper.model.morphogenetic import MorphogeneticModel
 from esper.model.restore import restore_state
 from esper.model.slot import (
     LifecycleConfig,
@@ -19,6 +19,7 @@ from esper.model.slot import (
     StageChange,
     blend_alpha,
 )
+from esper.model.slotset import GrowableModel, ParamCounts
 from esper.model.transformer import TransformerHost
 from esper.model.width import DEFAULT_WIDTH_INIT, WIDTH_INITS, UnitSite, WidthSeed, WidthSite
 
@@ -29,6 +30,7 @@ __all__ = [
     "Blueprint",
     "CNNHost",
     "FoldPlan",
+    "GrowableModel",
     "Host",
     "LifecycleConfig",
     "MLPHost",

@@ -36,10 +36,24 @@ class Blueprint:
     factory: Callable[[int], nn.Module] | None
     param_count: Callable[[int], int] | None
     width_fraction: float | None = None  # width blueprints: new units / current units
+    # Sequence blueprints in which tokens see each other (attention): their factory
+    # takes ``causal`` (True: a token sees itself and earlier tokens only).
+    mixes_tokens: bool = False
 
     @property
     def is_width(self) -> bool:
         return self.width_fraction is not None
+
+    def build(self, channels: int, *, causal: bool = True) -> nn.Module:
+        """A fresh residual seed for ``channels``; ``causal`` matters only to blueprints
+        that mix tokens (a decoder's slot must be causal, an encoder's need not be)."""
+        if self.factory is None:
+            raise UnknownBlueprintError(
+                f"blueprint {self.name!r} adds units to a host layer: the host builds it"
+            )
+        if self.mixes_tokens:
+            return self.factory(channels, causal=causal)  # type: ignore[call-arg]
+        return self.factory(channels)
 
     def units(self, current: int) -> int:
         """New units a width blueprint adds to a layer of ``current`` units."""
@@ -111,11 +125,13 @@ class LowRankAdapter(nn.Module):
         return self.up(self.down(h))
 
 
-class CausalAttentionSeed(nn.Module):
-    """Pre-norm causal self-attention; output projection zero at init."""
+class AttentionSeed(nn.Module):
+    """Pre-norm self-attention, causal (a decoder's) or not (an encoder's); output
+    projection zero at init."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, causal: bool = True) -> None:
         super().__init__()
+        self.causal = bool(causal)
         self.n_heads = attention_heads(channels)
         self.norm = nn.LayerNorm(channels)
         self.qkv = nn.Linear(channels, 3 * channels)
@@ -126,7 +142,7 @@ class CausalAttentionSeed(nn.Module):
         q, k, v = self.qkv(self.norm(h)).split(d, dim=-1)
         shape = (b, t, self.n_heads, d // self.n_heads)
         q, k, v = (z.view(shape).transpose(1, 2) for z in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         return self.proj(y.transpose(1, 2).reshape(b, t, d))
 
 
@@ -149,12 +165,13 @@ class InvertedResidual(nn.Module):
 
 class DecoderLayerSeed(nn.Module):
     """A whole pre-norm decoder layer as a residual seed: ``f(h) = a + mlp(ln2(h + a))``
-    with ``a = attn(ln1(h))``, so ``h + f(h)`` is the layer. The attention output
-    projection and the MLP's last layer start at zero, so ``f(h) == 0`` at birth."""
+    with ``a = attn(ln1(h))``, so ``h + f(h)`` is the layer (a decoder's with ``causal``,
+    else an encoder's). The attention output projection and the MLP's last layer start
+    at zero, so ``f(h) == 0`` at birth."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, causal: bool = True) -> None:
         super().__init__()
-        self.attn_seed = CausalAttentionSeed(channels)  # ln1, qkv, proj (zero)
+        self.attn_seed = AttentionSeed(channels, causal)  # ln1, qkv, proj (zero)
         self.mlp_seed = _transformer_mlp(channels, expansion=4)  # ln2, fc, GELU, fc (zero)
 
     def forward(self, h: Tensor) -> Tensor:
@@ -205,8 +222,8 @@ def _hidden_mlp(c: int) -> nn.Module:
 
 
 def _registry() -> dict[str, dict[str, Blueprint]]:
-    def bp(topology: str, name: str, factory, count) -> tuple[str, Blueprint]:
-        return name, Blueprint(name, topology, factory, count)
+    def bp(topology: str, name: str, factory, count, mixes=False) -> tuple[str, Blueprint]:
+        return name, Blueprint(name, topology, factory, count, mixes_tokens=mixes)
 
     def wide(topology: str) -> list[tuple[str, Blueprint]]:
         return [
@@ -238,9 +255,9 @@ def _registry() -> dict[str, dict[str, Blueprint]]:
         [
             bp("transformer", "norm", _layer_norm, lambda c: 2 * c),
             bp("transformer", "lora", LowRankAdapter, lambda c: 2 * c * lora_rank(c)),
-            bp("transformer", "attention", CausalAttentionSeed, lambda c: 4 * c * c + 6 * c),
+            bp("transformer", "attention", AttentionSeed, lambda c: 4 * c * c + 6 * c, True),
             bp("transformer", "mlp", _transformer_mlp, lambda c: 4 * c * c + 5 * c),
-            bp("transformer", "layer", DecoderLayerSeed, lambda c: 12 * c * c + 13 * c),
+            bp("transformer", "layer", DecoderLayerSeed, lambda c: 12 * c * c + 13 * c, True),
             *wide("transformer"),
         ]
     )

@@ -11,54 +11,37 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from esper.lifecycle import SeedStage, is_live
+from esper.lifecycle import SeedStage
 from esper.model.fold import FoldPlan, fold_slot, refresh_specs
 from esper.model.hosts import Host
-from esper.model.slot import (
-    LifecycleConfig,
-    SeedSlot,
-    SlotState,
-    SlotStateError,
-    StageChange,
-    check_alpha_overrides,
-)
+from esper.model.slot import LifecycleConfig, SeedSlot, SlotStateError, StageChange
+from esper.model.slotset import GrowableModel, ParamCounts
 from esper.model.width import (
     DEFAULT_WIDTH_INIT,
     WIDTH_INITS,
     WIDTH_SPLIT_NOISE,
     copy_units,
 )
-from esper.slots import SlotConfig, SlotIdError
+from esper.slots import SlotConfig
+
+__all__ = ["MorphogeneticModel", "ParamCounts"]  # ParamCounts: its home was this module
 
 
 def _detach(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.detach()
 
 
-@dataclass(frozen=True)
-class ParamCounts:
-    host: int
-    live_seeds: int  # GERMINATED/TRAINING/BLENDING/HOLDING seeds, gates included
-    fossils: int
-
-    @property
-    def total(self) -> int:
-        return self.host + self.live_seeds + self.fossils
-
-
-class MorphogeneticModel(nn.Module):
+class MorphogeneticModel(GrowableModel):
     """A host whose blocks are each followed by a seed slot (if that slot is enabled).
 
     ``slot_config`` selects a subset of the host's injection points (default: all); the
-    stored config carries the host's specs. Lifecycle operations raise `SlotStateError`
-    for a stage that does not allow them, `UnknownBlueprintError` for a blueprint the
-    slot's topology does not offer, and `SlotIdError` for an unknown slot id.
-    ``width_init`` is how a width seed's fan-in starts (`esper.model.width.WIDTH_INITS`).
+    stored config carries the host's specs. The lifecycle operations, counts and the
+    TRAINING-seed rule are `GrowableModel`'s. ``width_init`` is how a width seed's fan-in
+    starts (`esper.model.width.WIDTH_INITS`).
 
     ``own_seed_pass`` (default True): a TRAINING seed is hidden from `forward` and learns
     from the loss of `seed_forward`, which a training loop adds to the task loss (the
@@ -90,19 +73,18 @@ class MorphogeneticModel(nn.Module):
                 slot_config.slot_ids if isinstance(slot_config, SlotConfig) else list(slot_config)
             )
         self.host = host
-        # The host as built: parameters a fold moves into its layers stay growth.
-        self.built_host_params = sum(p.numel() for p in host.parameters())
         self.slot_config = SlotConfig.from_specs(specs, enabled)
-        self.lifecycle = lifecycle if lifecycle is not None else LifecycleConfig()
+        lifecycle = lifecycle if lifecycle is not None else LifecycleConfig()
         index = {s.slot_id: i for i, s in enumerate(specs)}
         sites = host.sites()
-        self.slots = nn.ModuleDict(
-            {
-                s.slot_id: SeedSlot(s, self.lifecycle, sites[index[s.slot_id]])
+        self._init_slots(
+            (
+                SeedSlot(s, lifecycle, sites[index[s.slot_id]])
                 for s in self.slot_config.specs
-            }
+            ),
+            lifecycle,
+            own_seed_pass,
         )
-        self.own_seed_pass = own_seed_pass
         # (input, block, activation entering it, pending term) of the last training
         # forward, for `seed_forward`; never serialised.
         self._seed_prefix: tuple | None = None
@@ -232,49 +214,18 @@ class MorphogeneticModel(nn.Module):
         self._slot(slot_id)
         return self._block_slots.index(slot_id)
 
-    def _check_overrides(self, overrides: Mapping[str, float] | None) -> dict[str, float]:
-        return check_alpha_overrides(overrides, self._slot)
-
-    # -- seeds learning behind the host ------------------------------------------------
-    @property
-    def own_seed_pass(self) -> bool:
-        """True: TRAINING seeds are hidden from `forward` and learn only from the loss
-        of `seed_forward`; False (default): straight-through inside `forward`."""
-        return not all(slot.straight_through for slot in self.slots.values())
-
-    @own_seed_pass.setter
-    def own_seed_pass(self, value: bool) -> None:
-        for slot in self.slots.values():
-            slot.straight_through = not value
-
-    def training_seeds(self) -> list[str]:
-        """Slots whose seed is GERMINATED or TRAINING (learning behind the host)."""
-        return [
-            sid
-            for sid, slot in self.slots.items()
-            if slot.seed is not None and slot.stage in (SeedStage.GERMINATED, SeedStage.TRAINING)
-        ]
-
+    # -- the seeds' own pass -----------------------------------------------------------
     def seed_forward(self, x: Tensor) -> Tensor | None:
         """Logits with every TRAINING seed fully on, for those seeds' own loss (None
-        when no seed is TRAINING).
+        when no seed is TRAINING); see `esper.model.slotset` for the rule.
 
-        Unlike the straight-through gradient, this one is taken where the seeds are on,
-        so a seed sees its own effect. The host and every other seed take part as
-        constants: their parameters are detached and the batch statistics this pass
-        would put into their BatchNorm buffers are discarded, so the host's function,
-        gradients and running statistics are exactly what `forward` alone gives.
+        Blocks before the first TRAINING seed are those of the training `forward` that
+        just ran on this very ``x`` (kept by it), so they are not computed twice.
         """
         training = self.training_seeds()
         if not training:
             return None
-        own = tuple(f"slots.{sid}." for sid in training)
-        state: dict[str, Tensor] = {
-            name: p.detach() for name, p in self.named_parameters() if not name.startswith(own)
-        }
-        state.update(
-            (name, b.clone()) for name, b in self.named_buffers() if not name.startswith(own)
-        )
+        state = self.own_pass_state(training)
         kwargs: dict = {"alpha_override": dict.fromkeys(training, 1.0)}
         prefix, self._seed_prefix = self._seed_prefix, None
         first = min(self.block_index(sid) for sid in training)
@@ -283,99 +234,18 @@ class MorphogeneticModel(nn.Module):
             x, kwargs = prefix[2], {**kwargs, "start_block": first, "pending": prefix[3]}
         return torch.func.functional_call(self, state, (x,), kwargs)
 
-    # -- lifecycle -------------------------------------------------------------------
-    def _slot(self, slot_id: str) -> SeedSlot:
-        if slot_id not in self.slots:
-            raise SlotIdError(
-                f"unknown slot {slot_id!r}; this model's slots: {', '.join(self.slot_config)}"
-            )
-        return self.slots[slot_id]  # type: ignore[return-value]
-
-    def germinate(self, slot_id: str, blueprint: str, blend: str = "linear") -> None:
-        """Plant a seed; the slot goes DORMANT -> GERMINATED -> TRAINING at once."""
+    # -- lifecycle and parameters (the rest is `GrowableModel`'s) ----------------------
+    def germinate(self, slot_id: str, blueprint: str, blend: str = "linear") -> list[StageChange]:
+        """Plant a seed; the slot goes DORMANT -> GERMINATED -> TRAINING at once. With
+        ``width_init="split"`` a width seed's fan-in starts as a noisy copy of its layer."""
+        changes = super().germinate(slot_id, blueprint, blend)
         slot = self._slot(slot_id)
-        slot.germinate(blueprint, blend)
         if slot.holds_width and self.width_init == "split":
             copy_units(slot.width_site.unit_layers, slot.seed, WIDTH_SPLIT_NOISE)  # type: ignore[union-attr,arg-type]
-
-    def seed_param_count(
-        self, slot_id: str, blueprint: str, blend: str | None = None
-    ) -> int | None:
-        """Exact parameters ``germinate(slot_id, blueprint, blend)`` would add (the gate
-        of the gated blend included); None where the blueprint does not fit the slot."""
-        return self._slot(slot_id).seed_param_count(blueprint, blend)
-
-    def prune(self, slot_id: str, reason: str = "policy") -> None:
-        self._slot(slot_id).prune(reason)
-
-    def fossilize(self, slot_id: str) -> None:
-        self._slot(slot_id).fossilize()
-
-    def record_contribution(self, slot_id: str, value: float, stderr: float | None = None) -> None:
-        """Latest counterfactual (BLENDING/HOLDING/FOSSILIZED) or prospective (TRAINING)
-        contribution (> 0: the seed helps) and its standard error (None: exact); the
-        gates of `step_epoch` and `can_fossilize` read both (`LifecycleConfig.gate_z`).
-        A NaN passes no gate and triggers no prune."""
-        slot = self._slot(slot_id)
-        if stderr is not None and float(stderr) < 0:
-            raise ValueError(f"stderr of slot {slot_id}'s contribution must be >= 0, got {stderr}")
-        slot.contribution = float(value)
-        slot.contribution_se = None if stderr is None else float(stderr)
-
-    def step_epoch(self) -> list[StageChange]:
-        """Apply the mechanical transitions once per env step, in slot order.
-
-        TRAINING -> BLENDING after ``min_train_epochs`` if contribution + z*se >=
-        ``blend_threshold``, else PRUNED after ``max_train_epochs``; BLENDING ramps alpha
-        (k/blend_epochs in its k-th epoch, then HOLDING at alpha 1); BLENDING/HOLDING
-        with contribution + z*se < ``prune_threshold`` or HOLDING beyond
-        ``max_hold_epochs`` is pruned; PRUNED -> EMBARGOED for ``embargo_epochs`` ->
-        DORMANT. (z = ``LifecycleConfig.gate_z``, se = the recorded standard error.)
-        """
-        changes: list[StageChange] = []
-        for slot in self.slots.values():
-            changes.extend(slot.step_epoch())
         return changes
 
-    def can_germinate(self, slot_id: str) -> bool:
-        return self._slot(slot_id).can_germinate()
-
-    def can_fossilize(self, slot_id: str) -> bool:
-        return self._slot(slot_id).can_fossilize()
-
-    def can_prune(self, slot_id: str) -> bool:
-        return self._slot(slot_id).can_prune()
-
-    def slot_state(self, slot_id: str) -> SlotState:
-        return self._slot(slot_id).state()
-
-    def slot_states(self) -> list[SlotState]:
-        return [slot.state() for slot in self.slots.values()]
-
-    # -- parameters ------------------------------------------------------------------
     def host_parameters(self) -> list[nn.Parameter]:
         return list(self.host.parameters())
-
-    def seed_parameters(self, slot_id: str) -> list[nn.Parameter]:
-        """The seed's parameters (gate logits included); empty when the slot is empty."""
-        return list(self._slot(slot_id).parameters())
-
-    def param_counts(self) -> ParamCounts:
-        """``host`` is the host as built; folded fossils count as fossils (a fold moves
-        parameters into the host's layers, it does not make them the host's)."""
-        live = fossils = 0
-        for slot in self.slots.values():
-            n = slot.num_seed_params()
-            if is_live(slot.stage):
-                live += n
-            elif slot.stage == SeedStage.FOSSILIZED:
-                fossils += n
-        folded = sum(p.numel() for p in self.host.parameters()) - self.built_host_params
-        return ParamCounts(self.built_host_params, live_seeds=live, fossils=fossils + folded)
-
-    def growth_ratio(self) -> float:
-        counts = self.param_counts()
-        return (counts.live_seeds + counts.fossils) / counts.host
 
     # -- folding ---------------------------------------------------------------------
     def fold_in_place(self, slot_id: str) -> FoldPlan:
@@ -388,6 +258,7 @@ class MorphogeneticModel(nn.Module):
         refresh_specs(self)
         return plan
 
+    # -- export ----------------------------------------------------------------------
     def fold_width(self) -> MorphogeneticModel:
         """A copy whose host physically contains every FOSSILIZED width seed (wider
         layers, same function); those slots are DORMANT in the copy, the others keep

@@ -9,8 +9,8 @@ Forward rule (``h`` is the host activation at the slot, ``f`` the seed module):
   as if it were fully switched on (straight-through). Outside autograd training the
   seed is not even run. The straight-through gradient is taken where the seed is off,
   so it never sees its own effect and keeps growing in one direction; with
-  ``straight_through = False`` the seed is hidden here and learns in a pass of its own
-  instead (`MorphogeneticModel.seed_forward`).
+  ``straight_through = False`` (the models' default, ``own_seed_pass``) the seed is
+  hidden here and learns in a pass of its own instead (`esper.model.slotset`).
 - BLENDING / HOLDING: ``h + α·f(h.detach())``. The identity path keeps every host layer
   learning; the detached input keeps a seed on probation from reshaping the host
   before it. ``gated`` blends multiply ``α`` by a learned per-channel gate
@@ -23,7 +23,7 @@ instead of ``f``: `width_term` reads the block's width input (detached before
 FOSSILIZED) and returns ``t - t.detach()`` (TRAINING), ``α·t`` or ``t`` (fossil), or None
 where it adds nothing; `MorphogeneticModel` adds it where the host's site says.
 
-An alpha override (a float per call, from `MorphogeneticModel.forward`) replaces the
+An alpha override (a float per call, from the model's ``forward``) replaces the
 whole multiplier, gate included: ``0.0`` switches the seed off, ``1.0`` fully on. It is
 an argument, never stored, so concurrent evaluations cannot see each other's overrides.
 
@@ -192,15 +192,19 @@ class SeedSlot(nn.Module):
         spec: InjectionSpec,
         lifecycle: LifecycleConfig,
         width_site: WidthSite | None = None,
+        causal: bool = True,
     ) -> None:
         super().__init__()
         self.spec, self.lifecycle, self.width_site = spec, lifecycle, width_site
+        # Token-mixing seeds of a sequence slot see only earlier tokens (a decoder's
+        # slot: Esper's language host, the default for users' [N, T, D] outputs).
+        self.causal = bool(causal)
         self.seed: nn.Module | None = None
         self.gate: LearnedGate | None = None
         # Follows .to(device/dtype) so rebuilt seeds land where the model lives.
         self.register_buffer("_anchor", torch.zeros(0), persistent=False)
         # False: a TRAINING seed is hidden from the forward entirely and learns only in
-        # `MorphogeneticModel.seed_forward` (set through the model).
+        # its own pass, `GrowableModel.seed_forward` (set through the model).
         self.straight_through = True
         self._reset(SeedStage.DORMANT)
 
@@ -358,7 +362,7 @@ class SeedSlot(nn.Module):
             module: nn.Module = site.build(bp.units(site.units))
             channels, last = module.units, site.unit_dim_last
         else:
-            module = bp.factory(self.spec.channels)  # type: ignore[misc]
+            module = bp.build(self.spec.channels, causal=self.causal)
             channels, last = self.spec.channels, self.spec.topology != "cnn"
         gate = None
         if blend == "gated":
@@ -415,7 +419,7 @@ class SeedSlot(nn.Module):
         return self._move(SeedStage.FOSSILIZED, "fossilize")
 
     def step_epoch(self) -> list[StageChange]:
-        """Mechanical transitions after one epoch; see `MorphogeneticModel.step_epoch`."""
+        """Mechanical transitions after one epoch; see `GrowableModel.step_epoch`."""
         cfg, stage = self.lifecycle, self.stage
         bounds = self.contribution_bounds()
         upper = None if bounds is None else bounds[1]  # c + z*se: "not significantly below"
