@@ -162,17 +162,7 @@ def _users_cnn(lifecycle):
     return attach(net, ["0"], x[:2], lifecycle), [(x, y)]
 
 
-NEEDS_NAN_SE = pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="SlottedModel.record_contribution rejects a NaN standard error; the slot-set "
-    "part of issue 19 accepts it (remove this mark when merged)",
-)
-
-
-@pytest.mark.parametrize(
-    "make", [_digits_model, pytest.param(_users_cnn, marks=NEEDS_NAN_SE)], ids=["host", "user"]
-)
+@pytest.mark.parametrize("make", [_digits_model, _users_cnn], ids=["host", "user"])
 def test_a_nan_credit_reading_holds_a_seed_at_the_blend_gate_in_the_grower(make):
     model, val = make(LifecycleConfig(min_train_epochs=1, blend_threshold=-10.0))
     grower = Grower(model, None, val, "static", GrowerConfig(max_steps=3))

@@ -41,7 +41,7 @@ import math
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,29 +56,10 @@ from esper.env.rewards import (
     RewardTracker,
     contribution_potential,
 )
-from esper.model import LifecycleConfig, SlotState, StageChange
-from esper.slots import SlotConfig
+from esper.model import GrowableModel, SlotState, StageChange
 from esper.training.flops import structure_key
 from esper.training.signals import TrainingSignals
-
-
-class GrowableModel(Protocol):
-    """The lifecycle API the growth step drives (`MorphogeneticModel`, `SlottedModel`)."""
-
-    slot_config: SlotConfig
-    lifecycle: LifecycleConfig
-
-    def slot_state(self, slot_id: str) -> SlotState: ...
-    def slot_states(self) -> list[SlotState]: ...
-    def germinate(self, slot_id: str, blueprint: str, blend: str = "linear") -> Any: ...
-    def fossilize(self, slot_id: str) -> Any: ...
-    def prune(self, slot_id: str, reason: str = "policy") -> Any: ...
-    def record_contribution(
-        self, slot_id: str, value: float, stderr: float | None = None
-    ) -> None: ...
-    def step_epoch(self) -> list[StageChange]: ...
-    def param_counts(self) -> Any: ...
-    def growth_ratio(self) -> float: ...
+from esper.training.step import grad_norm
 
 
 @dataclass(frozen=True)
@@ -110,8 +91,8 @@ class Observed:
 def seed_grad_norm(params: Iterable[torch.nn.Parameter]) -> Tensor | None:
     """Norm of a seed's gradients, ``||(||g_p||)_p||`` (None when it has none). Kept as a
     tensor so that summing it over steps needs no device sync."""
-    norms = [torch.linalg.vector_norm(p.grad) for p in params if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(norms)) if norms else None
+    grads = [p.grad for p in params if p.grad is not None]
+    return grad_norm(grads) if grads else None  # the Trainer's feature, one formula
 
 
 class GrowthStepper:

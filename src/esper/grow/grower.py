@@ -50,12 +50,11 @@ from torch import Tensor
 from esper.actions import ActionMasks, ActionSpace, FactoredAction
 from esper.env.growth_step import GrowthStepper, Reading, seed_grad_norm
 from esper.env.rewards import RewardConfig
-from esper.grow.attach import SlottedModel
 from esper.grow.choices import cost_table, make_controller, offered_blueprints
-from esper.model import MorphogeneticModel, StageChange
+from esper.model import GrowableModel, StageChange
 from esper.telemetry import EpisodeEnded, EpisodeStep, RunStarted, Telemetry, seed_event
 from esper.telemetry.events import SeedFossilized, SeedGerminated, SeedPruned, seed_event_class
-from esper.training.counterfactual import PairedDiff, _loss_contribution, variants_to_measure
+from esper.training.counterfactual import PairedDiff, loss_contribution, variants_to_measure
 from esper.training.objective import EvalTotals, quality
 
 _KINDS = ("classification", "lm")
@@ -117,7 +116,7 @@ class Grower:
 
     def __init__(
         self,
-        model: SlottedModel | MorphogeneticModel,
+        model: GrowableModel,
         optimizer: torch.optim.Optimizer | None,
         val_data: Iterable[Any],
         controller: Any = "heuristic",
@@ -126,7 +125,7 @@ class Grower:
         autocast: torch.dtype | None = None,
         run_name: str = "grow",
     ) -> None:
-        if not isinstance(model, SlottedModel | MorphogeneticModel):
+        if not isinstance(model, GrowableModel):
             raise TypeError(
                 f"Grower needs a model with seed slots: the SlottedModel returned by "
                 f"esper.grow.attach (or an Esper MorphogeneticModel), got {type(model).__name__}"
@@ -265,7 +264,7 @@ class Grower:
         for sid, alpha in variants.items():
             # The env's reading rule: a NaN reading is 0.0 with a NaN error (held by every
             # gate), a diverging variant is worth "a lot" (clipped), not an inf.
-            contributions[sid], stderrs[sid] = _loss_contribution(paired[sid], alpha)
+            contributions[sid], stderrs[sid] = loss_contribution(paired[sid], alpha)
         return live, contributions, stderrs
 
     # -- the step --------------------------------------------------------------------

@@ -78,10 +78,7 @@ class MorphogeneticModel(GrowableModel):
         index = {s.slot_id: i for i, s in enumerate(specs)}
         sites = host.sites()
         self._init_slots(
-            (
-                SeedSlot(s, lifecycle, sites[index[s.slot_id]])
-                for s in self.slot_config.specs
-            ),
+            (SeedSlot(s, lifecycle, sites[index[s.slot_id]]) for s in self.slot_config.specs),
             lifecycle,
             own_seed_pass,
         )

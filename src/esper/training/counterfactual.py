@@ -122,7 +122,7 @@ def _contribution(live_q: float, variant_q: float, alpha_override: float) -> flo
     return 0.0 if math.isnan(c) else _clip(c)
 
 
-def _loss_contribution(diff: PairedDiff, alpha_override: float) -> tuple[float, float]:
+def loss_contribution(diff: PairedDiff, alpha_override: float) -> tuple[float, float]:
     """(contribution, standard error) from ``d = loss(variant) - loss(live)``."""
     mean, se = diff.mean_and_se()
     c = mean if alpha_override == 0.0 else -mean
@@ -155,7 +155,7 @@ def _result(
 ) -> CounterfactualResult:
     live = totals[LIVE]
     live_q = quality(kind, live.loss, live.accuracy)
-    measured = {sid: _loss_contribution(paired[sid], a) for sid, a in variants.items()}
+    measured = {sid: loss_contribution(paired[sid], a) for sid, a in variants.items()}
     return CounterfactualResult(
         val_loss=live.loss,
         val_acc=live.accuracy,
