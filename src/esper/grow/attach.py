@@ -12,9 +12,17 @@ Topology and channels come from the output shape: ``[N, C, H, W]`` is a conv map
 (``cnn``, C channels), ``[N, T, D]`` a token sequence (``transformer``, channels last),
 ``[N, D]`` a feature vector (``mlp``). Whether a sequence point is causal (a token may
 see only earlier tokens: a decoder) or not (an encoder) is the user's choice,
-``attach(..., causal=...)``; it decides the attention seeds built there. Seeds are
-residual (depth) seeds ``h + α·f(h)``; new units inside a user's layer (width growth)
-are not offered here.
+``attach(..., causal=...)``; it decides the attention seeds built there. Seeds at these
+points are residual (depth) seeds ``h + α·f(h)``.
+
+``attach(..., widen=["fc1", "conv2"])`` adds *width sites*: new units inside the named
+``nn.Linear`` / ``nn.Conv2d`` layers, their consumers found by tracing the model
+(`esper.grow.widen`). A width seed's fan-in reads the producer's input (a forward hook
+on the producer keeps it for the forward under way) and its fan-out term is added to
+the consumer's output (a forward hook on the consumer), the pending term of Esper's
+hosts. Width slots take only the ``wide_*`` blueprints; ids ``r1c0, r1c1, ...`` in
+``widen`` order. `SlottedModel.fold_in_place` folds a fossil into the user's own
+layers (``model.fc1.out_features`` grows), as `esper.model.fold` does on Esper's hosts.
 
 TRAINING seeds learn in their own pass, as on Esper's hosts, with no change to the
 user's loop: a training forward returns the host's output with the own pass's gradient
@@ -25,6 +33,7 @@ from __future__ import annotations
 
 import contextvars
 import copy
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,7 +43,10 @@ import torch
 from torch import Tensor, nn
 
 from esper.grow.seedpass import SeedPass
+from esper.grow.widen import WidenError, WidenPoint, find_site, trace
 from esper.model import GrowableModel, LifecycleConfig, SeedSlot
+from esper.model.fold import FoldPlan, fold_slot, pad_inputs, pad_units
+from esper.model.width import UnitSite
 from esper.slots import InjectionSpec, SlotConfig, SlotIdError, format_slot_id, parse_slot_id
 
 # Per-call alpha overrides reach the hooks through a context variable: it is local to the
@@ -47,7 +59,8 @@ _SHAPES = "[N, C, H, W] (cnn), [N, T, D] (transformer) or [N, D] (mlp)"
 
 
 class AttachError(ValueError):
-    """A submodule cannot carry a slot (unknown name, non-tensor output, unfit shape)."""
+    """A submodule cannot carry a slot (unknown name, non-tensor output, unfit shape), or
+    a named layer cannot be widened exactly (`esper.grow.widen`)."""
 
 
 @dataclass(frozen=True)
@@ -97,8 +110,10 @@ def _submodule(model: nn.Module, name: str) -> nn.Module:
         ) from None
 
 
-def _slot_ids(points: Sequence[str] | Mapping[str, str]) -> dict[str, str]:
-    """Submodule name -> slot id: ``r0c0, r0c1, ...`` in list order, or as mapped."""
+def _slot_ids(
+    points: Sequence[str] | Mapping[str, str], row: int = 0, required: bool = True
+) -> dict[str, str]:
+    """Submodule name -> slot id: ``r{row}c0, r{row}c1, ...`` in list order, or as mapped."""
     if isinstance(points, str):
         raise AttachError(f"pass a list of submodule names, got the string {points!r}")
     if isinstance(points, Mapping):
@@ -111,8 +126,8 @@ def _slot_ids(points: Sequence[str] | Mapping[str, str]) -> dict[str, str]:
         names = list(points)
         if len(set(names)) != len(names):
             raise AttachError(f"a submodule is named twice in {names}")
-        ids = {name: format_slot_id(0, i) for i, name in enumerate(names)}
-    if not ids:
+        ids = {name: format_slot_id(row, i) for i, name in enumerate(names)}
+    if not ids and required:
         raise AttachError("attach needs at least one submodule name")
     return ids
 
@@ -193,8 +208,10 @@ def attach(
     lifecycle: LifecycleConfig | None = None,
     *,
     causal: bool | Mapping[str, bool] = True,
+    widen: Sequence[str] | Mapping[str, str] = (),
 ) -> SlottedModel:
-    """Put a seed slot after each named submodule of ``model`` (not copied).
+    """Put a seed slot after each named submodule of ``model`` (not copied), and a width
+    site at each ``nn.Linear`` / ``nn.Conv2d`` named in ``widen``.
 
     ``points``: submodule names (ids ``r0c0, r0c1, ...`` in that order) or a mapping
     name -> slot id. ``sample``: one input batch (a tensor, or a tuple of positional
@@ -206,8 +223,19 @@ def attach(
     would read the tokens it is asked to predict. Raises `AttachError` naming the
     submodule when a name is unknown, its output is not one tensor, no blueprint fits
     its shape, or ``causal`` names a submodule that is not a token sequence.
+
+    ``widen``: layer names (ids ``r1c0, r1c1, ...`` in that order) or a mapping name ->
+    slot id. Each gets a width site whose consumer is found by tracing the model with
+    ``torch.fx`` (`esper.grow.widen`); a layer that cannot be widened exactly (a residual
+    add or second reader of its units, a reshape or norm that mixes them, a tied or
+    shared weight) is one `AttachError` naming it and the reason. ``points`` may be
+    empty when ``widen`` is not.
     """
-    ids = _slot_ids(points)
+    widen_ids = _slot_ids(widen, row=1, required=False)
+    ids = _slot_ids(points, required=not widen_ids)
+    clash = set(ids.values()) & set(widen_ids.values())
+    if clash:
+        raise SlotIdError(f"slot ids {sorted(clash)} are given to a depth and a width point")
     is_causal = _causal_choice(causal, list(ids))
     modules = {name: _submodule(model, name) for name in ids}
     by_object: dict[int, str] = {}
@@ -218,7 +246,8 @@ def attach(
                 "attach one slot per module"
             )
         by_object[id(module)] = name
-    seen = _probe(model, modules, sample)
+    producers = {name: _submodule(model, name) for name in widen_ids}
+    seen = _probe(model, {**modules, **producers}, sample)
     order = sorted(ids, key=lambda n: parse_slot_id(ids[n]))
     n = len(order)
     attach_points = []
@@ -231,7 +260,30 @@ def attach(
                 "token sequence [N, T, D]; causal applies only to those"
             )
         attach_points.append(AttachPoint(name, spec, is_causal(name) if sequence else None))
-    return SlottedModel(model, attach_points, lifecycle)
+    widen_points, sites = [], []
+    if widen_ids:
+        graph = _trace(model)
+        wanted = sorted(widen_ids, key=lambda n: parse_slot_id(widen_ids[n]))
+        for i, name in enumerate(wanted):
+            spec = _spec(name, widen_ids[name], seen[name], (i + 1) / len(wanted))
+            site, consumer = _find_site(model, graph, name, seen[name][0].dim())
+            widen_points.append(WidenPoint(name, consumer, spec))
+            sites.append(site)
+    return SlottedModel(model, attach_points, lifecycle, widen=widen_points, sites=sites)
+
+
+def _trace(model: nn.Module):
+    try:
+        return trace(model).graph
+    except WidenError as exc:
+        raise AttachError(str(exc)) from None
+
+
+def _find_site(model: nn.Module, graph: Any, name: str, ndim: int | None) -> tuple[UnitSite, str]:
+    try:
+        return find_site(model, graph, name, ndim)
+    except WidenError as exc:
+        raise AttachError(f"cannot widen {exc}") from None
 
 
 class SlottedModel(GrowableModel):
@@ -257,26 +309,108 @@ class SlottedModel(GrowableModel):
         points: Sequence[AttachPoint],
         lifecycle: LifecycleConfig | None = None,
         own_seed_pass: bool = True,
+        *,
+        widen: Sequence[WidenPoint] = (),
+        sites: Sequence[UnitSite] | None = None,
     ) -> None:
+        """``widen``: width points; ``sites``: their unit sites on ``model``'s modules, in
+        the same order (None: found again by tracing ``model``, as on loading)."""
         super().__init__()
         self.model = model
         lifecycle = lifecycle if lifecycle is not None else LifecycleConfig()
-        self.slot_config = SlotConfig.from_specs([p.spec for p in points])
+        if sites is None:
+            graph = _trace(model) if widen else None
+            sites = [_find_site(model, graph, w.name, None)[0] for w in widen]
+        site_of = {w.spec.slot_id: site for w, site in zip(widen, sites, strict=True)}
+        self.slot_config = SlotConfig.from_specs([p.spec for p in (*points, *widen)])
         by_id = {p.spec.slot_id: p for p in points}
-        self.points: tuple[AttachPoint, ...] = tuple(by_id[s] for s in self.slot_config)
-        self._init_slots(
-            (SeedSlot(p.spec, lifecycle, causal=p.causal is not False) for p in self.points),
-            lifecycle,
-            own_seed_pass,
+        wide_by_id = {w.spec.slot_id: w for w in widen}
+        self.points: tuple[AttachPoint, ...] = tuple(
+            by_id[s] for s in self.slot_config if s in by_id
         )
+        self.widen_points: tuple[WidenPoint, ...] = tuple(
+            wide_by_id[s] for s in self.slot_config if s in wide_by_id
+        )
+
+        def make(sid: str) -> SeedSlot:
+            if sid in by_id:
+                return SeedSlot(by_id[sid].spec, lifecycle, causal=by_id[sid].causal is not False)
+            return SeedSlot(wide_by_id[sid].spec, lifecycle, site_of[sid], residual=False)
+
+        self._init_slots((make(sid) for sid in self.slot_config), lifecycle, own_seed_pass)
         like = next(iter(model.parameters()), None)
         if like is not None:
             self.slots.to(device=like.device, dtype=like.dtype)
-        self._handles = [
-            _submodule(model, p.name).register_forward_hook(self._hook(p.spec.slot_id))
+        # The producer's input of the forward under way, per width slot; read (and
+        # dropped) by the consumer's hook. Runtime only, never serialised.
+        self._taps: dict[str, Tensor] = {}
+        # (submodule name, handle): width hooks first, so a consumer's width term joins
+        # its output before a depth slot on the same module transforms it.
+        self._named_handles: list[tuple[str, Any]] = []
+        for w in self.widen_points:
+            sid = w.spec.slot_id
+            self._named_handles += [
+                (w.name, _submodule(model, w.name).register_forward_hook(self._tap(sid))),
+                (w.consumer, _submodule(model, w.consumer).register_forward_hook(self._term(sid))),
+            ]
+        self._named_handles += [
+            (p.name, _submodule(model, p.name).register_forward_hook(self._hook(p.spec.slot_id)))
             for p in self.points
         ]
         self._seed_pass = SeedPass(self, model, measuring=lambda: bool(_OVERRIDES.get()))
+
+    @property
+    def _handles(self) -> list[Any]:
+        return [handle for _, handle in self._named_handles]
+
+    def _tap(self, slot_id: str):
+        def keep_input(module: nn.Module, args: tuple, output: Any) -> None:
+            if self.slots[slot_id].holds_width:
+                self._taps[slot_id] = args[0]
+
+        return keep_input
+
+    def _term(self, slot_id: str):
+        def add_term(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
+            tap = self._taps.pop(slot_id, None)
+            overrides = _OVERRIDES.get()
+            alpha = None if not overrides else overrides.get(slot_id)
+            term = self.slots[slot_id].width_term(tap, alpha)
+            return None if term is None else output + term
+
+        return add_term
+
+    def width_site(self, slot_id: str) -> UnitSite:
+        """The unit site of a width slot (its layers are the user's own modules)."""
+        site = self._slot(slot_id).width_site
+        if site is None:
+            raise SlotIdError(f"slot {slot_id} is a depth slot, not a width site")
+        return site
+
+    def fold_in_place(self, slot_id: str) -> FoldPlan:
+        """Fold the FOSSILIZED width seed of ``slot_id`` into the user's own layers, in
+        place (`esper.model.fold`): the producer (and its BatchNorms) gets the new output
+        units, the consumer their input columns; same function, same `param_counts`;
+        the slot is DORMANT. Apply the returned plan to your optimiser with
+        `esper.training.surgery.carry_optimizer_state` (the `Grower` does)."""
+        plan = fold_slot(self._slot(slot_id), self.slots.values())
+        self._taps.clear()
+        self._refresh_widths()
+        return plan
+
+    def _refresh_widths(self) -> None:
+        """Width points' channels read from their producers again (after a fold)."""
+        points = []
+        for w in self.widen_points:
+            slot = self.slots[w.spec.slot_id]
+            units = slot.width_site.units  # type: ignore[union-attr]
+            spec = dataclasses.replace(w.spec, channels=units)
+            slot.spec = spec  # type: ignore[union-attr]
+            points.append(dataclasses.replace(w, spec=spec))
+        self.widen_points = tuple(points)
+        self.slot_config = SlotConfig.from_specs(
+            [p.spec for p in (*self.points, *self.widen_points)]
+        )
 
     def _hook(self, slot_id: str):
         def run_slot(module: nn.Module, args: tuple, output: Any) -> Tensor:
@@ -291,17 +425,18 @@ class SlottedModel(GrowableModel):
         return run_slot
 
     def detach(self) -> nn.Module:
-        """Remove the hooks: the user's model runs as before attaching; returns it."""
+        """Remove the hooks: the user's model runs as before attaching (folded widths
+        stay: they are its own layers now); returns it."""
         for handle in (*self._handles, *self._seed_pass.handles):
             handle.remove()
-        self._handles, self._seed_pass.handles = [], []
+        self._named_handles, self._seed_pass.handles = [], []
         return self.model
 
     def strip_hooks(self, copied: nn.Module) -> None:
         """Remove this wrapper's hooks from a deep copy of its model (``copy.deepcopy``
         keeps them, still pointing at these slots)."""
-        for point, handle in zip(self.points, self._handles, strict=False):
-            copied.get_submodule(point.name)._forward_hooks.pop(handle.id, None)
+        for name, handle in self._named_handles:
+            copied.get_submodule(name)._forward_hooks.pop(handle.id, None)
         for handle in self._seed_pass.handles:
             copied._forward_pre_hooks.pop(handle.id, None)
             copied._forward_hooks.pop(handle.id, None)
@@ -313,7 +448,12 @@ class SlottedModel(GrowableModel):
         the copy's model running these slots)."""
         model = copy.deepcopy(self.model, memo)
         self.strip_hooks(model)
-        twin = SlottedModel(model, self.points, self.lifecycle, self.own_seed_pass)
+        # The same memo: the copied sites refer to the copied model's layers.
+        sites = [copy.deepcopy(self.width_site(w.spec.slot_id), memo) for w in self.widen_points]
+        twin = SlottedModel(
+            model, self.points, self.lifecycle, self.own_seed_pass,
+            widen=self.widen_points, sites=sites,
+        )  # fmt: skip
         memo[id(self)] = twin
         twin.slots.load_state_dict(self.slots.state_dict())
         return twin.train(self.training)
@@ -346,6 +486,7 @@ class SlottedModel(GrowableModel):
     def get_extra_state(self) -> dict[str, Any]:
         return {
             "points": [p.to_dict() for p in self.points],
+            "widen": [w.to_dict() for w in self.widen_points],
             "lifecycle": asdict(self.lifecycle),
         }
 
@@ -355,6 +496,16 @@ class SlottedModel(GrowableModel):
             raise AttachError(
                 f"checkpoint slots {_describe(theirs)} differ from this model's "
                 f"{_describe(self.points)}"
+            )
+        wide = [WidenPoint.from_dict(w) for w in state.get("widen", [])]
+        if list(self.widen_points) != wide:
+
+            def show(ws: Sequence[WidenPoint]) -> list[tuple]:
+                return [(w.name, w.spec.slot_id, w.spec.channels) for w in ws]
+
+            raise AttachError(
+                f"checkpoint width sites {show(wide)} differ from this model's "
+                f"{show(self.widen_points)}"
             )
 
 
@@ -387,7 +538,25 @@ def load_slotted(
     points = [AttachPoint.from_dict(p) for p in extra["points"]]
     for p in points:
         _submodule(model, p.name)
+    widen = [WidenPoint.from_dict(w) for w in extra.get("widen", [])]
     lifecycle = LifecycleConfig(**extra.get("lifecycle", {}))
-    slotted = SlottedModel(model, points, lifecycle)
+    slotted = SlottedModel(model, points, lifecycle, widen=widen)
+    for w in widen:  # the checkpoint's layers may be wider (folded): widen fresh ones
+        grow_to(slotted.width_site(w.spec.slot_id), w.spec.channels)
+    slotted._refresh_widths()
     slotted.load_state_dict(state)
     return slotted
+
+
+def grow_to(site: UnitSite, units: int) -> None:
+    """Give a site's layers ``units`` units (zeros, to be overwritten by a load)."""
+    k = units - site.units
+    if k < 0:
+        raise AttachError(
+            f"checkpoint has {units} units where the model has {site.units}: a fold never "
+            "narrows a layer"
+        )
+    if k:
+        for layer in site.unit_layers:
+            pad_units(layer, k)
+        pad_inputs(site.consumer, k * site.unit_span)

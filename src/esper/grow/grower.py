@@ -51,11 +51,13 @@ from esper.actions import ActionMasks, ActionSpace, FactoredAction
 from esper.env.growth_step import GrowthStepper, Reading, seed_grad_norm
 from esper.env.rewards import RewardConfig
 from esper.grow.choices import cost_table, make_controller, offered_blueprints
+from esper.lifecycle import SeedStage
 from esper.model import GrowableModel, StageChange
 from esper.telemetry import EpisodeEnded, EpisodeStep, RunStarted, Telemetry, seed_event
 from esper.telemetry.events import SeedFossilized, SeedGerminated, SeedPruned, seed_event_class
 from esper.training.counterfactual import PairedDiff, loss_contribution, variants_to_measure
 from esper.training.objective import EvalTotals, quality
+from esper.training.surgery import carry_optimizer_state
 
 _KINDS = ("classification", "lm")
 
@@ -71,8 +73,12 @@ class GrowerConfig:
     deterministic: bool = True  # a PPO policy acts greedily (False: samples)
     seed: int = 0  # seeds the initialisation of germinated seeds
     plateau_tolerance: float = 1e-3  # quality gain below this counts as a plateau step
-    # Blueprints offered (names of residual blueprints); None = all that fit the slots.
+    # Blueprints offered (residual ones at depth points, wide_* at width sites); None =
+    # all that fit the slots.
     blueprints: tuple[str, ...] | None = None
+    # Fold a width seed into the model's own layers when it is fossilized (the layers
+    # become physically wider; your optimiser's state is carried through the fold).
+    fold: bool = True
 
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
@@ -190,7 +196,9 @@ class Grower:
             params = [p for p in self.model.seed_parameters(sid) if p.requires_grad]
             # Found by tag each time: optimizer.load_state_dict replaces the group dicts.
             group = next((g for g in opt.param_groups if g.get("esper_slot") == sid), None)
-            if group is not None and [id(p) for p in group["params"]] != [id(p) for p in params]:
+            if group is not None and (
+                not params or [id(p) for p in group["params"]] != [id(p) for p in params]
+            ):
                 for p in group["params"]:
                     opt.state.pop(p, None)
                 opt.param_groups[:] = [g for g in opt.param_groups if g is not group]
@@ -199,6 +207,23 @@ class Grower:
                 lr = self.config.seed_lr
                 lr = opt.param_groups[0]["lr"] if lr is None else lr
                 opt.add_param_group({"params": params, "lr": lr, "esper_slot": sid})
+
+    def _fold_fossils(self, changes: list[StageChange]) -> list[StageChange]:
+        """Fold each width seed fossilized just now into the model's layers, carrying the
+        user's optimiser through it (`esper.training.surgery`): the fossil's param
+        group's state moves into the widened host tensors, its group empties."""
+        fold = getattr(self.model, "fold_in_place", None)
+        if not self.config.fold or fold is None:
+            return []
+        out = []
+        for change in changes:
+            slot = self.model.slots[change.slot_id]
+            if change.target == SeedStage.FOSSILIZED and slot.holds_width:
+                plan = fold(change.slot_id)
+                if self.optimizer is not None:
+                    carry_optimizer_state(self.optimizer, plan)
+                out.append(plan.stage_change)
+        return out
 
     def _add_seed_gradients(self) -> None:
         self._optimizer_steps += 1
@@ -310,6 +335,7 @@ class Grower:
         observed = self.growth.observe(reading)
         action = self._decide(observed.observation)
         changes += self.growth.apply(action)
+        changes += self._fold_fossils(changes)
         self._sync_param_groups()
         reward = float(observed.reward.total)
         self.episode_return += reward

@@ -198,14 +198,15 @@ def fold_slot(slot: SeedSlot, others: Iterable[SeedSlot]) -> FoldPlan:
             f"slot {slot.slot_id}: the seed's fan-in has {len(targets)} parameterised "
             f"layers, its site {len(sources)}"
         )
-    k = seed.units
-    scale = slot.unit_scale()
+    k, span = seed.units, site.unit_span
+    # One multiplier per consumer input column: a flattened unit owns ``span`` of them.
+    scale = slot.unit_scale().repeat_interleave(span)
     changes: list[ParamChange] = []
     for other in others:
         if other is slot or not isinstance(other.seed, WidthSeed) or other.width_site is None:
             continue
         if site.feeds(other.width_site):  # it reads the units being folded
-            changes.append(pad_inputs(param_layers(other.seed.fan_in)[0], k))
+            changes.append(pad_inputs(param_layers(other.seed.fan_in)[0], k * span))
         if other.width_site.feeds(site):  # its term lands on the widened producer
             changes.extend(pad_units(param_layers(other.seed.fan_out)[-1], k))
     for layer, new in zip(sources, targets, strict=True):

@@ -193,9 +193,13 @@ class SeedSlot(nn.Module):
         lifecycle: LifecycleConfig,
         width_site: WidthSite | None = None,
         causal: bool = True,
+        residual: bool = True,
     ) -> None:
         super().__init__()
         self.spec, self.lifecycle, self.width_site = spec, lifecycle, width_site
+        # False: only width blueprints fit (a user's width site has no module output of
+        # its own for a residual seed to transform).
+        self.residual = bool(residual)
         # Token-mixing seeds of a sequence slot see only earlier tokens (a decoder's
         # slot: Esper's language host, the default for users' [N, T, D] outputs).
         self.causal = bool(causal)
@@ -284,6 +288,8 @@ class SeedSlot(nn.Module):
         if blueprint not in blueprints_for(self.spec.topology):
             return None
         bp = get_blueprint(self.spec.topology, blueprint)
+        if not bp.is_width and not self.residual:
+            return None
         if bp.is_width:
             if self.width_site is None:
                 return None
@@ -384,6 +390,11 @@ class SeedSlot(nn.Module):
         # Validate before any state changes.
         if get_blueprint(self.spec.topology, blueprint).is_width:
             self._width_site(blueprint)
+        elif not self.residual:
+            raise UnknownBlueprintError(
+                f"residual blueprint {blueprint!r} does not fit slot {self.slot_id}: it is a "
+                f"width site (only wide_* blueprints)"
+            )
         changes = [self._move(SeedStage.GERMINATED, "germinate")]
         self._build(blueprint, blend)
         self.blueprint, self.blend = blueprint, blend

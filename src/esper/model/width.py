@@ -165,8 +165,17 @@ class UnitSite:
     consumer: nn.Module
     target: str = "next"
     consumer_ops: tuple[nn.Module, ...] = ()
+    # Consumer inputs per unit: 1, or H*W where a map is flattened into a Linear (the
+    # channel-major flatten puts a new unit's H*W features after all existing ones).
+    unit_span: int = 1
 
     def __post_init__(self) -> None:
+        if (
+            isinstance(self.unit_span, bool)
+            or not isinstance(self.unit_span, int)
+            or (self.unit_span < 1)
+        ):
+            raise ValueError(f"UnitSite.unit_span must be an int >= 1, got {self.unit_span!r}")
         if self.target not in WIDTH_TARGETS:
             raise ValueError(f"UnitSite.target must be one of {WIDTH_TARGETS}, got {self.target!r}")
         _check_linear_op("producer", self.producer)
@@ -224,7 +233,7 @@ class UnitSite:
         existed, so recorded trajectories stay exact."""
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"a width seed needs an int >= 1 of units, got {k!r}")
-        fan_out = layer_like(self.consumer, k, self.out_units, bias=False)
+        fan_out = layer_like(self.consumer, k * self.unit_span, self.out_units, bias=False)
         if self.consumer_ops:
             fan_out = nn.Sequential(*(_fresh_copy(op) for op in self.consumer_ops), fan_out)
         for p in fan_out.parameters():
