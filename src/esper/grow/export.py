@@ -57,11 +57,20 @@ def export_model(slotted: SlottedModel) -> nn.Module:
     """A plain copy of the grown model (see module docstring); same device and dtype."""
     if not isinstance(slotted, SlottedModel):
         raise TypeError(f"export_model needs a SlottedModel, got {type(slotted).__name__}")
-    plain = copy.deepcopy(slotted.model)
-    slotted.strip_hooks(plain)  # deepcopy keeps them, still pointing at the live slots
+    twin = copy.deepcopy(slotted)  # its own model and slots: the live ones stay as they are
+    for point in twin.widen_points:
+        sid = point.spec.slot_id
+        slot = twin.slots[sid]
+        if slot.holds_width and slot.stage in _FOLDED:
+            # In the copy only: a BLENDING / HOLDING width seed is, in eval mode, k units
+            # whose fan-out is scaled by alpha × gate, exactly what a fold writes into the
+            # consumer; so it folds like a fossil.
+            slot.stage = SeedStage.FOSSILIZED
+            twin.fold_in_place(sid)
+    plain = twin.detach()  # the user's modules, the folded widths in their own layers
     # Deepest names first: wrapping "layer1" before "layer1.0" would hide the inner one.
-    for point in sorted(slotted.points, key=lambda p: -p.name.count(".")):
-        slot = slotted.slots[point.spec.slot_id]
+    for point in sorted(twin.points, key=lambda p: -p.name.count(".")):
+        slot = twin.slots[point.spec.slot_id]
         if slot.stage not in _FOLDED or slot.seed is None:
             continue
         seed = copy.deepcopy(slot.seed)
