@@ -139,11 +139,13 @@ def test_users_optimiser_state_is_carried_through_the_fold():
 
     def step(m, o):
         o.zero_grad()
-        F.cross_entropy(m(x), y).backward()
+        loss = F.cross_entropy(m(x), y)
+        loss.backward()
         o.step()
+        return loss  # kept alive across the fold, as a user's loop keeps its last loss
 
     for _ in range(3):
-        step(slotted, opt)
+        last = step(slotted, opt)
     twin = copy.deepcopy(slotted)
     twin_opt = torch.optim.SGD(twin.model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
     twin_opt.add_param_group({"params": twin.seed_parameters("r1c0"), "esper_slot": "r1c0"})
@@ -151,7 +153,8 @@ def test_users_optimiser_state_is_carried_through_the_fold():
     plan = slotted.fold_in_place("r1c0")
     carry_optimizer_state(opt, plan)
     assert opt.param_groups[1]["params"] == []  # the fossil's parameters left the optimiser
-    step(slotted, opt)  # folded, with carried momentum
+    step(slotted, opt)  # folded, with carried momentum (and the last graph alive)
+    assert last.grad_fn is not None
     step(twin, twin_opt)  # unfolded
     twin.fold_in_place("r1c0")
     for (name, a), b in zip(model.named_parameters(), twin.model.parameters(), strict=True):

@@ -79,6 +79,13 @@ class FoldPlan:
 
 def _swap(param: nn.Parameter, value: Tensor) -> None:
     # Same Parameter object, new tensor: whoever holds the parameter follows the fold.
+    # A graph still alive (a user's last ``loss``) holds the parameter's gradient
+    # accumulator, sized for the old shape, and torch would reuse it for the next graph
+    # ("invalid gradient ... expected shape compatible with" the old one); torch drops it
+    # only when the dtype changes, so the tensor passes through another dtype once.
+    param.data = value.new_empty(
+        0, dtype=torch.float32 if value.dtype != torch.float32 else torch.float64
+    )
     param.data = value
     param.grad = None  # a gradient of the old shape could never be accumulated into
 
