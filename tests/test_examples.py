@@ -27,6 +27,16 @@ def test_cnn_example_prints_grown_against_not_grown(capsys):
     assert "not grown" in out and "test acc" in out and "exported plain nn.Module" in out
 
 
+def test_mlp_example_grows_the_users_sequential_and_prints_paired_differences(capsys):
+    rows = _example("mlp_fashion_mnist").main(["--tiny"])
+    assert list(rows)[:2] == ["grown", "not grown"]
+    assert all(len(rs) == 2 for rs in rows.values())
+    # Growth happened in the user's own layer (the tiny run grows it once at least).
+    assert max(r["hidden"] for r in rows["grown"]) > rows["not grown"][0]["hidden"]
+    out = capsys.readouterr().out
+    assert "grown - not grown" in out and "± " in out
+
+
 def test_gpt_example_runs_on_text(capsys):
     rows = _example("gpt_text").main(["--tiny"])
     assert [r["model"] for r in rows] == ["not grown", "grown"]

@@ -70,11 +70,16 @@ def test_export_folds_fossils_removes_dead_seeds_and_equals_the_grown_model():
     plain = export_model(slotted)
     assert not any(isinstance(m, SeedSlot) for m in plain.modules())
     assert not any(m._forward_hooks for m in plain.modules())
-    assert isinstance(plain.b1, FoldedSeed) and isinstance(plain.blocks[0], FoldedSeed)
-    assert isinstance(plain.b1.inner[0], FoldedSeed)
+    # Each seed's replacement is a torch GraphModule around the user's own submodule.
+    for seeded in (plain.b1, plain.blocks[0], plain.b1.inner[0]):
+        assert isinstance(seeded, torch.fx.GraphModule) and type(seeded).__name__ == "FoldedSeed"
     assert isinstance(plain.blocks[1], nn.Conv2d) and isinstance(plain.fc, nn.Linear)
+    assert all(not type(m).__module__.startswith("esper") for m in plain.modules())
     torch.testing.assert_close(plain(x), live, rtol=0, atol=1e-6)
     assert torch.equal(slotted(x), live)  # the grown model is untouched
+    kept = export_model(slotted, trace=False)  # for submodules called with several inputs
+    assert isinstance(kept.b1, FoldedSeed) and isinstance(kept.b1.inner[0], FoldedSeed)
+    torch.testing.assert_close(kept(x), live, rtol=0, atol=1e-6)
 
 
 def test_the_torch_export_file_runs_where_esper_cannot_be_imported(tmp_path):

@@ -340,3 +340,48 @@ def test_depth_slots_and_width_sites_on_one_model():
     slotted.eval(), twin.eval()
     on = {"r1c0": 1.0}
     assert torch.equal(twin(x, alpha_override=on), slotted(x, alpha_override=on))
+
+
+@pytest.mark.parametrize(
+    ("topology", "shape"), [("cnn", (2, 8, 6, 6)), ("transformer", (2, 5, 8)), ("mlp", (2, 8))]
+)
+def test_every_residual_blueprint_exports_as_torch_modules_only(topology, shape):
+    from esper.grow.export import FoldedSeed, plain_seed
+    from esper.model import blueprints_for, get_blueprint
+    from esper.model.slot import LearnedGate
+
+    torch.manual_seed(0)
+    x = torch.randn(*shape)
+    for name in blueprints_for(topology):
+        blueprint = get_blueprint(topology, name)
+        if blueprint.is_width:
+            continue
+        seed = blueprint.build(8)
+        for p in seed.parameters():
+            nn.init.normal_(p, std=0.1)  # zero-initialised last layers would hide the seed
+        gate = LearnedGate(8, topology != "cnn")
+        folded = FoldedSeed(nn.Linear(shape[-1], shape[-1]), seed, 0.5, gate).eval()
+        plain = plain_seed(folded).eval()
+        kinds = {f"{type(m).__module__}.{type(m).__name__}" for m in plain.modules()}
+        assert all(k.startswith("torch.") for k in kinds), (name, kinds)
+        assert torch.equal(plain(x), folded(x)), name
+
+
+def test_export_of_depth_and_width_growth_holds_only_torch_and_user_modules():
+    torch.manual_seed(0)
+    model = ConvBN()
+    x = torch.randn(4, 1, 8, 8)
+    slotted = attach(model, ["bn1"], x, FAST, widen=["conv2"])
+    for sid, bp in (("r0c0", "conv_light"), ("r1c0", "wide_x1")):
+        slotted.germinate(sid, bp, "gated")
+        _advance_to_holding(slotted, sid)
+        for p in slotted.seed_parameters(sid):
+            nn.init.normal_(p, std=0.3)
+    slotted.fossilize("r0c0")  # r1c0 stays HOLDING: it folds at alpha × gate
+    slotted.eval()
+    plain = export_model(slotted)
+    torch.testing.assert_close(plain(x), slotted(x), atol=1e-6, rtol=0)
+    assert plain.conv2.out_channels == 8 and plain.fc.in_features == 32
+    kinds = {type(m) for m in plain.modules()}
+    assert all(k is ConvBN or k.__module__.startswith("torch.") for k in kinds), kinds
+    assert model.conv2.out_channels == 4  # the live model is untouched

@@ -1,17 +1,27 @@
 """Export a grown model to a plain `nn.Module`, and to a file that needs only torch.
 
-`export_model` deep-copies the user's model (the live one is untouched), drops Esper's
-hooks, and at every slot whose seed changes the eval-mode function replaces the
-submodule by ``FoldedSeed(submodule, seed)``: ``h = submodule(...); h + α·g·f(h)``.
-Fossils fold with α = 1; BLENDING / HOLDING seeds keep their current α (and learned
-gate), so the export computes exactly what the grown model computes in eval mode. Dead
-seeds (DORMANT, PRUNED, EMBARGOED) and seeds still TRAINING (invisible to the eval
-forward) are removed. No SeedSlot, lifecycle or hook remains.
+`export_model` deep-copies the grown model (the live one is untouched) and drops Esper's
+hooks. Width seeds (`esper.grow.widen`) that are part of the eval-mode function
+(BLENDING, HOLDING, FOSSILIZED) are folded into the user's own layers (`esper.model.fold`;
+a blending seed with its fan-out scaled by its alpha × gate), so those layers are
+physically wider. At every depth slot whose seed changes the eval-mode function the
+submodule is replaced by ``h = submodule(x); h + α·g·f(h)``: fossils with α = 1,
+BLENDING / HOLDING seeds with their current α (and learned gate), so the export computes
+exactly what the grown model computes in eval mode. Dead seeds (DORMANT, PRUNED,
+EMBARGOED) and seeds still TRAINING (invisible to the eval forward) are removed. No
+SeedSlot, lifecycle or hook remains.
 
-The exported module still uses Python classes: the user's own, torch's, and small
-classes from ``esper.model.blueprints`` / this file for the seeds. To hand it to someone
-without Esper (or without the user's code), `save_portable` writes a ``torch.export``
-program that loads with ``torch.export.load`` alone.
+Only torch modules and the user's own classes remain (``trace=True``, the default): each
+depth seed's replacement is a ``torch.fx.GraphModule`` traced through the seed's Esper
+classes (`FoldedSeed`, the blueprints' `LowRankAdapter`, `SqueezeExcite`, ..., the learned
+gate), whose submodules are torch's own layers, plain ``nn.Module`` containers, and the
+user's submodule itself (kept as a leaf, untraced). That graph takes the submodule's one
+input, as every point `attach` probes does when called by a ``Sequential`` or with one
+tensor; a submodule your forward calls with more arguments needs ``trace=False``, which
+keeps `FoldedSeed` (and the blueprint classes inside it), as does a seed fx cannot trace
+(none of Esper's blueprints today: tested). To hand the model to someone without Esper
+(or without your code), `save_portable` writes a ``torch.export`` program that loads
+with ``torch.export.load`` alone.
 """
 
 from __future__ import annotations
@@ -21,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from esper.grow.attach import SlottedModel
 from esper.lifecycle import SeedStage
@@ -47,14 +57,53 @@ class FoldedSeed(nn.Module):
         return h + self.alpha * f
 
 
+class _OneInput(nn.Module):
+    """`FoldedSeed` for a submodule called with one input: what fx can trace."""
+
+    def __init__(self, folded: FoldedSeed) -> None:
+        super().__init__()
+        self.inner, self.seed, self.gate, self.alpha = (
+            folded.inner,
+            folded.seed,
+            folded.gate,
+            folded.alpha,
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.inner(x)
+        f = self.seed(h)
+        if self.gate is not None:
+            f = self.gate(f)
+        return h + self.alpha * f
+
+
+class _InnerIsLeaf(fx.Tracer):
+    """Traces through Esper's seed classes, never into the user's own submodule."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return module_qualified_name == "inner" or super().is_leaf_module(m, module_qualified_name)
+
+
+def plain_seed(folded: FoldedSeed) -> nn.Module:
+    """``folded`` as a ``torch.fx.GraphModule`` of torch modules (the user's submodule
+    kept as it is); ``folded`` itself where fx cannot trace the seed."""
+    root = _OneInput(folded)
+    try:
+        graph = _InnerIsLeaf().trace(root)
+    except Exception:  # fx raises many kinds; the FoldedSeed computes the same thing
+        return folded
+    return fx.GraphModule(root, graph, class_name="FoldedSeed")
+
+
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, attr = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, attr, module)
 
 
-def export_model(slotted: SlottedModel) -> nn.Module:
-    """A plain copy of the grown model (see module docstring); same device and dtype."""
+def export_model(slotted: SlottedModel, trace: bool = True) -> nn.Module:
+    """A plain copy of the grown model (see module docstring); same device and dtype.
+    ``trace``: depth seeds become torch-only ``GraphModule`` s (False: `FoldedSeed`)."""
     if not isinstance(slotted, SlottedModel):
         raise TypeError(f"export_model needs a SlottedModel, got {type(slotted).__name__}")
     twin = copy.deepcopy(slotted)  # its own model and slots: the live ones stay as they are
@@ -76,9 +125,8 @@ def export_model(slotted: SlottedModel) -> nn.Module:
         seed = copy.deepcopy(slot.seed)
         gate = copy.deepcopy(slot.gate) if slot.gate is not None else None
         alpha = 1.0 if slot.stage == SeedStage.FOSSILIZED else slot.alpha
-        _set_submodule(
-            plain, point.name, FoldedSeed(plain.get_submodule(point.name), seed, alpha, gate)
-        )
+        folded = FoldedSeed(plain.get_submodule(point.name), seed, alpha, gate)
+        _set_submodule(plain, point.name, plain_seed(folded) if trace else folded)
     plain.train(slotted.training)
     return plain
 
