@@ -53,8 +53,8 @@ def make_controller(
 
 
 def residual_cost(topology: str, name: str, channels: int) -> int | None:
-    """Parameter count of a residual blueprint; None where it does not apply here (other
-    topology, or a width blueprint: new units inside a user's layer are not offered)."""
+    """Parameter count of a residual blueprint from a slot's channels; None where it does
+    not apply (other topology, or a width blueprint, whose cost depends on the layers)."""
     if name not in blueprints_for(topology):
         return None
     blueprint = get_blueprint(topology, name)
@@ -67,9 +67,9 @@ def cost_table(
     model: Any, blueprints: Sequence[str], blends: Sequence[str] = BLEND_ALGORITHMS
 ) -> torch.Tensor:
     """``[S, B]`` parameter cost of each blueprint in each slot (-1: does not fit): the
-    model's own exact counts where it has them (an Esper host's `MorphogeneticModel`,
-    whose width seeds' costs depend on its layers), else the residual blueprints' counts
-    from each slot's channels (a user's `SlottedModel`)."""
+    model's own exact counts where it has them (every `GrowableModel`: width seeds'
+    costs depend on the layers, Esper's or a user's), else the residual blueprints'
+    counts from each slot's channels."""
     if hasattr(model, "seed_param_count"):
         return blueprint_cost_table(model.slot_config, blueprints, blends=blends, model=model)
     return blueprint_cost_table(model.slot_config, blueprints, residual_cost, blends=blends)

@@ -45,8 +45,8 @@ from esper.slots import InjectionSpec
 
 
 class WidenError(ValueError):
-    """A named producer cannot be widened exactly (`esper.grow.AttachError` subclasses
-    this module's errors through ``attach``)."""
+    """A named producer cannot be widened exactly (``attach`` raises it as an
+    `esper.grow.AttachError` with the same reason)."""
 
 
 # Elementwise: act on each entry alone, any layout.
