@@ -3,9 +3,10 @@
 - `attach(model, names, sample, causal=True, widen=())` -> `SlottedModel`: slots on
   named submodules (``causal``: whether attention seeds on ``[N, T, D]`` outputs see
   only earlier tokens) and width sites on the named Linear / Conv2d layers (``widen``;
-  consumers found by tracing, `esper.grow.widen`). TRAINING seeds learn in their own pass with the loop unchanged; a
-  loop that adds ``criterion(slotted.seed_forward(x), y)`` gives them the exact
-  fully-on gradient (`esper.grow.seedpass`).
+  consumers found by tracing, `esper.grow.widen`). TRAINING seeds learn in their own
+  pass with the loop unchanged; a loop that adds
+  ``criterion(slotted.seed_forward(x), y)`` gives them the exact fully-on gradient
+  (`esper.grow.seedpass`).
 - `Grower(slotted, optimizer, val_data)`: call ``grower.step(...)`` from your loop.
 - `load_slotted(model, path)`: re-attach and load a saved grown model.
 - `export_model(slotted)` -> `nn.Module` of torch modules and your own classes (width
