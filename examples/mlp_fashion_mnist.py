@@ -76,7 +76,11 @@ def run(args: argparse.Namespace, data, seed: int, hidden: int, grow: bool) -> d
         # alive; wide_x1 doubles the hidden layer each time a seed is kept.
         controller = HeuristicController(HeuristicConfig(plateau_patience=0))
         config = GrowerConfig(
-            max_steps=args.epochs, growth_penalty=0.0, seed=seed, blueprints=("wide_x1",)
+            max_steps=args.epochs,
+            growth_penalty=0.0,
+            seed=seed,
+            blueprints=("wide_x1",),
+            max_growth=args.max_growth,
         )
         grower = Grower(net, optimizer, val_batches, controller, config)
     order = torch.Generator().manual_seed(seed)  # the same data order for every model
@@ -131,6 +135,10 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     parser.add_argument(
         "--static-widths", type=int, nargs="*", default=[16, 32, 64],
         help="static (never grown) hidden widths: the model family's front",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-growth", type=float, default=None,
+        help="cap: seed params <= this x the narrow model's params (None: no cap)",
     )  # fmt: skip
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=0.05)
