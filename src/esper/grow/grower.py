@@ -25,7 +25,10 @@ clipping). There is no governor here: rollbacks on a loss spike are the user's l
 business.
 
 Seed parameters join **the user's optimiser**, one param group per seed (tagged
-``esper_slot``), added on germination and removed with their state on prune. Chosen over
+``esper_slot``), added on germination and removed with their state on prune. A width
+seed is folded into the model's own layers the step it is fossilized
+(``GrowerConfig.fold``; `esper.model.fold`), the optimiser's state carried into the
+widened tensors (`esper.training.surgery.carry_optimizer_state`) and its group dropped. Chosen over
 Esper's own per-seed optimisers because then the user's ``zero_grad``, ``GradScaler``
 (unscale and inf-skip), accumulation and optimiser checkpoint all cover the seeds with
 no extra call in the loop, and AMP stays correct (clipping covers them when it is given
