@@ -322,6 +322,8 @@ def test_depth_slots_and_width_sites_on_one_model():
     torch.manual_seed(0)
     model = ConvBN()
     x = torch.randn(4, 1, 8, 8)
+    with pytest.raises(AttachError, match="depth point 'bn1' outputs the units of width site"):
+        attach(model, ["bn1"], x, FAST, widen=["conv1"])
     slotted = attach(model, ["bn1"], x, FAST, widen=["conv2"])
     assert list(slotted.slot_config.slot_ids) == ["r0c0", "r1c0"]
     assert slotted.seed_param_count("r0c0", "wide_x1") is None  # depth point: no units
@@ -385,3 +387,27 @@ def test_export_of_depth_and_width_growth_holds_only_torch_and_user_modules():
     kinds = {type(m) for m in plain.modules()}
     assert all(k is ConvBN or k.__module__.startswith("torch.") for k in kinds), kinds
     assert model.conv2.out_channels == 4  # the live model is untouched
+
+
+def test_random_growth_of_depth_and_width_keeps_the_optimiser_in_step_with_the_model():
+    torch.manual_seed(0)
+    model = ConvBN()
+    x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 5, (32,))
+    slotted = attach(model, ["fc"], x[:2], FAST, widen=["conv1", "conv2"])
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    grower = Grower(slotted, optimizer, [(x, y)], "random", GrowerConfig(max_steps=16, seed=3))
+    moves = set()
+    for _ in range(16):
+        for _ in range(2):
+            optimizer.zero_grad()
+            F.cross_entropy(slotted(x), y).backward()
+            optimizer.step()
+        step = grower.step()
+        moves |= {(c.source.name, c.target.name) for c in step.changes}
+        live = {s.slot_id for s in slotted.slot_states() if s.seed_params > 0}
+        tagged = {g["esper_slot"] for g in optimizer.param_groups if "esper_slot" in g}
+        assert tagged == live
+        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        assert all(id(p) in held for p in slotted.parameters() if p.requires_grad)
+        assert {id(p) for p in optimizer.state} <= held
+    assert ("TRAINING", "PRUNED") in moves or ("HOLDING", "PRUNED") in moves

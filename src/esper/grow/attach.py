@@ -269,7 +269,28 @@ def attach(
             site, consumer = _find_site(model, graph, name, seen[name][0].dim())
             widen_points.append(WidenPoint(name, consumer, spec))
             sites.append(site)
+        for point in attach_points:
+            _check_depth_point(point.name, modules[point.name], widen_points, sites)
     return SlottedModel(model, attach_points, lifecycle, widen=widen_points, sites=sites)
+
+
+def _check_depth_point(
+    name: str, module: nn.Module, widen: Sequence[WidenPoint], sites: Sequence[UnitSite]
+) -> None:
+    """A depth slot must not sit on a width site's units: a fold would widen the tensor
+    its seed reads. Its output carries them when the module is (or holds) the producer
+    or one of the ops on the way, but not the consumer (past which the width is the
+    consumer's output width again)."""
+    inside = {id(m) for m in module.modules()}
+    for point, site in zip(widen, sites, strict=True):
+        chain = (site.producer, *site.unit_ops)
+        if any(id(m) in inside for m in chain) and id(site.consumer) not in inside:
+            raise AttachError(
+                f"depth point {name!r} outputs the units of width site {point.name!r} "
+                f"(read by {point.consumer!r}); a fold would change the width its seed "
+                f"reads: put the depth slot at {point.consumer!r} or later, or widen "
+                "another layer"
+            )
 
 
 def _trace(model: nn.Module):
