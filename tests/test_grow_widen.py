@@ -62,10 +62,29 @@ class Block(nn.Module):
         return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
 
 
+class MaskedBlock(nn.Module):
+    """The GPT example's block: a causal mask built from the input's shape, which fx
+    cannot trace (``torch.ones(t, t)``), around an MLP ``Sequential`` that it can."""
+
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, 2, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+    def forward(self, h):
+        t = h.shape[1]
+        mask = torch.triu(torch.ones(t, t, dtype=torch.bool), 1)
+        a = self.ln1(h)
+        h = h + self.attn(a, a, a, attn_mask=mask, need_weights=False)[0]
+        return h + self.mlp(self.ln2(h))
+
+
 CASES = [
     (ConvBN, (6, 1, 8, 8), ["conv1", "conv2"], {"conv1": "conv2", "conv2": "fc"}),
     (NormMLP, (6, 6), ["fc1"], {"fc1": "fc2"}),
     (Block, (3, 5, 8), ["fc1"], {"fc1": "fc2"}),
+    (MaskedBlock, (3, 5, 8), ["mlp.0"], {"mlp.0": "mlp.2"}),
 ]
 
 

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from esper.grow.seedpass import SeedPass
-from esper.grow.widen import WidenError, WidenPoint, find_site, trace
+from esper.grow.widen import WidenError, WidenPoint, find_site
 from esper.model import GrowableModel, LifecycleConfig, SeedSlot
 from esper.model.fold import FoldPlan, fold_slot, pad_inputs, pad_units
 from esper.model.width import UnitSite
@@ -262,11 +262,10 @@ def attach(
         attach_points.append(AttachPoint(name, spec, is_causal(name) if sequence else None))
     widen_points, sites = [], []
     if widen_ids:
-        graph = _trace(model)
         wanted = sorted(widen_ids, key=lambda n: parse_slot_id(widen_ids[n]))
         for i, name in enumerate(wanted):
             spec = _spec(name, widen_ids[name], seen[name], (i + 1) / len(wanted))
-            site, consumer = _find_site(model, graph, name, seen[name][0].dim())
+            site, consumer = _find_site(model, name, seen[name][0].dim())
             widen_points.append(WidenPoint(name, consumer, spec))
             sites.append(site)
         for point in attach_points:
@@ -293,18 +292,12 @@ def _check_depth_point(
             )
 
 
-def _trace(model: nn.Module):
+def _find_site(model: nn.Module, name: str, ndim: int | None) -> tuple[UnitSite, str]:
     try:
-        return trace(model).graph
+        return find_site(model, name, ndim)
     except WidenError as exc:
-        raise AttachError(str(exc)) from None
-
-
-def _find_site(model: nn.Module, graph: Any, name: str, ndim: int | None) -> tuple[UnitSite, str]:
-    try:
-        return find_site(model, graph, name, ndim)
-    except WidenError as exc:
-        raise AttachError(f"cannot widen {exc}") from None
+        text = str(exc)
+        raise AttachError(text if text.startswith("width") else f"cannot widen {text}") from None
 
 
 class SlottedModel(GrowableModel):
@@ -340,8 +333,7 @@ class SlottedModel(GrowableModel):
         self.model = model
         lifecycle = lifecycle if lifecycle is not None else LifecycleConfig()
         if sites is None:
-            graph = _trace(model) if widen else None
-            sites = [_find_site(model, graph, w.name, None)[0] for w in widen]
+            sites = [_find_site(model, w.name, None)[0] for w in widen]
         site_of = {w.spec.slot_id: site for w, site in zip(widen, sites, strict=True)}
         self.slot_config = SlotConfig.from_specs([p.spec for p in (*points, *widen)])
         by_id = {p.spec.slot_id: p for p in points}

@@ -220,12 +220,46 @@ def _is_spatial_mean(node: fx.Node) -> bool:
     return not keep and isinstance(dims, tuple | list) and sorted(dims) in ([2, 3], [-2, -1])
 
 
+class _Escapes(WidenError):
+    """The units leave the traced submodule: look again from its parent."""
+
+
+def _graph(model: nn.Module, prefix: str) -> fx.Graph:
+    """The fx graph of submodule ``prefix``, its module and attribute names made
+    model-wide (``mlp.0`` traced inside ``blocks.0`` is ``blocks.0.mlp.0``)."""
+    graph = trace(model.get_submodule(prefix) if prefix else model).graph
+    if prefix:
+        for node in graph.nodes:
+            if node.op in ("call_module", "get_attr"):
+                node.target = f"{prefix}.{node.target}"
+    return graph
+
+
 def find_site(
-    model: nn.Module, graph: fx.Graph, name: str, producer_ndim: int | None = None
+    model: nn.Module, name: str, producer_ndim: int | None = None
 ) -> tuple[UnitSite, str]:
     """The unit site of producer ``name`` and its consumer's name (module docstring).
     ``producer_ndim``: how many dims the producer's output has (from a sample; None when
-    unknown, then a Linear producer's BatchNorm1d is taken to see ``[N, D]``)."""
+    unknown, then a Linear producer's BatchNorm1d is taken to see ``[N, D]``).
+
+    The walk traces the producer's parent first and moves up one parent at a time only
+    while the units leave it: the path from a layer to its consumer is usually inside
+    one small module (a block's MLP), and a model whose forward fx cannot trace as a
+    whole (a mask built from a shape) is then still widened where its blocks can be.
+    """
+    parts = name.split(".") if isinstance(name, str) else []
+    for depth in range(len(parts) - 1, -1, -1):
+        prefix = ".".join(parts[:depth])
+        try:
+            return _walk(model, _graph(model, prefix), name, producer_ndim, at_root=depth == 0)
+        except _Escapes:
+            continue
+    raise WidenError(f"model {type(model).__name__} has no submodule {name!r}")
+
+
+def _walk(
+    model: nn.Module, graph: fx.Graph, name: str, producer_ndim: int | None, at_root: bool
+) -> tuple[UnitSite, str]:
     try:
         producer = model.get_submodule(name)
     except AttributeError:
@@ -258,7 +292,7 @@ def find_site(
             )
         node = users[0]
         if node.op == "output":
-            raise WidenError(
+            raise (WidenError if at_root else _Escapes)(
                 f"submodule {name!r}: its units reach the model's output with no Linear / "
                 "Conv2d consuming them; widening would change the output's size"
             )
