@@ -1,15 +1,16 @@
-"""Width sites on a user's own layers, found by tracing the model once.
+"""Width sites on a user's own layers, found by tracing the model.
 
 ``attach(model, points, sample, widen=["fc1", "conv2"])`` names ``nn.Linear`` /
 ``nn.Conv2d`` *producers*. For each, `find_site` follows the producer's output through
-the model's ``torch.fx`` graph (`torch.fx.symbolic_trace`: no sample needed, so a
-checkpoint re-attaches without one) until the next ``Linear`` / ``Conv2d``, its
-*consumer*, and builds an `esper.model.width.UnitSite` from those module references:
-the ops on the way become the site's ``unit_ops`` (acting on each unit alone: an
-activation, dropout, a BatchNorm over the units, spatial pooling of a conv map) and
-``consumer_ops`` (a flatten of a conv map into a Linear, a spatial mean, and whatever
-elementwise op follows it). Functional ops (``F.relu(x)``, ``x.view(x.size(0), -1)``)
-become small modules (`UnitFn`) so a seed's fan-in can copy them for its new units.
+a ``torch.fx`` graph (`torch.fx.symbolic_trace`: no sample needed, so a checkpoint
+re-attaches without one; of the producer's parent first, then of each ancestor while
+the units leave it) until the next ``Linear`` / ``Conv2d``, its *consumer*, and builds
+an `esper.model.width.UnitSite` from those module references. The ops on the way
+become the site's ``unit_ops`` (acting on each unit alone: an activation, dropout, a
+BatchNorm over the units, spatial pooling of a conv map) and ``consumer_ops`` (a
+flatten of a conv map into a Linear, a spatial mean, and whatever elementwise op
+follows it). Functional ops (``F.relu(x)``, ``x.view(x.size(0), -1)``) become small
+modules (`UnitFn`) so a seed's fan-in can copy them for its new units.
 
 Refused, with one `AttachError` naming the submodule and the reason, whenever the new
 units could not be added exactly (the widened network would not compute the same
