@@ -45,6 +45,21 @@ def test_a_negative_seed_is_refused_before_a_run_folder_exists(capsys, tmp_path)
         assert not run_dir.exists()
 
 
+def test_a_fresh_run_that_fails_in_its_first_round_leaves_no_folder(tmp_path, monkeypatch):
+    import esper.run
+    from esper.run_config import config_from_dict
+
+    def broken_round(*args, **kwargs):
+        raise RuntimeError("a failure inside round 0")
+
+    monkeypatch.setattr(esper.run, "_play_round", broken_round)
+    config = config_from_dict({"run": {"controller": "static", "envs": 1, "episodes": 1,
+                                       "baseline": False}, "env": {"max_epochs": 1}})  # fmt: skip
+    with pytest.raises(RuntimeError, match="inside round 0"):
+        esper.run.train(config, tmp_path / "r")
+    assert not (tmp_path / "r").exists()  # so the rerun is a plain start, not "exists"
+
+
 # -- 2. threads -------------------------------------------------------------------------
 
 
