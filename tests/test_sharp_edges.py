@@ -45,6 +45,15 @@ def test_a_negative_seed_is_refused_before_a_run_folder_exists(capsys, tmp_path)
         assert not run_dir.exists()
 
 
+def test_build_policy_refuses_a_negative_seed_or_rounds(capsys, tmp_path):
+    out = tmp_path / "p.pt"
+    code, _, err = _run(capsys, "build-policy", "--out", out, "--quick", "--seed", "-1")
+    _one_line_error(code, err, "--seed must be in 0..4294967295, got -1")
+    code, _, err = _run(capsys, "build-policy", "--out", out, "--quick", "--ppo-rounds", "-3")
+    _one_line_error(code, err, "--ppo-rounds must be >= 0 (0: ship the clone), got -3")
+    assert not out.exists()
+
+
 def test_a_fresh_run_that_fails_in_its_first_round_leaves_no_folder(tmp_path, monkeypatch):
     import esper.run
     from esper.run_config import config_from_dict

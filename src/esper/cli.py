@@ -384,9 +384,14 @@ def _cmd_build_policy(args: argparse.Namespace) -> int:
     import torch
 
     from esper.policies.build import QUICK, BuildConfig, build_policy
+    from esper.seeding import MAX_SEED
 
     if args.out.suffix != ".pt":
         raise UsageError(f"--out must name a .pt file, got {str(args.out)!r}")
+    if not 0 <= args.seed <= MAX_SEED:  # episode seeds are derived from it, as in train
+        raise UsageError(f"--seed must be in 0..{MAX_SEED}, got {args.seed}")
+    if args.ppo_rounds is not None and args.ppo_rounds < 0:
+        raise UsageError(f"--ppo-rounds must be >= 0 (0: ship the clone), got {args.ppo_rounds}")
     config = QUICK if args.quick else BuildConfig()
     changes: dict[str, Any] = {"seed": args.seed, "teacher": args.teacher}
     if args.ppo_rounds is not None:
