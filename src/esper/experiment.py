@@ -21,17 +21,11 @@ from esper.env.vector import VectorMorphogenesisEnv
 from esper.policy.controllers import HeuristicController, RandomController, StaticController
 from esper.rl import PPOAgent
 from esper.run_config import RunConfig
+from esper.seeding import episode_seed
 from esper.telemetry import EpisodeEnded, EpisodeStep, GovernorRollback, Telemetry, seed_event
 from esper.telemetry.events import SeedFossilized, SeedGerminated, SeedPruned, seed_event_class
 
-_ROUND_STRIDE = 100_000  # env index < stride keeps (round, env) -> seed one-to-one
-_EVAL_OFFSET = 10**12  # evaluation episodes never reuse a training episode's seed
 COUNTS = ("germinated", "fossilized", "pruned", "illegal", "rollbacks")
-
-
-def episode_seed(seed: int, env_index: int, round_index: int, evaluation: bool = False) -> int:
-    base = seed * 10**9 + round_index * _ROUND_STRIDE + env_index
-    return base + (_EVAL_OFFSET if evaluation else 0)
 
 
 @dataclass
@@ -209,8 +203,8 @@ class Progress:
     """
 
     phase: str
-    round: int  # 0-based round in flight
-    rounds: int
+    round: int  # 0-based round in flight, counted over the run (a resumed one included)
+    rounds: int  # rounds of the run: ``round + 1`` of the last is ``rounds``
     step: int  # steps of this round done, 1..steps
     steps: int
     env_steps: int  # done in this phase, this session
@@ -228,10 +222,17 @@ class Progress:
 
 
 class ProgressClock:
-    """Turns per-step callbacks into `Progress` reports for one phase of a session."""
+    """Turns per-step callbacks into `Progress` reports for one phase of a session.
 
-    def __init__(self, phase: str, rounds: int, steps: int, envs: int, live) -> None:
+    ``rounds`` are this session's (what its env-step total and ETA count); ``run_rounds``
+    (default: ``rounds``) are the whole run's, which the reported round numbers, counted
+    over the run, go up to: a resumed run reads "round 5/6", never "round 5/2"."""
+
+    def __init__(
+        self, phase: str, rounds: int, steps: int, envs: int, live, run_rounds: int | None = None
+    ) -> None:
         self.phase, self.rounds, self.steps, self.envs, self.live = phase, rounds, steps, envs, live
+        self.run_rounds = rounds if run_rounds is None else run_rounds
         self.start = time.monotonic()
 
     def on_step(self, round_index: int, rounds_before: int) -> Callable[[int], None] | None:
@@ -244,8 +245,9 @@ class ProgressClock:
             done = (rounds_before * self.steps + step + 1) * self.envs
             self.live(
                 Progress(
-                    self.phase, round_index, self.rounds, step + 1, self.steps, done,
-                    self.rounds * self.steps * self.envs, time.monotonic() - self.start,
+                    self.phase, round_index, self.run_rounds, step + 1,
+                    self.steps, done, self.rounds * self.steps * self.envs,
+                    time.monotonic() - self.start,
                 )
             )  # fmt: skip
 
