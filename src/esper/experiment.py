@@ -18,7 +18,12 @@ import torch
 
 from esper.actions import FactoredAction, LifecycleOp
 from esper.env.vector import VectorMorphogenesisEnv
-from esper.policy.controllers import HeuristicController, RandomController, StaticController
+from esper.policy.controllers import (
+    ControllerBatch,
+    HeuristicController,
+    RandomController,
+    StaticController,
+)
 from esper.rl import PPOAgent
 from esper.run_config import RunConfig
 from esper.seeding import episode_seed
@@ -49,22 +54,6 @@ class EpisodeRecord:
         )  # fmt: skip
 
 
-class ScriptedPolicy:
-    """Batches per-env `Controller`s (heuristic, random, static) for lockstep rollouts."""
-
-    def __init__(self, make: Callable[[int], Any], num_envs: int):
-        self.controllers = [make(i) for i in range(num_envs)]
-        self.states = [c.initial_state() for c in self.controllers]
-
-    def act(self, obs: dict[str, torch.Tensor], masks) -> torch.Tensor:
-        actions = []
-        for i, controller in enumerate(self.controllers):
-            single = {k: v[i] for k, v in obs.items()}
-            action, self.states[i] = controller.act(single, masks[i], self.states[i])
-            actions.append(action.as_tuple())
-        return torch.tensor(actions, dtype=torch.long)
-
-
 def make_scripted(
     config: RunConfig,
     round_index: int,
@@ -72,7 +61,7 @@ def make_scripted(
     evaluation: bool = False,
     env_offset: int = 0,
     action_spec=None,
-) -> ScriptedPolicy:
+) -> ControllerBatch:
     """A fresh scripted controller per env and round (random ones seeded per episode).
     ``shipped`` (the packaged policy, `esper.policies`) needs the envs' ``action_spec``."""
     name, seed = config.run.controller, config.run.seed
@@ -82,18 +71,18 @@ def make_scripted(
         if action_spec is None:
             raise ValueError("the shipped controller needs the envs' action_spec")
         agent = load_policy(action_spec.slot_config, action_spec.blueprints)
-        return ScriptedPolicy(lambda i: PolicyController(agent), num_envs)
+        return ControllerBatch(lambda i: PolicyController(agent), num_envs)
     if name == "heuristic":
-        return ScriptedPolicy(lambda i: HeuristicController(config.heuristic), num_envs)
+        return ControllerBatch(lambda i: HeuristicController(config.heuristic), num_envs)
     if name == "random":
-        return ScriptedPolicy(
+        return ControllerBatch(
             lambda i: RandomController(
                 seed=episode_seed(seed, env_offset + i, round_index, evaluation)
             ),
             num_envs,
         )
     if name == "static":
-        return ScriptedPolicy(lambda i: StaticController(), num_envs)
+        return ControllerBatch(lambda i: StaticController(), num_envs)
     raise ValueError(
         f"no scripted controller {name!r}; allowed: heuristic, random, static, shipped"
     )
@@ -105,7 +94,7 @@ def run_round(
     seed: int,
     *,
     agent: PPOAgent | None = None,
-    scripted: ScriptedPolicy | None = None,
+    scripted: ControllerBatch | None = None,
     deterministic: bool = False,
     learn: bool = False,
     evaluation: bool = False,
@@ -258,7 +247,7 @@ def static_round(
     vec: VectorMorphogenesisEnv, seed: int, env_offset: int = 0, on_step=None
 ) -> list[EpisodeRecord]:
     """Round 0's episodes played by the static host (no controller): a run's baseline."""
-    scripted = ScriptedPolicy(lambda i: StaticController(), vec.num_envs)
+    scripted = ControllerBatch(lambda i: StaticController(), vec.num_envs)
     return run_round(vec, 0, seed, scripted=scripted, env_offset=env_offset, on_step=on_step)
 
 
