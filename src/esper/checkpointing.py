@@ -8,9 +8,11 @@ uses ``weights_only=True`` so a file carrying code is refused, and every failure
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import tempfile
+import tomllib
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -56,6 +58,7 @@ def safe_torch_load(path: str | Path, map_location: Any = "cpu") -> Any:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    _check_looks_like_torch(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -79,6 +82,37 @@ def safe_torch_load(path: str | Path, map_location: Any = "cpu") -> Any:
             f"{str(path)!r} is not a checkpoint: torch cannot read it "
             f"({type(exc).__name__}: {str(exc).strip() or 'no detail'})"
         ) from None
+
+
+# torch.save writes a zip archive; files of torch < 1.6 (and pickles) start with a
+# pickle protocol opcode. Anything else makes torch's unpickler fail with a message
+# about the first byte ("KeyError: 101" for a file starting with "e").
+_ZIP_MAGIC, _PICKLE_PROTO = b"PK\x03\x04", 0x80
+
+
+def _check_looks_like_torch(path: Path) -> None:
+    """Refuse, by its first bytes, a file that is not a torch checkpoint at all, saying
+    what it looks like (a TOML or text file) instead of what torch tripped over."""
+    with path.open("rb") as f:
+        head = f.read(4096)
+    if not head:
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: the file is empty")
+    if head.startswith(_ZIP_MAGIC) or head[0] == _PICKLE_PROTO:
+        return
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 3:  # not just a character cut by the 4 KB window
+            raise CheckpointError(
+                f"{str(path)!r} is corrupt or not a checkpoint: it is neither a torch zip "
+                "archive nor a pickle"
+            ) from None
+    kind = "a text file"
+    if path.stat().st_size <= 1 << 20:  # small enough to parse whole
+        with contextlib.suppress(UnicodeDecodeError, tomllib.TOMLDecodeError):
+            tomllib.loads(path.read_text(encoding="utf-8"))
+            kind = "a TOML file, such as a run's config.toml"
+    raise CheckpointError(f"{str(path)!r} is not a checkpoint (it looks like {kind})")
 
 
 _BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")

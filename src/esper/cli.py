@@ -80,7 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = _defaults()
     train = sub.add_parser("train", help="train (ppo) or run (scripted) a controller")
-    train.add_argument("controller", choices=CONTROLLERS)
+    train.add_argument(
+        "controller", choices=CONTROLLERS,
+        help="ppo: train the learned controller with PPO; heuristic, random: run that "
+        "scripted controller; static: never grow (the baseline); shipped: run the trained "
+        "policy packaged with Esper (docs/policy_card.md), without learning",
+    )  # fmt: skip
     _add_env_flags(train)
     train.add_argument(
         "--episodes", type=int,
@@ -164,6 +169,53 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return over
 
 
+# Flags and the config key each sets: a --set of the same key as a flag also given is
+# refused, instead of one of the two silently winning.
+_FLAG_KEYS = {
+    ("run", "task"): "task", ("run", "envs"): "envs", ("run", "seed"): "seed",
+    ("run", "device"): "device", ("run", "threads"): "threads", ("run", "slots"): "slots",
+    ("run", "env_devices"): "env_devices", ("env", "max_epochs"): "max_epochs",
+}  # fmt: skip
+# run keys that only training reads
+_TRAIN_ONLY = ("controller", "episodes", "checkpoint_every", "tensorboard", "baseline")
+
+
+def _unused_set(args: argparse.Namespace, section: str, key: str) -> str | None:
+    """Why ``--set section.key`` would do nothing in this command (None: it is used)."""
+    flag = _FLAG_KEYS.get((section, key))
+    if flag is not None and getattr(args, flag, None) is not None:
+        return f"--{flag.replace('_', '-')} sets it too; pass one of the two"
+    if args.command == "eval":
+        if section == "run" and key == "episodes":
+            return "esper eval does not read it; use --episodes N"
+        if section == "run" and key in _TRAIN_ONLY:
+            return "esper eval does not read it (a training setting)"
+        if section == "ppo":
+            return "esper eval plays the checkpoint with the PPO settings stored in it"
+        if section == "heuristic":
+            return "esper eval plays the checkpoint's policy, not the heuristic"
+        return None
+    controller = args.controller
+    if section == "run" and key == "controller":
+        return f"the controller is train's first argument (esper train {controller} ...)"
+    if section == "run" and key == "episodes" and args.episodes is not None:
+        return "--episodes sets it too; pass one of the two"
+    if section == "ppo" and controller != "ppo":
+        return f"a {controller} run has no PPO; [ppo] configures `esper train ppo`"
+    if section == "heuristic" and controller != "heuristic":
+        return f"a {controller} run reads no [heuristic]; it configures `esper train heuristic`"
+    return None
+
+
+def _check_set_used(args: argparse.Namespace) -> None:
+    """Refuse a --set that this command would silently ignore."""
+    for section, values in _parse_set(args.set).items():
+        for key, value in values.items():
+            reason = _unused_set(args, section, key)
+            if reason is not None:
+                raise UsageError(f"--set {section}.{key}={value!r} has no effect here: {reason}")
+
+
 def _merge(base: dict[str, Any], over: dict[str, dict[str, Any]]) -> dict[str, Any]:
     merged = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
     for section, values in over.items():
@@ -189,6 +241,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from esper.telemetry.report import build_report
 
     over = _overrides(args)
+    _check_set_used(args)
     task = over["run"].get("task", "digits")
     run_dir = args.run_dir or Path("runs") / f"{args.controller}-{task}"
     if args.resume and args.force:
@@ -212,13 +265,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         base = load_toml(args.config) if args.config is not None else {}
         config = config_from_dict(_merge(base, over))
-    from esper.distributed import PeerLostError, init_distributed, shutdown
-    from esper.run_config import check_devices_available
+    from esper.distributed import PeerLostError, env_shard, init_distributed, shutdown
+    from esper.run_config import check_devices_available, check_run_limits
 
     check_devices_available(config.run)  # before torchrun's process group wants the device
     # Under torchrun: one rank of a DD-PPO job (--envs is the total over all ranks).
     dist = init_distributed(config.run.device)
-    _set_threads(config.run.threads, max(1, config.run.envs // dist.world_size))
+    envs_here = env_shard(config.run.envs, dist).count
+    check_run_limits(config, envs_here)  # threads, memory: before torch starts threads
+    _set_threads(config.run.threads, max(1, envs_here))
     console = Console()
     try:
         with console if dist.is_main else contextlib.nullcontext():  # one rank speaks
@@ -278,12 +333,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if str(args.checkpoint) in (SHIPPED_NAME, *SHIPPED_POLICIES):
         args.checkpoint = policy_path(str(args.checkpoint))
     if args.checkpoint.is_dir():
-        found = sorted(p.name for p in args.checkpoint.glob("*.pt"))
-        hint = f"; it holds {', '.join(found)}" if found else ""
-        raise UsageError(
-            f"{str(args.checkpoint)!r} is a folder; pass a checkpoint file in it, "
-            f"e.g. {str(args.checkpoint / 'best.pt')!r}{hint}"
-        )
+        folder = args.checkpoint
+        # A run folder keeps its checkpoints one level down, in checkpoints/.
+        found = sorted(folder.glob("*.pt")) + sorted(folder.glob("checkpoints/*.pt"))
+        example = next((p for p in found if p.name == "best.pt"), found[0] if found else None)
+        names = [str(p.relative_to(folder)) for p in found]
+        hint = ""
+        if names:
+            more = f" and {len(names) - 6} more" if len(names) > 6 else ""
+            hint = f"; it holds {', '.join(names[:6])}{more}"
+        where = f", e.g. {str(example)!r}" if example is not None else ""
+        raise UsageError(f"{str(folder)!r} is a folder; pass a checkpoint file in it{where}{hint}")
     if not args.checkpoint.is_file():
         raise UsageError(f"checkpoint {str(args.checkpoint)!r} does not exist")
     base: dict[str, Any] = {}
@@ -294,6 +354,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.config is not None:
         base = _merge(base, load_toml(args.config))
     config = config_from_dict(_merge(base, _overrides(args)))
+    _check_set_used(args)
+    if args.episodes < 1:
+        raise UsageError(f"--episodes must be >= 1, got {args.episodes}")
+    from esper.run_config import check_run_limits
+
+    check_run_limits(config, min(config.run.envs, args.episodes))  # before torch's threads
     _set_threads(config.run.threads, min(config.run.envs, args.episodes))
     with Console() as console:
         records = evaluate(
@@ -318,9 +384,14 @@ def _cmd_build_policy(args: argparse.Namespace) -> int:
     import torch
 
     from esper.policies.build import QUICK, BuildConfig, build_policy
+    from esper.seeding import MAX_SEED
 
     if args.out.suffix != ".pt":
         raise UsageError(f"--out must name a .pt file, got {str(args.out)!r}")
+    if not 0 <= args.seed <= MAX_SEED:  # episode seeds are derived from it, as in train
+        raise UsageError(f"--seed must be in 0..{MAX_SEED}, got {args.seed}")
+    if args.ppo_rounds is not None and args.ppo_rounds < 0:
+        raise UsageError(f"--ppo-rounds must be >= 0 (0: ship the clone), got {args.ppo_rounds}")
     config = QUICK if args.quick else BuildConfig()
     changes: dict[str, Any] = {"seed": args.seed, "teacher": args.teacher}
     if args.ppo_rounds is not None:
@@ -344,25 +415,53 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_tasks(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from esper.model import blueprints_for
     from esper.model.morphogenetic import MorphogeneticModel
-    from esper.training import get_task, list_tasks
+    from esper.training import TrainConfig, get_task, list_tasks
+    from esper.training.tasks import describe_options
 
+    pad = " " * 15
     for name in list_tasks():
         task = get_task(name)
-        line = f"{name:<14} {task.description}"
+        lines = [f"{name:<14} {task.description}"]
         try:
             data = task.make_data()
             model = MorphogeneticModel(task.make_host(data))
             specs = model.slot_config.specs
-            slots = " ".join(f"{s.slot_id}({s.channels})" for s in specs)
+            lines.append(f"{pad}slots: {' '.join(f'{s.slot_id}({s.channels})' for s in specs)}")
             topology = model.topology
-            line += f"\n{'':<14} slots: {slots}\n{'':<14} blueprints ({topology}): "
-            line += ", ".join(blueprints_for(topology))
+            lines.append(f"{pad}blueprints ({topology}): {', '.join(blueprints_for(topology))}")
         except (ValueError, OSError) as exc:  # data not on this machine
-            line += f"\n{'':<14} (not available here: {str(exc).splitlines()[0]})"
-        print(line)
+            lines.append(f"{pad}(not available here: {_cli_form(str(exc).splitlines()[0])})")
+        lines.append(f"{pad}options (--set task.NAME=VALUE)   default")
+        for option, default, what in describe_options(name):
+            lines.append(f"{pad}  {option:<18} {_toml(default):<14} {what}".rstrip())
+        hp = task.hparams
+        lines.append(
+            f"{pad}training defaults: optimizer={hp.optimizer} lr={hp.lr} "
+            f"batch_size={hp.batch_size} batches_per_step={hp.batches_per_step or 'epoch'} "
+            f"max_epochs={hp.max_epochs}"
+        )
+        print("\n".join(lines))
+    fields = ", ".join(f.name for f in dataclasses.fields(TrainConfig))
+    print(
+        f"\nEvery task also takes the training options (--set task.lr=0.01; "
+        f"esper.training.TrainConfig): {fields}"
+    )
     return 0
+
+
+def _toml(value: Any) -> str:
+    """An option's default as it is written after --set (TOML has no null: "unset")."""
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return "[" + ", ".join(str(v) for v in value) + "]"
+    return str(value)
 
 
 # Library errors name Python options; from the command line they are --set values.
@@ -407,6 +506,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("esper: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `esper tasks | head`: the reader left; nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

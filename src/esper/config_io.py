@@ -100,6 +100,10 @@ def dataclass_from_dict(cls: type, data: dict[str, Any], where: str = "config") 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.toml"))
+        hint = f"; it holds {', '.join(found)}" if found else ""
+        raise ConfigError(f"config file {str(path)!r} is a folder; pass a .toml file{hint}")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:

@@ -18,20 +18,19 @@ import torch
 
 from esper.actions import FactoredAction, LifecycleOp
 from esper.env.vector import VectorMorphogenesisEnv
-from esper.policy.controllers import HeuristicController, RandomController, StaticController
+from esper.policy.controllers import (
+    ControllerBatch,
+    HeuristicController,
+    RandomController,
+    StaticController,
+)
 from esper.rl import PPOAgent
 from esper.run_config import RunConfig
+from esper.seeding import episode_seed
 from esper.telemetry import EpisodeEnded, EpisodeStep, GovernorRollback, Telemetry, seed_event
 from esper.telemetry.events import SeedFossilized, SeedGerminated, SeedPruned, seed_event_class
 
-_ROUND_STRIDE = 100_000  # env index < stride keeps (round, env) -> seed one-to-one
-_EVAL_OFFSET = 10**12  # evaluation episodes never reuse a training episode's seed
 COUNTS = ("germinated", "fossilized", "pruned", "illegal", "rollbacks")
-
-
-def episode_seed(seed: int, env_index: int, round_index: int, evaluation: bool = False) -> int:
-    base = seed * 10**9 + round_index * _ROUND_STRIDE + env_index
-    return base + (_EVAL_OFFSET if evaluation else 0)
 
 
 @dataclass
@@ -55,22 +54,6 @@ class EpisodeRecord:
         )  # fmt: skip
 
 
-class ScriptedPolicy:
-    """Batches per-env `Controller`s (heuristic, random, static) for lockstep rollouts."""
-
-    def __init__(self, make: Callable[[int], Any], num_envs: int):
-        self.controllers = [make(i) for i in range(num_envs)]
-        self.states = [c.initial_state() for c in self.controllers]
-
-    def act(self, obs: dict[str, torch.Tensor], masks) -> torch.Tensor:
-        actions = []
-        for i, controller in enumerate(self.controllers):
-            single = {k: v[i] for k, v in obs.items()}
-            action, self.states[i] = controller.act(single, masks[i], self.states[i])
-            actions.append(action.as_tuple())
-        return torch.tensor(actions, dtype=torch.long)
-
-
 def make_scripted(
     config: RunConfig,
     round_index: int,
@@ -78,7 +61,7 @@ def make_scripted(
     evaluation: bool = False,
     env_offset: int = 0,
     action_spec=None,
-) -> ScriptedPolicy:
+) -> ControllerBatch:
     """A fresh scripted controller per env and round (random ones seeded per episode).
     ``shipped`` (the packaged policy, `esper.policies`) needs the envs' ``action_spec``."""
     name, seed = config.run.controller, config.run.seed
@@ -88,18 +71,18 @@ def make_scripted(
         if action_spec is None:
             raise ValueError("the shipped controller needs the envs' action_spec")
         agent = load_policy(action_spec.slot_config, action_spec.blueprints)
-        return ScriptedPolicy(lambda i: PolicyController(agent), num_envs)
+        return ControllerBatch(lambda i: PolicyController(agent), num_envs)
     if name == "heuristic":
-        return ScriptedPolicy(lambda i: HeuristicController(config.heuristic), num_envs)
+        return ControllerBatch(lambda i: HeuristicController(config.heuristic), num_envs)
     if name == "random":
-        return ScriptedPolicy(
+        return ControllerBatch(
             lambda i: RandomController(
                 seed=episode_seed(seed, env_offset + i, round_index, evaluation)
             ),
             num_envs,
         )
     if name == "static":
-        return ScriptedPolicy(lambda i: StaticController(), num_envs)
+        return ControllerBatch(lambda i: StaticController(), num_envs)
     raise ValueError(
         f"no scripted controller {name!r}; allowed: heuristic, random, static, shipped"
     )
@@ -111,7 +94,7 @@ def run_round(
     seed: int,
     *,
     agent: PPOAgent | None = None,
-    scripted: ScriptedPolicy | None = None,
+    scripted: ControllerBatch | None = None,
     deterministic: bool = False,
     learn: bool = False,
     evaluation: bool = False,
@@ -209,8 +192,8 @@ class Progress:
     """
 
     phase: str
-    round: int  # 0-based round in flight
-    rounds: int
+    round: int  # 0-based round in flight, counted over the run (a resumed one included)
+    rounds: int  # rounds of the run: ``round + 1`` of the last is ``rounds``
     step: int  # steps of this round done, 1..steps
     steps: int
     env_steps: int  # done in this phase, this session
@@ -228,10 +211,17 @@ class Progress:
 
 
 class ProgressClock:
-    """Turns per-step callbacks into `Progress` reports for one phase of a session."""
+    """Turns per-step callbacks into `Progress` reports for one phase of a session.
 
-    def __init__(self, phase: str, rounds: int, steps: int, envs: int, live) -> None:
+    ``rounds`` are this session's (what its env-step total and ETA count); ``run_rounds``
+    (default: ``rounds``) are the whole run's, which the reported round numbers, counted
+    over the run, go up to: a resumed run reads "round 5/6", never "round 5/2"."""
+
+    def __init__(
+        self, phase: str, rounds: int, steps: int, envs: int, live, run_rounds: int | None = None
+    ) -> None:
         self.phase, self.rounds, self.steps, self.envs, self.live = phase, rounds, steps, envs, live
+        self.run_rounds = rounds if run_rounds is None else run_rounds
         self.start = time.monotonic()
 
     def on_step(self, round_index: int, rounds_before: int) -> Callable[[int], None] | None:
@@ -244,8 +234,9 @@ class ProgressClock:
             done = (rounds_before * self.steps + step + 1) * self.envs
             self.live(
                 Progress(
-                    self.phase, round_index, self.rounds, step + 1, self.steps, done,
-                    self.rounds * self.steps * self.envs, time.monotonic() - self.start,
+                    self.phase, round_index, self.run_rounds, step + 1,
+                    self.steps, done, self.rounds * self.steps * self.envs,
+                    time.monotonic() - self.start,
                 )
             )  # fmt: skip
 
@@ -256,7 +247,7 @@ def static_round(
     vec: VectorMorphogenesisEnv, seed: int, env_offset: int = 0, on_step=None
 ) -> list[EpisodeRecord]:
     """Round 0's episodes played by the static host (no controller): a run's baseline."""
-    scripted = ScriptedPolicy(lambda i: StaticController(), vec.num_envs)
+    scripted = ControllerBatch(lambda i: StaticController(), vec.num_envs)
     return run_round(vec, 0, seed, scripted=scripted, env_offset=env_offset, on_step=on_step)
 
 

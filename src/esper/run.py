@@ -19,6 +19,7 @@ every rank resumes from the same checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
 import time
@@ -34,7 +35,7 @@ from esper.checkpointing import (
     atomic_write_text,
     safe_torch_load,
 )
-from esper.config_io import ConfigError
+from esper.config_io import ConfigError, load_toml
 from esper.distributed import SINGLE, DistContext, barrier, env_shard, gather_objects
 from esper.env import DEFAULT_SCHEMA, GLOBAL_DIM, SLOT_DIM, ObservationSchema, SchemaMismatchError
 from esper.env.vector import VectorMorphogenesisEnv
@@ -48,8 +49,14 @@ from esper.experiment import (
     summarize,
 )
 from esper.rl import PPOAgent
-from esper.rl.checkpoint import read_checkpoint, save_checkpoint
-from esper.run_config import RunConfig, check_devices_available, check_episodes
+from esper.rl.checkpoint import check_envelope, save_checkpoint
+from esper.run_config import (
+    RunConfig,
+    check_devices_available,
+    check_episodes,
+    check_run_limits,
+)
+from esper.seeding import MAX_ROUNDS
 from esper.slots import SlotConfig
 from esper.telemetry import CheckpointSaved, PPOUpdate, RunStarted, Telemetry, provenance
 from esper.telemetry.events import BaselineEpisodeEnded, RoundEnded, RunFinished
@@ -84,6 +91,19 @@ class TrainResult:
 
 def check_run_dir(run_dir: Path, *, resume: bool, force: bool) -> None:
     """Refuse to overwrite a run (or resume a missing one) before any work starts."""
+    run_dir = Path(run_dir)
+    # The nearest existing path decides whether the folder can be made at all: a file
+    # there would otherwise surface as a raw "[Errno 20] Not a directory" mid-start.
+    existing = next((p for p in (run_dir, *run_dir.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        if existing == run_dir:
+            raise RunDirError(
+                f"run directory {str(run_dir)!r} is a file, not a folder; pass --run-dir a "
+                "folder path (a new one, or a run's to --resume)"
+            )
+        raise RunDirError(
+            f"cannot make run directory {str(run_dir)!r}: {str(existing)!r} is a file, not a folder"
+        )
     if resume:
         if not (run_dir / "config.toml").is_file():
             raise RunDirError(f"cannot resume: {str(run_dir)!r} has no config.toml")
@@ -112,7 +132,10 @@ def load_agent(
     path: str | Path, slot_config: SlotConfig, blueprints, device: str = "cpu"
 ) -> tuple[PPOAgent, dict[str, Any]]:
     """A PPO checkpoint for ``slot_config`` (any slot layout); checks the obs schema."""
-    payload = read_checkpoint(path)
+    loaded = safe_torch_load(path)
+    if isinstance(loaded, dict) and loaded.get("format") == RUN_STATE_FORMAT:
+        raise CheckpointError(_run_state_message(Path(path), loaded))
+    payload = check_envelope(loaded, path)
     try:
         ObservationSchema.from_dict(payload.get("observation_schema", {})).check_matches(
             DEFAULT_SCHEMA, what=f"checkpoint {path}"
@@ -121,13 +144,35 @@ def load_agent(
         raise CheckpointError(
             f"checkpoint {path}: incompatible observation schema: {exc}"
         ) from None
-    agent = PPOAgent.load(
-        path, slot_config, device, global_dim=GLOBAL_DIM, slot_dim=SLOT_DIM, blueprints=blueprints
-    )
+    expected = {"global_dim": GLOBAL_DIM, "slot_dim": SLOT_DIM, "blueprints": blueprints}
+    agent = PPOAgent.from_checkpoint(payload, path, slot_config, device, expected)
     return agent, payload
 
 
-def _save(run_dir: Path, agent: PPOAgent | None, state: RunState, name: str) -> Path:
+def _run_state_message(path: Path, payload: dict[str, Any]) -> str:
+    """What a scripted run's checkpoint is, and what to run instead of evaluating it."""
+    controller = payload.get("controller")
+    saved = path.parent.parent / "config.toml"
+    if controller is None and saved.is_file():  # written before the controller was stored
+        with contextlib.suppress(ConfigError):
+            controller = load_toml(saved).get("run", {}).get("controller")
+    run = f"a {controller!r} run" if controller else "a scripted-controller run"
+    what = (
+        f"checkpoint {str(path)!r} is the run state of {run} (round counters only), not a PPO agent"
+    )
+    if controller == "shipped":
+        return f"{what}: to evaluate the shipped policy it played, run `esper eval shipped`"
+    summary = path.parent.parent / "summary.md"
+    results = f"; its results are in {summary}" if summary.is_file() else ""
+    return (
+        f"{what}: a scripted controller has no weights to evaluate{results}; to evaluate "
+        "the trained policy shipped with Esper, run `esper eval shipped`"
+    )
+
+
+def _save(
+    run_dir: Path, agent: PPOAgent | None, state: RunState, name: str, controller: str
+) -> Path:
     path = run_dir / "checkpoints" / name
     run = state.to_dict()
     if agent is not None:
@@ -135,8 +180,9 @@ def _save(run_dir: Path, agent: PPOAgent | None, state: RunState, name: str) -> 
             {**agent.state_dict(), "observation_schema": DEFAULT_SCHEMA.to_dict(), "run": run},
             path,
         )
-    else:
-        atomic_torch_save({"format": RUN_STATE_FORMAT, "run": run}, path)
+    else:  # the controller lets `esper eval` say what this file is (`load_agent`)
+        atomic_torch_save({"format": RUN_STATE_FORMAT, "controller": controller, "run": run},
+                          path)  # fmt: skip
     return path
 
 
@@ -175,6 +221,7 @@ def _check_before_start(config: RunConfig, run_dir: Path, resume: bool, force: b
         raise RunDirError("--resume continues a run and --force overwrites it: pass one")
     check_devices_available(config.run)
     check_episodes(config.run)
+    check_run_limits(config, env_shard(config.run.envs, dist).count)
     if config.run.tensorboard and dist.is_main:
         tensorboard_writer(None)
     if dist.is_main or resume:  # other ranks would race with rank 0 creating the folder
@@ -233,7 +280,8 @@ def train(
             if not resume:
                 create_run_dir(run_dir, config)
                 created = True
-                _save(run_dir, agent, state, "last.pt")  # Ctrl-C in round 0 leaves one too
+                # Ctrl-C in round 0 leaves one too
+                _save(run_dir, agent, state, "last.pt", config.run.controller)
             else:  # --episodes may have grown: config.toml says what this run now is
                 atomic_write_text(run_dir / "config.toml", config.to_toml())
                 truncate_telemetry(run_dir, state.round)
@@ -261,53 +309,62 @@ def train(
     last: dict[str, float] = {}
     interrupted = False
     done_here, round_time = 0, 0.0
-    with telemetry:
-        telemetry.emit(
-            RunStarted(
-                run_dir.name, config.run.controller, config.run.task,
-                list(vec.slot_config.slot_ids), config.run.envs, config.run.seed, resume,
-                config.run.episodes, record,
-            )
-        )  # fmt: skip
-        try:
-            if config.run.baseline and config.run.controller != "static" and state.round == 0:
-                _baseline_round(vec, config, telemetry, dist, shard.offset, live)
-            rounds_here = total - state.round
-            if stop_after is not None:
-                rounds_here = min(rounds_here, stop_after)
-            clock = ProgressClock("train", rounds_here, vec.max_epochs, config.run.envs, live)
-            while state.round < total and (stop_after is None or done_here < stop_after):
-                k = state.round
-                t0 = time.monotonic()
-                on_step = clock.on_step(k, done_here)
-                records = _play_round(vec, k, config, agent, telemetry, dist, shard.offset,
-                                      on_step)  # fmt: skip
-                if agent is not None:
-                    diagnostics = agent.update()
-                    telemetry.emit(PPOUpdate(k, (k + 1) * config.run.envs, diagnostics))
-                last = summarize(records)
-                state.round = k + 1
-                done_here += 1
-                if dist.is_main:
-                    _checkpoint(run_dir, agent, state, last, config, telemetry)
-                wall = time.monotonic() - t0
-                round_time += wall
-                steps = config.run.envs * vec.max_epochs
-                telemetry.emit(RoundEnded(k, state.round * config.run.envs, steps, wall,
-                                          steps / wall if wall > 0 else 0.0))  # fmt: skip
-                telemetry.flush()
-                if progress is not None:
-                    progress(state.round, total, last)
-        except KeyboardInterrupt:
-            interrupted = True
-        steps_here = done_here * config.run.envs * vec.max_epochs
-        telemetry.emit(
-            RunFinished(
-                state.round, state.round * config.run.envs, done_here,
-                time.monotonic() - started,
-                steps_here / round_time if round_time > 0 else 0.0, interrupted,
-            )
-        )  # fmt: skip
+    try:
+        with telemetry:
+            telemetry.emit(
+                RunStarted(
+                    run_dir.name, config.run.controller, config.run.task,
+                    list(vec.slot_config.slot_ids), config.run.envs, config.run.seed, resume,
+                    config.run.episodes, record,
+                )
+            )  # fmt: skip
+            try:
+                if config.run.baseline and config.run.controller != "static" and state.round == 0:
+                    _baseline_round(vec, config, telemetry, dist, shard.offset, live)
+                rounds_here = total - state.round
+                if stop_after is not None:
+                    rounds_here = min(rounds_here, stop_after)
+                clock = ProgressClock("train", rounds_here, vec.max_epochs, config.run.envs, live,
+                                      run_rounds=total)  # fmt: skip
+                while state.round < total and (stop_after is None or done_here < stop_after):
+                    k = state.round
+                    t0 = time.monotonic()
+                    on_step = clock.on_step(k, done_here)
+                    records = _play_round(vec, k, config, agent, telemetry, dist, shard.offset,
+                                          on_step)  # fmt: skip
+                    if agent is not None:
+                        diagnostics = agent.update()
+                        telemetry.emit(PPOUpdate(k, (k + 1) * config.run.envs, diagnostics))
+                    last = summarize(records)
+                    state.round = k + 1
+                    done_here += 1
+                    if dist.is_main:
+                        _checkpoint(run_dir, agent, state, last, config, telemetry)
+                    wall = time.monotonic() - t0
+                    round_time += wall
+                    steps = config.run.envs * vec.max_epochs
+                    telemetry.emit(RoundEnded(k, state.round * config.run.envs, steps, wall,
+                                              steps / wall if wall > 0 else 0.0))  # fmt: skip
+                    telemetry.flush()
+                    if progress is not None:
+                        progress(state.round, total, last)
+            except KeyboardInterrupt:
+                interrupted = True
+            steps_here = done_here * config.run.envs * vec.max_epochs
+            telemetry.emit(
+                RunFinished(
+                    state.round, state.round * config.run.envs, done_here,
+                    time.monotonic() - started,
+                    steps_here / round_time if round_time > 0 else 0.0, interrupted,
+                )
+            )  # fmt: skip
+    except Exception:
+        vec.close()
+        if created and done_here == 0:
+            # A fresh run that failed before finishing one round has nothing to resume:
+            # leave no folder, so that fixing the input and rerunning is a plain start.
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     vec.close()
     return TrainResult(run_dir, state.round, last, state.best_objective, interrupted)
 
@@ -365,7 +422,7 @@ def _checkpoint(run_dir, agent, state, last, config, telemetry) -> None:
     best = last["objective"] > state.best_objective
     if best:
         state.best_objective = last["objective"]
-    path = _save(run_dir, agent, state, "last.pt")
+    path = _save(run_dir, agent, state, "last.pt", config.run.controller)
     telemetry.emit(CheckpointSaved(str(path), k - 1, k * config.run.envs, False))
     if best:
         atomic_write_bytes(run_dir / "checkpoints" / "best.pt", path.read_bytes())
@@ -390,6 +447,13 @@ def evaluate(
         raise ConfigError(f"episodes must be >= 1, got {episodes}")
     check_devices_available(config.run)
     num_envs = min(config.run.envs, episodes)
+    if -(-episodes // num_envs) > MAX_ROUNDS:
+        raise ConfigError(
+            f"episodes {episodes} over {num_envs} envs is {-(-episodes // num_envs)} rounds; "
+            f"at most {MAX_ROUNDS} (each round's index is part of its episode seeds): use "
+            f"--episodes <= {MAX_ROUNDS * num_envs} or more --envs"
+        )
+    check_run_limits(config, num_envs)
     vec = VectorMorphogenesisEnv(
         num_envs,
         config.env_config(),

@@ -27,6 +27,7 @@ from esper.env import EnvConfig
 from esper.model import LifecycleConfig
 from esper.policy.controllers import HeuristicConfig
 from esper.rl import PPOConfig
+from esper.seeding import MAX_ENVS, MAX_ROUNDS, MAX_SEED
 
 # "shipped": the trained policy packaged with Esper (esper.policies), run without learning
 Controller = Literal["ppo", "heuristic", "random", "static", "shipped"]
@@ -67,12 +68,28 @@ class RunSection:
     baseline: bool = True
 
     def __post_init__(self) -> None:
+        # One message per field, naming it: `esper eval` has no episodes or
+        # checkpoint_every of its own, so a message listing them would mislead there.
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(
+                f"seed must be in 0..{MAX_SEED} (episode seeds are derived from it), "
+                f"got {self.seed}"
+            )
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0 (0 = auto), got {self.threads}")
-        if self.envs < 1 or self.episodes < 1 or self.checkpoint_every < 1:
+        if not 1 <= self.envs <= MAX_ENVS:
             raise ValueError(
-                f"envs, episodes and checkpoint_every must be >= 1, got {self.envs}, "
-                f"{self.episodes}, {self.checkpoint_every}"
+                f"envs must be in 1..{MAX_ENVS} (each env's index is part of its episode "
+                f"seeds), got {self.envs}"
+            )
+        for name in ("episodes", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.updates > MAX_ROUNDS:
+            raise ValueError(
+                f"episodes {self.episodes} over {self.envs} envs is {self.updates} rounds; "
+                f"at most {MAX_ROUNDS} rounds (each round's index is part of its episode "
+                f"seeds): use --episodes <= {MAX_ROUNDS * self.envs} or more --envs"
             )
 
         for name in (self.device, *(self.env_devices or ())):
@@ -195,6 +212,57 @@ def check_episodes(run: RunSection) -> None:
             f"episodes {run.episodes} is not a multiple of envs {run.envs} (one round plays "
             f"one episode in each env): use --episodes {options}, or --envs dividing it"
         )
+
+
+def check_run_limits(config: RunConfig, envs_in_process: int) -> None:
+    """Limits that depend on this machine, checked before anything is built: torch
+    threads within its cores, and the estimated memory of ``envs_in_process`` envs
+    (`esper.training.sizing`) within the memory of the devices they are placed on."""
+    cores = os.cpu_count() or 1
+    if config.run.threads > cores:
+        raise ConfigError(
+            f"threads {config.run.threads} is more than this machine's {cores} cores; "
+            f"allowed: 0 (auto) .. {cores}"
+        )
+    from esper.training import get_task
+    from esper.training.sizing import estimate_memory, format_bytes
+
+    options = dict(config.task)
+    if config.env.batches_per_step is not None:  # as the env passes it (it has no size)
+        options["batches_per_step"] = config.env.batches_per_step
+    task = get_task(config.run.task, **options)  # bad task options fail here, unbuilt
+    devices = config.run.env_devices or (config.run.device,)
+    for device in dict.fromkeys(devices):
+        envs = sum(1 for i in range(envs_in_process) if devices[i % len(devices)] == device)
+        have = machine_memory(device)
+        if envs == 0 or have is None:
+            continue
+        need = estimate_memory(
+            task, envs, batched=config.run.batched_envs, twin=config.env.reward_mode == "twin"
+        )
+        if need.total > have:
+            sizes = ", ".join(f"task.{k}={v!r}" for k, v in config.task.items()) or "defaults"
+            raise ConfigError(
+                f"too large for this machine: {envs} env(s) of {config.run.task} ({sizes}) "
+                f"need an estimated {format_bytes(need.total)} on {device} ({envs} x "
+                f"{format_bytes(need.per_env)} per env: a host of {need.host.params:,} "
+                "parameters with its gradients, optimiser state and rollback copy, and the "
+                f"env's own state; plus {format_bytes(need.step)} for one batch of "
+                f"{task.hparams.batch_size}); {device} has {format_bytes(have)}: use fewer "
+                "--envs, a smaller host (task.width, task.depth, ...) or batch_size"
+            )
+
+
+def machine_memory(device: str) -> int | None:
+    """Bytes of memory behind ``device``: the GPU's own for CUDA, else this machine's RAM
+    (None where the platform does not say)."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return int(torch.cuda.get_device_properties(dev.index or 0).total_memory)
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # e.g. Windows has no sysconf
+        return None
 
 
 def auto_threads(envs_in_process: int) -> int:

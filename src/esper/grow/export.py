@@ -131,19 +131,47 @@ def export_model(slotted: SlottedModel, trace: bool = True) -> nn.Module:
     return plain
 
 
-def save_portable(module: nn.Module, path: str | Path, example_args: tuple[Any, ...]) -> Path:
+def save_portable(
+    module: nn.Module,
+    path: str | Path,
+    example_args: tuple[Any, ...],
+    *,
+    dynamic_batch: bool = True,
+) -> Path:
     """Write ``torch.export.export(module.eval(), example_args)`` to ``path`` (``.pt2``).
 
     ``torch.export.load(path).module()`` runs it with torch alone: the graph holds torch
-    operators only, so neither Esper nor the user's classes are needed. Raises the
-    exporter's error (with the reason) when the model is not exportable, e.g. Python
-    control flow on tensor values.
+    operators only, so neither Esper nor the user's classes are needed.
+
+    ``dynamic_batch`` (default): dim 0 of every tensor in ``example_args`` is exported as
+    a dynamic batch dimension, so the file runs on any batch size (1 included), not only
+    the example's; the example then needs a batch of at least 2 rows, since torch.export
+    fixes a dimension traced at size 1. ``dynamic_batch=False`` exports the example's
+    shapes exactly. Raises the exporter's error (with the reason) when the model is not
+    exportable, e.g. Python control flow on tensor values, or code that fixes the batch
+    size (``x.view(32, -1)``).
     """
     path = Path(path)
+    args = tuple(example_args)
+    dynamic_shapes = None
+    if dynamic_batch:
+        small = [
+            i for i, a in enumerate(args) if isinstance(a, Tensor) and a.ndim and a.shape[0] < 2
+        ]
+        if small:
+            raise ValueError(
+                f"save_portable: example argument {small[0]} has a batch of "
+                f"{args[small[0]].shape[0]}; pass at least 2 rows so the batch dimension "
+                "can be exported as dynamic, or dynamic_batch=False to fix the example's shape"
+            )
+        dynamic_shapes = tuple(
+            {0: torch.export.Dim.DYNAMIC} if isinstance(a, Tensor) and a.ndim else None
+            for a in args
+        )
     was_training = module.training
     module.eval()
     try:
-        program = torch.export.export(module, tuple(example_args))
+        program = torch.export.export(module, args, dynamic_shapes=dynamic_shapes)
     finally:
         module.train(was_training)
     torch.export.save(program, path)

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -39,10 +38,6 @@ from torch import Tensor, nn
 from esper.lifecycle import SeedStage
 from esper.model.slot import SeedSlot, SlotStateError, StageChange
 from esper.model.width import WidthSeed, param_layers, unit_tensors
-from esper.slots import SlotConfig
-
-if TYPE_CHECKING:
-    from esper.model.morphogenetic import MorphogeneticModel
 
 
 @dataclass(frozen=True)
@@ -227,13 +222,3 @@ def fold_slot(slot: SeedSlot, others: Iterable[SeedSlot]) -> FoldPlan:
     slot._reset(SeedStage.DORMANT)
     change = StageChange(slot.slot_id, SeedStage.FOSSILIZED, SeedStage.DORMANT, "folded")
     return FoldPlan(slot.slot_id, tuple(changes), absorbed, change)
-
-
-def refresh_specs(model: MorphogeneticModel) -> None:
-    """Re-read every slot's injection spec (its channels) from the host's layers, after
-    the host changed shape (a fold, a restore)."""
-    specs = {s.slot_id: s for s in model.host.injection_specs()}
-    for slot_id, slot in model.slots.items():
-        if slot.spec != specs[slot_id]:
-            slot.spec = specs[slot_id]
-    model.slot_config = SlotConfig.from_specs(specs.values(), model.slot_config.slot_ids)

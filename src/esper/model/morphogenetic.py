@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from esper.lifecycle import SeedStage
-from esper.model.fold import FoldPlan, fold_slot, refresh_specs
+from esper.model.fold import FoldPlan, fold_slot
 from esper.model.hosts import Host
 from esper.model.slot import LifecycleConfig, SeedSlot, SlotStateError, StageChange
 from esper.model.slotset import GrowableModel, ParamCounts
@@ -252,8 +252,17 @@ class MorphogeneticModel(GrowableModel):
         (`esper.training.surgery.carry_optimizer_state`; the `Trainer` does)."""
         plan = fold_slot(self._slot(slot_id), self.slots.values())
         self._seed_prefix = None  # it may hold a pending term the fold moved into the host
-        refresh_specs(self)
+        self.refresh_specs()
         return plan
+
+    def refresh_specs(self) -> None:
+        """Re-read every slot's injection spec (its channels) from the host's layers,
+        after the host changed shape (a fold, a restore)."""
+        specs = {s.slot_id: s for s in self.host.injection_specs()}
+        for slot_id, slot in self.slots.items():
+            if slot.spec != specs[slot_id]:
+                slot.spec = specs[slot_id]
+        self.slot_config = SlotConfig.from_specs(specs.values(), self.slot_config.slot_ids)
 
     # -- export ----------------------------------------------------------------------
     def fold_width(self) -> MorphogeneticModel:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from esper.model.fold import refresh_specs, sync_sizes
+from esper.model.fold import sync_sizes
 from esper.model.morphogenetic import MorphogeneticModel
 
 
@@ -46,7 +46,7 @@ def _load(model: nn.Module, state: Mapping[str, Any]) -> None:
     _resize_to(model, state)
     if isinstance(model, MorphogeneticModel):
         # Slots check their channels against the state's: they must see the restored host.
-        refresh_specs(model)
+        model.refresh_specs()
     model.load_state_dict(state)
 
 

@@ -33,8 +33,8 @@ import torch
 
 from esper.env import GLOBAL_DIM, SLOT_DIM, EnvConfig
 from esper.env.vector import VectorMorphogenesisEnv
-from esper.experiment import ScriptedPolicy, episode_seed, run_round
-from esper.policy import AlwaysGrowController, HeuristicController
+from esper.experiment import episode_seed, run_round
+from esper.policy import AlwaysGrowController, ControllerBatch, HeuristicController
 from esper.rl import PPOAgent, PPOConfig
 from esper.rl.checkpoint import save_checkpoint
 from esper.rl.cloning import agreement, clone, collect_demonstrations
@@ -130,7 +130,7 @@ def _validate(vec, config: BuildConfig, agent=None, teacher=None) -> list[float]
     if agent is not None:
         records = run_round(vec, _VALIDATION_ROUND, config.seed, agent=agent, deterministic=True)
     else:
-        scripted = ScriptedPolicy(lambda i: teacher(), vec.num_envs)
+        scripted = ControllerBatch(lambda i: teacher(), vec.num_envs)
         records = run_round(vec, _VALIDATION_ROUND, config.seed, scripted=scripted)
     return [r.objective for r in records]
 

@@ -20,7 +20,7 @@ this interface; `esper.policies`, `esper.grow.Grower` and ``esper train shipped`
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -79,6 +79,25 @@ class PolicyController:
         )
         indices = (int(v) for v in step.actions[0])
         return FactoredAction.from_indices(*indices, space=self.space), step.hidden
+
+
+class ControllerBatch:
+    """Per-env `Controller`s acting on lockstep batches: a vector env's ``[E, ...]``
+    observation and per-env masks in, ``[E, 4]`` action indices out, each controller with
+    its own state. The one adapter from controllers to a batched policy (scripted runs,
+    the behaviour-cloning teacher). ``make(i)`` builds env i's controller."""
+
+    def __init__(self, make: Callable[[int], Controller], num_envs: int) -> None:
+        self.controllers = [make(i) for i in range(num_envs)]
+        self.states = [c.initial_state() for c in self.controllers]
+
+    def act(self, obs: Mapping[str, torch.Tensor], masks: Any) -> torch.Tensor:
+        actions = []
+        for i, controller in enumerate(self.controllers):
+            single = {k: v[i] for k, v in obs.items()}
+            action, self.states[i] = controller.act(single, masks[i], self.states[i])
+            actions.append(action.as_tuple())
+        return torch.tensor(actions, dtype=torch.long)
 
 
 class StaticController:

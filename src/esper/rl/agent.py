@@ -26,10 +26,12 @@ import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from esper.actions import BLEND_ALGORITHMS, ActionMasks
+from esper.checkpointing import CheckpointError
 from esper.distributed import (
     SINGLE,
     DistContext,
@@ -41,7 +43,7 @@ from esper.distributed import (
 from esper.env.observations import DEFAULT_SCHEMA
 from esper.policy.network import FactoredRecurrentActorCritic, Hidden
 from esper.rl.buffer import RolloutBuffer
-from esper.rl.checkpoint import load_checkpoint, save_checkpoint
+from esper.rl.checkpoint import check_compatible, read_checkpoint, save_checkpoint, saved_config
 from esper.rl.normalizers import ObservationNormalizer, RunningMeanStd
 from esper.rl.ppo import PPOConfig, compute_gae, explained_variance, ppo_update
 from esper.slots import SlotConfig
@@ -366,10 +368,43 @@ class PPOAgent:
         ``global_dim``/``slot_dim``/``blueprints``, when given, must match the checkpoint's
         observation and action schema; otherwise `CheckpointError` names both sides.
         """
-        return load_checkpoint(
-            cls,
-            path,
-            slot_config=slot_config,
-            device=device,
-            expected={"global_dim": global_dim, "slot_dim": slot_dim, "blueprints": blueprints},
-        )
+        expected = {"global_dim": global_dim, "slot_dim": slot_dim, "blueprints": blueprints}
+        return cls.from_checkpoint(read_checkpoint(path), path, slot_config, device, expected)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        payload: Mapping[str, Any],
+        path: str | Path,
+        slot_config: SlotConfig | None = None,
+        device: torch.device | str = "cpu",
+        expected: Mapping[str, Any] | None = None,
+    ) -> PPOAgent:
+        """The agent of an already read checkpoint (`esper.rl.checkpoint.read_checkpoint`);
+        ``path`` names it in errors, ``expected`` as in `load`."""
+        check_compatible(payload, path, expected or {})
+        try:
+            saved_slots = SlotConfig(tuple(payload["slot_ids"]))
+            agent = cls(
+                slot_config if slot_config is not None else saved_slots,
+                payload["global_dim"],
+                payload["slot_dim"],
+                payload["blueprints"],
+                config=PPOConfig(**saved_config(payload)),
+                device=device,
+                blends=payload["blends"],
+            )
+            agent.network.load_state_dict(payload["network"])
+            agent.optimizer.load_state_dict(payload["optimizer"])
+            agent.obs_normalizer.load_state_dict(payload["obs_normalizer"])
+            agent.return_normalizer.load_state_dict(payload["return_normalizer"])
+            if "generator" in payload:
+                agent.generator.set_state(payload["generator"])
+            agent.counters.update({k: int(v) for k, v in payload["counters"].items()})
+            if "prior" in payload:  # the frozen clone of PPOConfig.prior_kl_coef
+                agent.set_prior()
+                agent.prior.load_state_dict(payload["prior"])  # type: ignore[union-attr]
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"checkpoint {path}: inconsistent contents ({first})") from None
+        return agent

@@ -3,21 +3,18 @@
 A checkpoint is a dict of tensors and primitives (no pickled classes), read back with
 ``torch.load(weights_only=True)``: a file that would need arbitrary objects — for
 instance a pickle carrying code — is refused, never executed.
+
+This module knows the file format only; `PPOAgent.load` rebuilds an agent from what it
+reads, so the agent imports this module and never the other way round.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-import torch
+from typing import Any
 
 from esper.checkpointing import CheckpointError, atomic_torch_save, safe_torch_load
-from esper.slots import SlotConfig
-
-if TYPE_CHECKING:
-    from esper.rl.agent import PPOAgent
 
 CHECKPOINT_FORMAT = "esper.ppo_agent"
 CHECKPOINT_VERSION = 1
@@ -47,11 +44,17 @@ def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> Path:
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load and validate the envelope of a checkpoint; every failure is a `CheckpointError`."""
-    payload = safe_torch_load(path)
+    return check_envelope(safe_torch_load(path), path)
+
+
+def check_envelope(payload: object, path: str | Path) -> dict[str, Any]:
+    """``payload`` (a loaded file) as a PPO agent checkpoint this Esper can read."""
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        found = payload.get("format") if isinstance(payload, dict) else None
+        what = f"its format is {found!r}" if found else "it has no Esper format tag"
         raise CheckpointError(
-            f"checkpoint {path}: not an Esper PPO agent checkpoint "
-            f"(expected format {CHECKPOINT_FORMAT!r})"
+            f"checkpoint {path}: not an Esper PPO agent checkpoint ({what}; expected "
+            f"{CHECKPOINT_FORMAT!r})"
         )
     version = payload.get("schema_version")
     if version != CHECKPOINT_VERSION:
@@ -65,17 +68,11 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return payload
 
 
-def load_checkpoint(
-    cls: type[PPOAgent],
-    path: str | Path,
-    slot_config: SlotConfig | None,
-    device: torch.device | str,
-    expected: Mapping[str, Any],
-) -> PPOAgent:
-    """Rebuild an agent from ``path``, for ``slot_config`` (default: the saved slots)."""
-    from esper.rl.ppo import PPOConfig
-
-    payload = read_checkpoint(path)
+def check_compatible(
+    payload: Mapping[str, Any], path: str | Path, expected: Mapping[str, Any]
+) -> None:
+    """Refuse a checkpoint whose observation or action schema differs from ``expected``
+    (``global_dim``, ``slot_dim``, ``blueprints``; None = not checked)."""
     _check_observation_schema(payload, path, expected.get("global_dim"))
     for key, want in expected.items():
         have = payload[key]
@@ -84,34 +81,12 @@ def load_checkpoint(
                 f"checkpoint {path}: observation/action schema differs: {key} is {have!r} in "
                 f"the checkpoint, expected {list(want) if key == 'blueprints' else want!r}"
             )
-    try:
-        saved_slots = SlotConfig(tuple(payload["slot_ids"]))
-        # Options added later keep, for older checkpoints, the behaviour they ran with.
-        saved = {"obs_normalizer_sync": "step", "group_by_length": False, **payload["config"]}
-        config = PPOConfig(**saved)
-        agent = cls(
-            slot_config if slot_config is not None else saved_slots,
-            payload["global_dim"],
-            payload["slot_dim"],
-            payload["blueprints"],
-            config=config,
-            device=device,
-            blends=payload["blends"],
-        )
-        agent.network.load_state_dict(payload["network"])
-        agent.optimizer.load_state_dict(payload["optimizer"])
-        agent.obs_normalizer.load_state_dict(payload["obs_normalizer"])
-        agent.return_normalizer.load_state_dict(payload["return_normalizer"])
-        if "generator" in payload:
-            agent.generator.set_state(payload["generator"])
-        agent.counters.update({k: int(v) for k, v in payload["counters"].items()})
-        if "prior" in payload:  # the frozen clone of PPOConfig.prior_kl_coef
-            agent.set_prior()
-            agent.prior.load_state_dict(payload["prior"])  # type: ignore[union-attr]
-    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"checkpoint {path}: inconsistent contents ({first_line})") from None
-    return agent
+
+
+def saved_config(payload: Mapping[str, Any]) -> dict[str, Any]:
+    """The checkpoint's `PPOConfig` fields; options added later keep, for older
+    checkpoints, the behaviour they ran with."""
+    return {"obs_normalizer_sync": "step", "group_by_length": False, **payload["config"]}
 
 
 def _check_observation_schema(

@@ -31,6 +31,7 @@ import torch
 
 from esper.actions import ActionMasks
 from esper.env.vector import VectorMorphogenesisEnv
+from esper.policy.controllers import ControllerBatch
 from esper.rl.agent import PPOAgent
 
 
@@ -93,17 +94,11 @@ def collect_demonstrations(
     parts = []
     for start in range(0, len(seeds), n):
         obs, masks, _ = vec.reset(seeds=list(seeds[start : start + n]))
-        teachers = [make_teacher() for _ in range(n)]
-        states = [t.initial_state() for t in teachers]
+        teachers = ControllerBatch(lambda i: make_teacher(), n)  # type: ignore[arg-type, return-value]
         hidden = learner.initial_hidden(n) if learner is not None else None
         steps: list[tuple[dict[str, torch.Tensor], ActionMasks, torch.Tensor, torch.Tensor]] = []
         for _ in range(vec.max_epochs):
-            labels = []
-            for i, teacher in enumerate(teachers):
-                single = {k: v[i] for k, v in obs.items()}
-                action, states[i] = teacher.act(single, masks[i], states[i])
-                labels.append(action.as_tuple())
-            label = torch.tensor(labels, dtype=torch.long)
+            label = teachers.act(obs, masks)
             executed = label
             if learner is not None:
                 step = learner.act(obs, masks, hidden, deterministic, update_normalizer=False)

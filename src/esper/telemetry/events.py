@@ -146,7 +146,9 @@ class RunFinished(Event):
     episodes: int
     rounds_this_session: int
     wall_s: float  # this session, start to end
-    env_steps_per_s: float  # training env steps of this session / its round time
+    # training env steps of this session / the summed wall time of its rounds (the one
+    # throughput definition: summary.md and the progress lines use it too)
+    env_steps_per_s: float
     interrupted: bool = False
 
 

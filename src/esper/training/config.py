@@ -105,12 +105,17 @@ class TrainConfig:
             raise TrainConfigError(
                 f"optimizer {self.optimizer!r} unknown; allowed: {', '.join(OPTIMIZERS)}"
             )
-        if self.lr <= 0 or (self.seed_lr is not None and self.seed_lr <= 0):
-            raise TrainConfigError(f"learning rates must be > 0, got {self.lr}, {self.seed_lr}")
-        if self.batch_size < 1 or self.eval_batch_size < 1:
+        # Each message names the one field at fault: a pair like "got -0.1, None" left
+        # the user to guess which value was which.
+        if not self.lr > 0:
+            raise TrainConfigError(f"lr must be > 0, got {self.lr}")
+        if self.seed_lr is not None and not self.seed_lr > 0:
             raise TrainConfigError(
-                f"batch sizes must be >= 1, got {self.batch_size}, {self.eval_batch_size}"
+                f"seed_lr must be > 0 or None (the host's lr), got {self.seed_lr}"
             )
+        for name in ("batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise TrainConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.batches_per_step is not None and self.batches_per_step < 1:
             raise TrainConfigError(
                 f"batches_per_step must be >= 1 or None (a full epoch), got {self.batches_per_step}"
@@ -121,7 +126,6 @@ class TrainConfig:
             )
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise TrainConfigError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
-        if self.max_epochs < 1 or self.history < 1:
-            raise TrainConfigError(
-                f"max_epochs and history must be >= 1, got {self.max_epochs}, {self.history}"
-            )
+        for name in ("max_epochs", "history"):
+            if getattr(self, name) < 1:
+                raise TrainConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

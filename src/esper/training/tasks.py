@@ -27,6 +27,22 @@ class TaskError(ValueError):
     """Unknown task name or option."""
 
 
+# Blocks (= slots) a task host may have. DESIGN asks for 1 .. 64+ slots; measured on one
+# thread of a 2-core CPU (digits, default width), one env step takes 2.8 s at 64 blocks,
+# 4.7 s at 256 and 38 s at 1,024 (a 20-step episode: 13 min per env), and building such
+# hosts is what left `--set task.depth=100000` sitting at "starting" for minutes.
+MAX_DEPTH = 256
+
+
+def _check_blocks(name: str, value: object) -> None:
+    """``name`` (depth, n_layers) must be an int in 1 .. MAX_DEPTH: checked before any
+    host exists, so an absurd value is refused at once instead of built."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_DEPTH:
+        raise TaskError(
+            f"{name} must be an int in 1..{MAX_DEPTH} (blocks, one slot each), got {value!r}"
+        )
+
+
 @dataclass(frozen=True)
 class Task:
     name: str
@@ -38,6 +54,13 @@ class Task:
     default_slots: tuple[str, ...]
     hparams: TrainConfig
     description: str = ""
+    # One input's shape, e.g. (1, 8, 8) or (seq_len,) token ids for "lm": what
+    # `esper.training.sizing` feeds a meta-device host to estimate memory before any
+    # data is read or any host is built.
+    sample_shape: tuple[int, ...] = ()
+    # Classes of that size probe; for "lm" the vocabulary comes from the file, so the
+    # probe assumes 256 characters (the embedding is a small part of the host).
+    probe_classes: int = 10
 
 
 def _cnn(
@@ -57,6 +80,7 @@ def _cnn(
     convolutions run in that layout (1.4-1.6x per batch for a width-8 host on 32x32
     images, `bench/bench_host_layout.py`; no change on 8x8 digits).
     """
+    _check_blocks("depth", depth)
     if pool_at is not None:
         if isinstance(pool_at, (str, bytes)) or not all(
             isinstance(i, int) and not isinstance(i, bool) for i in pool_at
@@ -103,6 +127,7 @@ def _digits(
         tuple(f"r0c{i}" for i in range(depth)),
         TrainConfig(**{"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "batch_size": 64, **hp}),
         "scikit-learn's 8x8 digits, narrow CNN host (w=2 leaves ~9 points for seeds)",
+        sample_shape=(1, 8, 8),
     )
 
 
@@ -129,6 +154,7 @@ def _fashion_mnist(
         tuple(f"r0c{i}" for i in range(depth)),
         TrainConfig(**{**defaults, "batches_per_step": 100, **hp}),
         f"Fashion-MNIST IDX files (default {datasets.FASHION_MNIST_ROOT})",
+        sample_shape=(1, 28, 28),
     )
 
 
@@ -155,6 +181,7 @@ def _cifar10(
         tuple(f"r0c{i}" for i in range(depth)),
         TrainConfig(**{**defaults, "batches_per_step": 100, **hp}),
         "CIFAR-10 python batches from a local folder (root=...)",
+        sample_shape=(3, 32, 32),
     )
 
 
@@ -187,6 +214,7 @@ def _text(
             max_seq_len=seq_len,
         )
 
+    _check_blocks("n_layers", n_layers)
     defaults = {"optimizer": "adamw", "lr": 3e-3, "batch_size": 32, "batches_per_step": 50}
     return Task(
         "text",
@@ -196,6 +224,8 @@ def _text(
         tuple(f"r0c{i}" for i in range(n_layers)),
         TrainConfig(**{**defaults, **hp}),
         "character-level language model on a UTF-8 file (path=...); quality = -val loss",
+        sample_shape=(seq_len,),
+        probe_classes=256,
     )
 
 
@@ -212,6 +242,7 @@ def _synthetic(
     **hp: Any,
 ) -> Task:
     shape = tuple(int(s) for s in shape)
+    _check_blocks("depth", depth)
     cnn = len(shape) == 3 and shape[1] == shape[2]
     if not cnn and (pool_at is not None or channels_last):
         raise TaskError(f"pool_at and channels_last need an image shape (C, S, S), got {shape}")
@@ -237,6 +268,8 @@ def _synthetic(
         tuple(f"r0c{i}" for i in range(depth)),
         TrainConfig(**{"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, **hp}),
         "class-conditional random images of any shape, for tests and throughput",
+        sample_shape=shape,
+        probe_classes=num_classes,
     )
 
 
@@ -259,6 +292,42 @@ def task_options(name: str) -> tuple[str, ...]:
     """Options a task takes besides the `TrainConfig` fields (which override its hparams)."""
     params = inspect.signature(_factory(name)).parameters.values()
     return tuple(p.name for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD)
+
+
+# What each task option does (`esper tasks` prints these beside each option's default).
+OPTION_HELP: Mapping[str, str] = MappingProxyType(
+    {
+        "width": "host width: CNN blocks have w, 2w, 4w, 8w, 8w, ... channels (MLP: 8w units)",
+        "depth": f"host blocks, one slot each (r0c0, r0c1, ...; 1..{MAX_DEPTH})",
+        "val_fraction": "share of the images held out for validation",
+        "pool_at": "blocks followed by a 2x2 max-pool, e.g. [0, 1, 2] (unset: from block 1 on)",
+        "channels_last": "NHWC layout for the convolutions (faster on 32x32 images)",
+        "max_train": "use the first N training images (unset: all)",
+        "max_val": "use the first N validation images (unset: all)",
+        "path": "UTF-8 text file (or --set env.data_root=FILE)",
+        "seq_len": "characters per sequence",
+        "max_chars": "characters read from the file",
+        "max_val_sequences": "validation sequences kept",
+        "d_model": "transformer width",
+        "n_heads": "attention heads (must divide d_model)",
+        "n_layers": f"transformer blocks, one slot each (1..{MAX_DEPTH})",
+        "shape": "input shape: [F] (MLP host) or [C, S, S] (CNN host)",
+        "n_train": "training examples drawn",
+        "n_val": "validation examples drawn",
+        "num_classes": "classes",
+        "noise": "noise around each class's mean image",
+    }
+)
+
+
+def describe_options(name: str) -> list[tuple[str, Any, str]]:
+    """``(option, default, what it does)`` for each option of task ``name``."""
+    params = inspect.signature(_factory(name)).parameters.values()
+    return [
+        (p.name, p.default, OPTION_HELP.get(p.name, ""))
+        for p in params
+        if p.kind is not inspect.Parameter.VAR_KEYWORD
+    ]
 
 
 def _factory(name: str) -> Callable[..., Task]:
