@@ -93,8 +93,18 @@ class LifecycleConfig:
     # 488 of z = 0's 539 fossilize-legal readings stay legal. About 2.3 % one-sided false
     # alarms per reading for a seed of exactly zero effect.
     gate_z: float = 2.0
+    # Fold a width seed into its host's layers as soon as it fossilizes (the env's
+    # `Trainer.fold`: physically wider layers, optimiser state carried), so later width
+    # seeds read its units and the slot can grow again. Only the owner of the optimisers
+    # can fold (the env does; a user's `Grower` ignores this field). Measured in
+    # BENCHMARKS.md ("Growth that finds the right size (issue 20)").
+    fold_on_fossilize: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.fold_on_fossilize, bool):
+            raise ValueError(
+                f"LifecycleConfig.fold_on_fossilize must be a bool, got {self.fold_on_fossilize!r}"
+            )
         for name in ("min_train_epochs", "max_train_epochs", "blend_epochs"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
