@@ -29,6 +29,8 @@ from esper.policy.controllers import (
     HeuristicState,
     PolicyController,
     RandomController,
+    RightSizeConfig,
+    RightSizeController,
     StaticController,
 )
 
@@ -41,5 +43,7 @@ __all__ += [
     "HeuristicState",
     "PolicyController",
     "RandomController",
+    "RightSizeConfig",
+    "RightSizeController",
     "StaticController",
 ]
