@@ -171,8 +171,9 @@ def calibrate(setup: ImageSetup, seeds: int) -> None:
     for w in (1, 2):
         env = MorphogenesisEnv(env_config(setup, w, None))
         rows[w] = [play(env, StaticController(), s) for s in train_seeds]
-    dl = statistics.fmean(a["val_loss"] - b["val_loss"] for a, b in zip(rows[1], rows[2]))
-    da = statistics.fmean(b["quality"] - a["quality"] for a, b in zip(rows[1], rows[2]))
+    pairs = list(zip(rows[1], rows[2], strict=True))
+    dl = statistics.fmean(a["val_loss"] - b["val_loss"] for a, b in pairs)
+    da = statistics.fmean(b["quality"] - a["quality"] for a, b in pairs)
     print(f"{seeds} training seeds: Δ val loss {dl:.3f} nats, Δ accuracy {da:.3f}: "
           f"nats_per_accuracy = {dl / da:.2f}", flush=True)  # fmt: skip
 
@@ -186,8 +187,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--ablation-lambda", type=float, default=0.05,
                         help="λ of the arms other than rightsize (start 1 only)")  # fmt: skip
-    parser.add_argument("--static", default="bench/out", metavar="DIR",
-                        help="DIR/pareto_<task>_episodes.csv from bench_pareto --static-only")  # fmt: skip
+    parser.add_argument(
+        "--static",
+        default="bench/out",
+        metavar="DIR",
+        help="DIR/pareto_<task>_episodes.csv from bench_pareto --static-only",
+    )
     parser.add_argument("--calibrate", action="store_true")
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args(argv)
