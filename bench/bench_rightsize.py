@@ -140,6 +140,7 @@ def fmt(d: dict) -> str:
 
 
 def write_table(task: str, results: list[tuple[str, int, float, dict]], seeds: int) -> str:
+    """The results table (markdown), also written to bench/out/rightsize_<task>.md."""
     lines = [
         f"{seeds} paired evaluation seeds; objective = accuracy − λ·(params − start)/start.",
         "",
@@ -194,18 +195,28 @@ def main(argv: list[str] | None = None) -> None:
         help="DIR/pareto_<task>_episodes.csv from bench_pareto --static-only",
     )
     parser.add_argument("--calibrate", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="tiny settings, 2 seeds (tests)")
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args(argv)
     benchlib.set_threads(1)
-    setup = image_setups(False)[args.task]
+    if args.quick:
+        args.seeds, args.lambdas, args.starts = 2, "0.05", "1"
+    setup = image_setups(args.quick)[args.task]
     print(f"machine: {benchlib.machine()}", flush=True)
     if args.calibrate:
         calibrate(setup, 4)
         return
     seeds = [episode_seed(0, i, 0, evaluation=True) for i in range(args.seeds)]
-    static_rows = load_static(Path(args.static) / f"pareto_{args.task}_episodes.csv", setup, seeds)
-    static = {w: arm.rows for w, arm in static_rows.items()}
-    out = benchlib.out_dir() / f"rightsize_{args.task}_episodes.csv"
+    if args.quick:  # the front of the quick setup, trained here
+        static = {}
+        for w in setup.widths:
+            env = MorphogenesisEnv(env_config(setup, w, None))
+            static[w] = [play(env, StaticController(), s) for s in seeds]
+    else:
+        path = Path(args.static) / f"pareto_{args.task}_episodes.csv"
+        static = {w: arm.rows for w, arm in load_static(path, setup, seeds).items()}
+    suffix = "_quick" if args.quick else ""
+    out = benchlib.out_dir() / f"rightsize_{args.task}{suffix}_episodes.csv"
     done: dict = {}
     if args.resume and out.is_file():
         with out.open(newline="", encoding="utf-8") as handle:
@@ -229,8 +240,8 @@ def main(argv: list[str] | None = None) -> None:
             for lam in lambdas if arm == "rightsize" else [args.ablation_lambda]:
                 rows = run_episodes(setup, arm, start, lam, seeds, data, out, done)
                 results.append((arm, start, lam, summarise(static, rows, start, lam)))
-            print(write_table(args.task, results, len(seeds)), flush=True)
-    print(write_table(args.task, results, len(seeds)), flush=True)
+            print(write_table(args.task + suffix, results, len(seeds)), flush=True)
+    print(write_table(args.task + suffix, results, len(seeds)), flush=True)
 
 
 if __name__ == "__main__":

@@ -174,3 +174,15 @@ def test_the_hindsight_oracle_is_the_best_static_width_at_each_lambda(lib):
     assert lib.hindsight_oracle(static, 0.02, 100.0) == 3
     assert lib.hindsight_oracle(static, 0.05, 100.0) == 2
     assert lib.hindsight_oracle(static, 0.2, 100.0) == 1
+
+
+def test_rightsize_quick_run_scores_every_arm_against_the_oracle(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("ESPER_BENCH_OUT", str(tmp_path / "out"))
+    monkeypatch.syspath_prepend(str(BENCH))
+    rightsize = importlib.import_module("bench_rightsize")
+    rightsize.main(["--quick"])
+    rows = _rows(tmp_path / "out" / "rightsize_digits_quick_episodes.csv")
+    assert sorted({r["arm"] for r in rows}) == sorted(rightsize.ARMS)
+    assert all(len([r for r in rows if r["arm"] == a]) == 2 for a in rightsize.ARMS)
+    table = (tmp_path / "out" / "rightsize_digits_quick.md").read_text()
+    assert table.count("| 1 | 0.05 |") == len(rightsize.ARMS)
