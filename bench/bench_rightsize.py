@@ -16,10 +16,11 @@ scored on the same evaluation seeds (paired):
   from scratch for the same steps (the static arm's own count).
 
 Arms: ``rightsize`` (`RightSizeController`, width seeds joint from birth, fold at
-fossilize), ``rightsize-isolated`` (same, today's isolated TRAINING → BLENDING path
-shortened to 1 + 1 epochs), ``rightsize-nofold`` (joint, no fold), ``heuristic``
-(today's default heuristic and lifecycle; it does not read λ, so one run per start is
-scored at every λ).
+fossilize), ``rightsize-isolated`` (same controller, today's isolated TRAINING →
+BLENDING path shortened to 1 + 1 epochs, fold at fossilize), ``rightsize-nofold``
+(joint, no fold), ``heuristic`` (today's default heuristic and lifecycle; it does not
+read λ, so one run per start is scored at every λ). ``--full-arms`` run at every λ and
+start; the others at ``--ablation-lambda`` from width 1.
 
     OMP_NUM_THREADS=1 python bench/bench_pareto.py --tasks digits --seeds 16 --static-only
     OMP_NUM_THREADS=1 python bench/bench_rightsize.py --seeds 16 --static bench/out
@@ -194,6 +195,11 @@ def main(argv: list[str] | None = None) -> None:
         metavar="DIR",
         help="DIR/pareto_<task>_episodes.csv from bench_pareto --static-only",
     )
+    parser.add_argument(
+        "--full-arms",
+        default="rightsize,rightsize-isolated",
+        help="arms run at every λ and start (the others: --ablation-lambda, start 1)",
+    )
     parser.add_argument("--calibrate", action="store_true")
     parser.add_argument("--quick", action="store_true", help="tiny settings, 2 seeds (tests)")
     parser.add_argument("--resume", action="store_true")
@@ -230,14 +236,15 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for arm in args.arms.split(","):
         for start in (int(v) for v in args.starts.split(",")):
-            if arm != "rightsize" and start != 1:
+            full = arm in args.full_arms.split(",")
+            if not full and start != 1:
                 continue
             if arm == "heuristic":  # does not read λ: one run, scored at every λ
                 rows = run_episodes(setup, arm, start, 0.05, seeds, data, out, done)
                 results += [(arm, start, lam, summarise(static, rows, start, lam))
                             for lam in lambdas]  # fmt: skip
                 continue
-            for lam in lambdas if arm == "rightsize" else [args.ablation_lambda]:
+            for lam in lambdas if full else [args.ablation_lambda]:
                 rows = run_episodes(setup, arm, start, lam, seeds, data, out, done)
                 results.append((arm, start, lam, summarise(static, rows, start, lam)))
             print(write_table(args.task + suffix, results, len(seeds)), flush=True)
