@@ -463,9 +463,11 @@ class RightSizeController:
        each round priced at its own (larger) size.
     4. Otherwise WAIT.
 
-    λ comes from the observation, so one controller serves every trade-off. With the
-    lifecycle's ``width_joint`` the seeds train with the host from birth and their
-    credit is the real one (alpha 1 vs 0) from the first step.
+    λ comes from the observation, so one controller serves every trade-off. Measured
+    best (BENCHMARKS.md, issue 20) with the isolated lifecycle shortened to
+    ``min_train_epochs=1, blend_epochs=1`` and ``fold_on_fossilize``: with
+    ``width_joint`` the credit is a lesion of units the host co-adapted with, which
+    overstates their worth and makes it overgrow.
     """
 
     def __init__(
