@@ -21,6 +21,7 @@ from esper.model.slot import (
 )
 from esper.model.slotset import GrowableModel, ParamCounts
 from esper.model.transformer import TransformerHost
+from esper.model.scores import GrowthScore, growth_scores
 from esper.model.width import DEFAULT_WIDTH_INIT, WIDTH_INITS, UnitSite, WidthSeed, WidthSite
 
 __all__ = [
@@ -43,7 +44,9 @@ __all__ = [
     "SlotStateError",
     "StageChange",
     "TransformerHost",
+    "GrowthScore",
     "UnitSite",
+    "growth_scores",
     "UnknownBlueprintError",
     "WidthSeed",
     "WidthSite",
