@@ -11,6 +11,7 @@ from esper.model.fold import FoldPlan, ParamChange, Piece
 from esper.model.hosts import CNNHost, Host, MLPHost, count_parameters
 from esper.model.morphogenetic import MorphogeneticModel
 from esper.model.restore import restore_state
+from esper.model.scores import GrowthScore, growth_scores
 from esper.model.slot import (
     LifecycleConfig,
     SeedSlot,
@@ -21,7 +22,6 @@ from esper.model.slot import (
 )
 from esper.model.slotset import GrowableModel, ParamCounts
 from esper.model.transformer import TransformerHost
-from esper.model.scores import GrowthScore, growth_scores
 from esper.model.width import DEFAULT_WIDTH_INIT, WIDTH_INITS, UnitSite, WidthSeed, WidthSite
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "CNNHost",
     "FoldPlan",
     "GrowableModel",
+    "GrowthScore",
     "Host",
     "LifecycleConfig",
     "MLPHost",
@@ -44,9 +45,7 @@ __all__ = [
     "SlotStateError",
     "StageChange",
     "TransformerHost",
-    "GrowthScore",
     "UnitSite",
-    "growth_scores",
     "UnknownBlueprintError",
     "WidthSeed",
     "WidthSite",
@@ -54,5 +53,6 @@ __all__ = [
     "blueprints_for",
     "count_parameters",
     "get_blueprint",
+    "growth_scores",
     "restore_state",
 ]
