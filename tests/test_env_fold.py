@@ -198,3 +198,50 @@ def test_masks_and_budget_stay_exact_as_folds_change_neighbours_costs(depth: int
     if neighbour is not None and 0 in folded:
         # The next slot's fan-in now reads the folded unit too: its cost grew.
         assert int(env.blueprint_costs[neighbour, wide]) > cost_before
+
+
+def test_a_fold_in_a_batched_vector_env_keeps_each_envs_lone_trajectory() -> None:
+    """Env 0 folds at step 3 (its host is wider from then on), env 1 stays narrow: with
+    batched host training each env's trajectory is still the one it has alone (float64)."""
+    from esper.env import VectorMorphogenesisEnv
+    from esper.training import get_task
+
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        data = get_task("digits").make_data(seed=0)
+        data = type(data)(
+            **{**vars(data), "train_x": data.train_x.double(), "val_x": data.val_x.double()}
+        )
+        config = EnvConfig(
+            task="digits",
+            task_options={"width": 1},
+            batches_per_step=2,
+            max_epochs=7,
+            lifecycle=LifecycleConfig(**OPEN, fold_on_fossilize=True),
+        )
+        wide = MorphogenesisEnv(config, data=data).action_spec.blueprints.index("wide_x1")
+        script = {0: {0: FactoredAction(G, 0, wide, 0), 3: FactoredAction(F, 0)}, 1: {}}
+
+        def run(env_ids: list[int], batched: bool) -> dict[int, list[tuple]]:
+            vec = VectorMorphogenesisEnv(len(env_ids), config, batched=batched, data=data)
+            vec.reset(seeds=[100 + i for i in env_ids])
+            trace: dict[int, list[tuple]] = {i: [] for i in env_ids}
+            for t in range(6):
+                step = vec.step([script[i].get(t, FactoredAction.wait()) for i in env_ids])
+                for k, i in enumerate(env_ids):
+                    info = step.infos[k]
+                    trace[i].append((info["val_loss"], info["quality"], str(info["events"])))
+            widths = {i: vec.envs[k].model.host.widths for k, i in enumerate(env_ids)}
+            vec.close()
+            return trace, widths
+
+        together, widths = run([0, 1], batched=True)
+        assert widths[0] == [2, 2, 4] and widths[1] == [1, 2, 4]  # env 0 folded
+        assert "folded" in " ".join(e for _, _, e in together[0])
+        for i in (0, 1):
+            alone, _ = run([i], batched=False)
+            for (a_loss, a_q, a_ev), (b_loss, b_q, b_ev) in zip(together[i], alone[i], strict=True):
+                assert a_loss == pytest.approx(b_loss, rel=1e-9) and a_q == b_q and a_ev == b_ev
+    finally:
+        torch.set_default_dtype(before)
