@@ -45,7 +45,12 @@ from bench_pareto import ImageSetup, env_config, image_setups, load_static
 from esper.env import MorphogenesisEnv
 from esper.experiment import episode_seed
 from esper.model import LifecycleConfig
-from esper.policy import HeuristicController, RightSizeController, StaticController
+from esper.policy import (
+    HeuristicController,
+    RightSizeConfig,
+    RightSizeController,
+    StaticController,
+)
 from paretolib import (
     capture,
     hindsight_oracle,
@@ -63,6 +68,14 @@ ARMS: dict[str, tuple[str, LifecycleConfig | None]] = {
         LifecycleConfig(min_train_epochs=1, blend_epochs=1, fold_on_fossilize=True),
     ),
     "rightsize-nofold": ("rightsize", LifecycleConfig(width_joint=True)),
+    # Seeds planted in the first half, kept or pruned only from the middle on (they wait
+    # live: max_hold_epochs 20), isolated lifecycle, fold at fossilize.
+    "rightsize-settle": (
+        "rightsize-settle",
+        LifecycleConfig(
+            min_train_epochs=1, blend_epochs=1, max_hold_epochs=20, fold_on_fossilize=True
+        ),
+    ),
     "heuristic": ("heuristic", None),
 }
 FIELDS = ("arm", "start", "lam", "seed_index", "quality", "val_loss", "params", "train_flops",
@@ -84,7 +97,12 @@ def run_episodes(setup: ImageSetup, arm: str, start: int, lam: float, seeds, dat
         if key in done:
             rows.append(done[key])
             continue
-        controller = RightSizeController() if kind == "rightsize" else HeuristicController()
+        if kind == "rightsize":
+            controller = RightSizeController()
+        elif kind == "rightsize-settle":
+            controller = RightSizeController(RightSizeConfig(settle_from=0.5))
+        else:
+            controller = HeuristicController()
         row = play(env, controller, seed)
         row = {"arm": arm, "start": start, "lam": f"{lam:g}", "seed_index": i,
                **{k: row[k] for k in FIELDS if k in row}}  # fmt: skip

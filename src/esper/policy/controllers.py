@@ -413,6 +413,11 @@ class RightSizeConfig:
     grow_until: float = 0.5
     # Steps a seed with a known credit may stay below its price before it is pruned.
     patience: int = 2
+    # No seed is kept before this fraction of the episode: credit read early overstates
+    # what a unit is worth at the end (the host catches up), so seeds wait, live, until
+    # their credit is read later (give them the LifecycleConfig.max_hold_epochs to wait).
+    # 0 = keep a seed as soon as it pays. Measured in BENCHMARKS.md (issue 20).
+    settle_from: float = 0.0
     # Which free slot to widen first.
     slot_preference: str = "shallow"
 
@@ -423,6 +428,10 @@ class RightSizeConfig:
             raise ValueError(
                 f"RightSizeConfig.nats_per_accuracy must be a finite number >= 0, got "
                 f"{self.nats_per_accuracy!r}"
+            )
+        if not 0.0 <= self.settle_from <= 1.0:
+            raise ValueError(
+                f"RightSizeConfig.settle_from must be in [0, 1], got {self.settle_from!r}"
             )
         if not 0.0 <= self.grow_until <= 1.0:
             raise ValueError(
@@ -517,6 +526,8 @@ class RightSizeController:
         fossilizable = set(_legal(masks.slot[LifecycleOp.FOSSILIZE]))
         if not bool(masks.op[LifecycleOp.FOSSILIZE]):
             fossilizable = set()
+        if float(glob[self._fraction]) < cfg.settle_from:
+            fossilizable = set()  # too early to read what a unit is worth
         for i in sorted(live):
             c = credit(i)
             if i in fossilizable and c is not None and c >= price(i):
