@@ -20,6 +20,7 @@ JOINT = LifecycleConfig(width_joint=True, fold_on_fossilize=True)
     [
         ({"nats_per_accuracy": -1.0}, "nats_per_accuracy must be a finite number >= 0, got -1.0"),
         ({"grow_until": 1.5}, r"grow_until must be in \[0, 1\], got 1.5"),
+        ({"settle_from": -0.1}, r"settle_from must be in \[0, 1\], got -0.1"),
         ({"patience": -2}, "patience must be an int >= 0, got -2"),
         ({"slot_preference": "middle"}, "slot_preference must be 'deep' or 'shallow', got 'mid"),
         ({"blueprints": ()}, "blueprints must name at least one blueprint"),
@@ -114,3 +115,23 @@ def test_no_seed_is_planted_after_grow_until() -> None:
         if step >= 3:
             assert action.op != LifecycleOp.GERMINATE
         obs, *_ = env.step(action)
+
+
+def test_no_seed_is_kept_before_settle_from() -> None:
+    """λ = 0 (every helpful seed pays) and settle_from = 0.5 of 8 steps: seeds are
+    planted from the start but the first FOSSILIZE comes at step 4 or later."""
+    lifecycle = LifecycleConfig(min_train_epochs=1, blend_epochs=1, max_hold_epochs=20)
+    env = MorphogenesisEnv(
+        EnvConfig(task="digits", task_options={"width": 1}, max_epochs=8,
+                  growth_penalty=0.0, lifecycle=lifecycle)
+    )  # fmt: skip
+    obs, _ = env.reset(seed=2)
+    controller = RightSizeController(RightSizeConfig(settle_from=0.5, grow_until=0.5))
+    state = controller.initial_state()
+    ops = []
+    for _ in range(8):
+        action, state = controller.act(obs, env.conditional_masks(), state)
+        ops.append(action.op)
+        obs, *_ = env.step(action)
+    assert ops[0] == LifecycleOp.GERMINATE
+    assert LifecycleOp.FOSSILIZE not in ops[:4] and LifecycleOp.FOSSILIZE in ops[4:]
