@@ -187,3 +187,43 @@ def lifecycle_overrides(text: str | None) -> dict:
 def heuristic_overrides(text: str | None) -> dict:
     """``underfit_accuracy=0.9`` -> HeuristicConfig keyword arguments."""
     return config_overrides(text, HeuristicConfig, "--heuristic")
+
+
+# -- oracle capture (issue 20) ----------------------------------------------------------
+
+
+def objective_at(row: dict, lam: float, start_params: float) -> float:
+    """accuracy − λ·growth, growth charged against the host growth started from (a
+    wider static host pays for its extra parameters as if grown at once)."""
+    return float(row["quality"]) - lam * (float(row["params"]) - start_params) / start_params
+
+
+def hindsight_oracle(static: dict[int, list[dict]], lam: float, start_params: float) -> int:
+    """The static width whose mean objective at ``λ`` is best (chosen in hindsight)."""
+    return max(
+        static,
+        key=lambda w: statistics.fmean(objective_at(r, lam, start_params) for r in static[w]),
+    )
+
+
+def capture(grown: Sequence[float], narrow: Sequence[float], oracle: Sequence[float]):
+    """Oracle capture (grown − narrow) / (oracle − narrow), paired per seed, as a ratio
+    of means with a delta-method standard error:
+    Var(R) ≈ (var(d) − 2R·cov(d, e) + R²·var(e)) / (n · mean(e)²), d = grown − narrow,
+    e = oracle − narrow. NaN when the oracle's own gain is under 2 SE (undefined)."""
+    n = len(grown)
+    if not n == len(narrow) == len(oracle) or n < 2:
+        raise ValueError(f"capture needs >= 2 paired seeds in each list, got {n}")
+    d = [g - s for g, s in zip(grown, narrow, strict=True)]
+    e = [o - s for o, s in zip(oracle, narrow, strict=True)]
+    md, me = statistics.fmean(d), statistics.fmean(e)
+    se_e = statistics.stdev(e) / math.sqrt(n)
+    if not (me > 2 * se_e and me > 0):
+        return {"ratio": math.nan, "se": math.nan, "defined": False}
+    r = md / me
+    var = (
+        statistics.variance(d)
+        - 2 * r * statistics.covariance(d, e)
+        + r * r * statistics.variance(e)
+    ) / (n * me * me)
+    return {"ratio": r, "se": math.sqrt(max(var, 0.0)), "defined": True}

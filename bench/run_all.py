@@ -39,6 +39,8 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "growth": ("bench_growth.py", []),
     "transfer": ("bench_transfer.py", []),
     "pareto": ("bench_pareto.py", []),
+    # issue 20: oracle capture (reads the front `pareto` wrote with --static-only)
+    "rightsize": ("bench_rightsize.py", ["--seeds", "16"]),
     "governor": ("bench_governor.py", ["--gates"]),
     "width_init": ("bench_width_init.py", ["--seeds", "8"]),
     "user_seed_pass": ("bench_user_seed_pass.py", ["--seeds", "4"]),  # issue 19

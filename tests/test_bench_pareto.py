@@ -140,3 +140,49 @@ def test_heuristic_overrides_parse_and_name_the_allowed_fields(lib):
     assert lib.heuristic_overrides("underfit_accuracy=0.9") == {"underfit_accuracy": 0.9}
     with pytest.raises(SystemExit, match=r"--heuristic: bad item 'underfit=0.9'; fields: "):
         lib.heuristic_overrides("underfit=0.9")
+
+
+def test_oracle_capture_is_a_ratio_of_paired_means_with_a_delta_method_se(lib):
+    narrow = [0.70, 0.72, 0.68, 0.75]
+    oracle = [0.80, 0.85, 0.79, 0.86]
+    half = [n + 0.5 * (o - n) for n, o in zip(narrow, oracle, strict=True)]
+    c = lib.capture(half, narrow, oracle)
+    assert c["defined"] and c["ratio"] == pytest.approx(0.5)
+    assert c["se"] == pytest.approx(0.0, abs=1e-8)
+    # Against a brute-force check of the delta method: R = mean(d) / mean(e).
+    grown = [0.74, 0.80, 0.70, 0.85]
+    d = [g - n for g, n in zip(grown, narrow, strict=True)]
+    e = [o - n for o, n in zip(oracle, narrow, strict=True)]
+    r = sum(d) / sum(e)
+    resid = [di - r * ei for di, ei in zip(d, e, strict=True)]
+    mean_e = sum(e) / 4
+    var = sum((x - sum(resid) / 4) ** 2 for x in resid) / 3 / (4 * mean_e**2)
+    c = lib.capture(grown, narrow, oracle)
+    assert c["ratio"] == pytest.approx(r) and c["se"] == pytest.approx(math.sqrt(var))
+    # An oracle no better than the narrow host (gain under 2 SE): capture is undefined.
+    flat = [n + s for n, s in zip(narrow, [0.01, -0.01, 0.02, -0.02], strict=True)]
+    assert not lib.capture(grown, narrow, flat)["defined"]
+
+
+def test_the_hindsight_oracle_is_the_best_static_width_at_each_lambda(lib):
+    static = {
+        1: [{"quality": 0.75, "params": 100}],
+        2: [{"quality": 0.93, "params": 300}],
+        3: [{"quality": 1.0, "params": 600}],
+    }
+    # objective = q − λ·(p − 100)/100: λ = 0.02 -> w3 (0.90), 0.05 -> w2 (0.83), 0.2 -> w1.
+    assert lib.hindsight_oracle(static, 0.02, 100.0) == 3
+    assert lib.hindsight_oracle(static, 0.05, 100.0) == 2
+    assert lib.hindsight_oracle(static, 0.2, 100.0) == 1
+
+
+def test_rightsize_quick_run_scores_every_arm_against_the_oracle(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("ESPER_BENCH_OUT", str(tmp_path / "out"))
+    monkeypatch.syspath_prepend(str(BENCH))
+    rightsize = importlib.import_module("bench_rightsize")
+    rightsize.main(["--quick"])
+    rows = _rows(tmp_path / "out" / "rightsize_digits_quick_episodes.csv")
+    assert sorted({r["arm"] for r in rows}) == sorted(rightsize.ARMS)
+    assert all(len([r for r in rows if r["arm"] == a]) == 2 for a in rightsize.ARMS)
+    table = (tmp_path / "out" / "rightsize_digits_quick.md").read_text()
+    assert table.count("| 1 | 0.05 |") == len(rightsize.ARMS)

@@ -53,6 +53,7 @@ from esper.env.growth_step import GrowthStepper, Reading
 from esper.env.masks import blueprint_cost_table, flat_masks
 from esper.env.observations import GLOBAL_DIM, SLOT_DIM
 from esper.env.rewards import RewardConfig, RewardMode
+from esper.lifecycle import SeedStage
 from esper.model import LifecycleConfig, MorphogeneticModel, StageChange, blueprints_for
 from esper.slots import SlotConfig
 from esper.training import TaskData, Trainer, get_task
@@ -249,7 +250,22 @@ class MorphogenesisEnv(gym.Env):
             self.trainer.on_germinate(changes[0].slot_id)
         elif chosen.op == LifecycleOp.PRUNE:
             self.trainer.on_prune(changes[0].slot_id)
+        elif chosen.op == LifecycleOp.FOSSILIZE and self._folds(changes[0].slot_id):
+            # The fossil becomes part of the host's layers now (docs/ARCHITECTURE.md, The
+            # growth core): later width seeds read its units, the slot can grow again,
+            # and the masks see the wider layers (the stepper's cost table follows the
+            # structure key).
+            changes.append(self.trainer.fold(changes[0].slot_id).stage_change)
         return BegunStep(self.epoch, chosen, illegal, tuple(changes))
+
+    def _folds(self, slot_id: str) -> bool:
+        """Fold the seed ``slot_id`` just fossilized: asked for, and a width seed."""
+        slot = self.model.slots[slot_id]  # type: ignore[union-attr]
+        return (
+            self.lifecycle.fold_on_fossilize
+            and slot.holds_width
+            and slot.stage == SeedStage.FOSSILIZED
+        )
 
     def train_phase(
         self,

@@ -11,6 +11,7 @@ from esper.model.fold import FoldPlan, ParamChange, Piece
 from esper.model.hosts import CNNHost, Host, MLPHost, count_parameters
 from esper.model.morphogenetic import MorphogeneticModel
 from esper.model.restore import restore_state
+from esper.model.scores import GrowthScore, growth_scores
 from esper.model.slot import (
     LifecycleConfig,
     SeedSlot,
@@ -31,6 +32,7 @@ __all__ = [
     "CNNHost",
     "FoldPlan",
     "GrowableModel",
+    "GrowthScore",
     "Host",
     "LifecycleConfig",
     "MLPHost",
@@ -51,5 +53,6 @@ __all__ = [
     "blueprints_for",
     "count_parameters",
     "get_blueprint",
+    "growth_scores",
     "restore_state",
 ]

@@ -93,8 +93,26 @@ class LifecycleConfig:
     # 488 of z = 0's 539 fossilize-legal readings stay legal. About 2.3 % one-sided false
     # alarms per reading for a seed of exactly zero effect.
     gate_z: float = 2.0
+    # Fold a width seed into its host's layers as soon as it fossilizes (the env's
+    # `Trainer.fold`: physically wider layers, optimiser state carried), so later width
+    # seeds read its units and the slot can grow again. Only the owner of the optimisers
+    # can fold (the env does; a user's `Grower` ignores this field). Measured in
+    # BENCHMARKS.md ("Growth that finds the right size (issue 20)").
+    fold_on_fossilize: bool = False
+    # A width seed's fan-out is zero at birth, so it cannot change the function: with
+    # ``width_joint`` it skips the quarantine, going from GERMINATED through TRAINING and
+    # BLENDING to HOLDING (alpha 1) at germination, and trains with the host from its
+    # first step (GradMax style). The gates still read its paired contribution: FOSSILIZE
+    # is legal only when it is significantly helpful, it is auto-pruned when
+    # significantly harmful or after ``max_hold_epochs``. Depth seeds keep the isolated
+    # path. Measured in BENCHMARKS.md ("Growth that finds the right size (issue 20)").
+    width_joint: bool = False
 
     def __post_init__(self) -> None:
+        for name in ("fold_on_fossilize", "width_joint"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ValueError(f"LifecycleConfig.{name} must be a bool, got {value!r}")
         for name in ("min_train_epochs", "max_train_epochs", "blend_epochs"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -399,6 +417,12 @@ class SeedSlot(nn.Module):
         self._build(blueprint, blend)
         self.blueprint, self.blend = blueprint, blend
         changes.append(self._move(SeedStage.TRAINING, "germinated"))
+        if self.lifecycle.width_joint and isinstance(self.seed, WidthSeed):
+            # Zero fan-out: fully on is still the host's function (LifecycleConfig).
+            changes.append(self._move(SeedStage.BLENDING, "joint_at_birth"))
+            self._set_blend_step(self.lifecycle.blend_epochs)
+            changes.append(self._move(SeedStage.HOLDING, "joint_at_birth"))
+            self.alpha = 1.0
         return changes
 
     def _width_site(self, blueprint: str) -> WidthSite:

@@ -30,6 +30,8 @@ from esper.policy.controllers import (
     HeuristicState,
     PolicyController,
     RandomController,
+    RightSizeConfig,
+    RightSizeController,
     StaticController,
 )
 
@@ -43,5 +45,7 @@ __all__ += [
     "HeuristicState",
     "PolicyController",
     "RandomController",
+    "RightSizeConfig",
+    "RightSizeController",
     "StaticController",
 ]

@@ -29,6 +29,7 @@ import torch
 
 from esper.actions import ActionMasks, ActionSpace, FactoredAction, LifecycleOp
 from esper.env.observations import COUNTER_SCALE, DEFAULT_SCHEMA, DELTA_GAIN
+from esper.env.observations import LAMBDA_SCALE as LAMBDA_SCALE_FOR_CONTROLLERS
 from esper.lifecycle import LIVE_STAGES, SeedStage
 from esper.model import blueprints_for
 from esper.slots import TOPOLOGIES
@@ -398,3 +399,211 @@ class HeuristicController:
             if name in names and bool(legal[names.index(name)]):
                 return names.index(name)
         return None
+
+
+# -- growth that finds the right size (issue 20) ------------------------------------------
+
+
+def _unratio(r: float) -> float:
+    """Inverse of the observation's ``x / (1 + x)``."""
+    r = min(max(r, 0.0), 1.0 - 1e-6)
+    return r / (1.0 - r)
+
+
+def _unsquash(v: float, gain: float) -> float:
+    """Inverse of the observation's ``tanh(gain * x)`` (saturated values clip)."""
+    v = min(max(v, -1.0 + 1e-6), 1.0 - 1e-6)
+    return math.atanh(v) / gain
+
+
+@dataclass(frozen=True)
+class RightSizeConfig:
+    # Width blueprints to plant, best first (the first the masks allow in the slot).
+    blueprints: tuple[str, ...] = ("wide_x1",)
+    # Exchange rate between the seed's credit (validation-loss nats it saves) and the
+    # objective's accuracy: a seed pays when credit >= nats_per_accuracy * λ * g_seed,
+    # g_seed = its params / the host's params as built (its growth charge). 2.6 is the
+    # ratio of the validation-loss gap to the accuracy gap between static digits hosts
+    # of width 1 and 2 at the end of training, measured on training seeds
+    # (bench/bench_rightsize.py --calibrate; BENCHMARKS.md, issue 20).
+    nats_per_accuracy: float = 2.6
+    # No seed is planted after this fraction of the episode: growth pays early only
+    # (issue 20: widening at epoch 1-4 of 20 keeps ~92 % of width 2's gain, at 10 56 %).
+    grow_until: float = 0.5
+    # Steps a seed with a known credit may stay below its price before it is pruned.
+    patience: int = 2
+    # No seed is kept before this fraction of the episode: credit read early overstates
+    # what a unit is worth at the end (the host catches up), so seeds wait, live, until
+    # their credit is read later (give them the LifecycleConfig.max_hold_epochs to wait).
+    # 0 = keep a seed as soon as it pays. Measured in BENCHMARKS.md (issue 20).
+    settle_from: float = 0.0
+    # Which free slot to widen first.
+    slot_preference: str = "shallow"
+
+    def __post_init__(self) -> None:
+        if not self.blueprints:
+            raise ValueError("RightSizeConfig.blueprints must name at least one blueprint")
+        if not (math.isfinite(self.nats_per_accuracy) and self.nats_per_accuracy >= 0):
+            raise ValueError(
+                f"RightSizeConfig.nats_per_accuracy must be a finite number >= 0, got "
+                f"{self.nats_per_accuracy!r}"
+            )
+        if not 0.0 <= self.settle_from <= 1.0:
+            raise ValueError(
+                f"RightSizeConfig.settle_from must be in [0, 1], got {self.settle_from!r}"
+            )
+        if not 0.0 <= self.grow_until <= 1.0:
+            raise ValueError(
+                f"RightSizeConfig.grow_until must be in [0, 1], got {self.grow_until!r}"
+            )
+        patience = self.patience
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
+            raise ValueError(f"RightSizeConfig.patience must be an int >= 0, got {patience!r}")
+        if self.slot_preference not in ("deep", "shallow"):
+            raise ValueError(
+                f"RightSizeConfig.slot_preference must be 'deep' or 'shallow', got "
+                f"{self.slot_preference!r}"
+            )
+
+
+@dataclass(frozen=True)
+class RightSizeState:
+    steps: int = 0
+    live: frozenset[int] = frozenset()  # slots with a live seed at the last decision
+    saturated: frozenset[int] = frozenset()  # slots where a seed did not pay: not retried
+    kept: tuple[int, ...] = ()  # seeds kept so far, per slot (rounds of widening)
+
+
+class RightSizeController:
+    """Widen early where a unit pays for its λ-priced cost, stop where nothing does.
+
+    Each step, in this order:
+    1. FOSSILIZE the first live seed whose credit pays its price (credit c, the
+       validation-loss nats it saves, >= ``nats_per_accuracy`` · λ · g_seed) where the
+       masks allow it (the lifecycle's gate: significantly helpful).
+    2. PRUNE the first seed whose credit has been known for ``patience`` steps in its
+       stage and stays below its price; its slot is *saturated*: not widened again this
+       episode. A slot whose seed the lifecycle pruned (timeout, harm) saturates too.
+    3. GERMINATE the first width blueprint the masks allow into the free slot that is
+       not saturated and has kept the fewest seeds (ties: shallowest first), while the
+       episode is in its first ``grow_until``; with fold at fossilize a folded slot is
+       free again, so a layer that paid grows another round once the others had theirs,
+       each round priced at its own (larger) size.
+    4. Otherwise WAIT.
+
+    λ comes from the observation, so one controller serves every trade-off. Measured
+    best (BENCHMARKS.md, issue 20) with the isolated lifecycle shortened to
+    ``min_train_epochs=1, blend_epochs=1`` and ``fold_on_fossilize``: with
+    ``width_joint`` the credit is a lesion of units the host co-adapted with, which
+    overstates their worth and makes it overgrow.
+    """
+
+    def __init__(
+        self, config: RightSizeConfig | None = None, blueprints: tuple[str, ...] | None = None
+    ) -> None:
+        self.config = config or RightSizeConfig()
+        self.blueprints = blueprints
+        s = DEFAULT_SCHEMA
+        self._topology0 = s.slot_index(f"topology_{TOPOLOGIES[0]}")
+        self._stage0 = s.slot_index("stage_dormant")
+        self._contribution = s.slot_index("contribution")
+        self._known = s.slot_index("contribution_known")
+        self._epochs = s.slot_index("epochs_in_stage")
+        self._seed_params = s.slot_index("seed_params")
+        self._lambda = s.global_index("growth_penalty")
+        self._fraction = s.global_index("epoch_fraction")
+
+    def initial_state(self) -> RightSizeState:
+        return RightSizeState()
+
+    def act(
+        self, observation: Observation, masks: ActionMasks, state: RightSizeState
+    ) -> tuple[FactoredAction, RightSizeState]:
+        cfg = self.config
+        slots = torch.as_tensor(observation["slots"], dtype=torch.float32)
+        glob = torch.as_tensor(observation["global"], dtype=torch.float32)
+        stages = slots[:, self._stage0 : self._stage0 + len(SeedStage)].argmax(dim=1).tolist()
+        live = frozenset(i for i, s in enumerate(stages) if SeedStage(s) in LIVE_STAGES)
+        # A seed that was live and is gone without being kept was pruned by the
+        # lifecycle: its layer did not pay either.
+        lost = frozenset(
+            i
+            for i in state.live - live
+            if SeedStage(stages[i]) in (SeedStage.PRUNED, SeedStage.EMBARGOED)
+        )
+        state = replace(state, steps=state.steps + 1, live=live, saturated=state.saturated | lost)
+        lam = LAMBDA_SCALE_FOR_CONTROLLERS * _unratio(float(glob[self._lambda]))
+
+        def credit(i: int) -> float | None:
+            if float(slots[i, self._known]) < 0.5:
+                return None
+            return _unsquash(float(slots[i, self._contribution]), DELTA_GAIN)
+
+        def price(i: int) -> float:
+            return cfg.nats_per_accuracy * lam * _unratio(float(slots[i, self._seed_params]))
+
+        fossilizable = set(_legal(masks.slot[LifecycleOp.FOSSILIZE]))
+        if not bool(masks.op[LifecycleOp.FOSSILIZE]):
+            fossilizable = set()
+        if float(glob[self._fraction]) < cfg.settle_from:
+            fossilizable = set()  # too early to read what a unit is worth
+        for i in sorted(live):
+            c = credit(i)
+            if i in fossilizable and c is not None and c >= price(i):
+                rounds = list(state.kept) + [0] * (len(stages) - len(state.kept))
+                rounds[i] += 1
+                kept = replace(state, kept=tuple(rounds), live=live - {i})
+                return FactoredAction(LifecycleOp.FOSSILIZE, i), kept
+
+        prunable = (
+            set(_legal(masks.slot[LifecycleOp.PRUNE]))
+            if bool(masks.op[LifecycleOp.PRUNE])
+            else set()
+        )
+        waited = cfg.patience / COUNTER_SCALE - 1e-6
+        for i in sorted(live & prunable):
+            c = credit(i)
+            if c is not None and c < price(i) and float(slots[i, self._epochs]) >= waited:
+                pruned = replace(state, live=live - {i}, saturated=state.saturated | {i})
+                return FactoredAction(LifecycleOp.PRUNE, i), pruned
+
+        early = float(glob[self._fraction]) < cfg.grow_until
+        if early and bool(masks.op[LifecycleOp.GERMINATE]):
+            free = _legal(masks.slot[LifecycleOp.GERMINATE])
+            free = [i for i in free if i not in state.saturated]
+            if cfg.slot_preference == "deep":
+                free = free[::-1]
+            # A layer that already grew waits until every other layer had its round:
+            # rounds of all-slot widening, the static front's way of getting wider.
+            rounds = list(state.kept) + [0] * (len(stages) - len(state.kept))
+            free.sort(key=lambda i: rounds[i])  # stable: the preference breaks ties
+            blends = _legal(masks.blend)
+            for i in free:
+                bp = _first_blueprint(
+                    self.blueprints, slots[i], self._topology0, masks.blueprint[i], cfg.blueprints
+                )
+                if bp is not None:
+                    return FactoredAction(LifecycleOp.GERMINATE, i, bp, blends[0]), state
+        return FactoredAction.wait(), state
+
+
+def _first_blueprint(
+    names: tuple[str, ...] | None,
+    row: torch.Tensor,
+    topology0: int,
+    legal: torch.Tensor,
+    wanted: tuple[str, ...],
+) -> int | None:
+    """Index of the first blueprint of ``wanted`` legal in a slot (None: none is); the
+    names come from ``names`` or the slot's topology in its observation row."""
+    if names is None:
+        onehot = row[topology0 : topology0 + len(TOPOLOGIES)]
+        if not bool(onehot.any()):
+            return None
+        names = blueprints_for(TOPOLOGIES[int(onehot.argmax())])
+    if len(names) != legal.numel():
+        return None
+    for name in wanted:
+        if name in names and bool(legal[names.index(name)]):
+            return names.index(name)
+    return None
