@@ -16,6 +16,7 @@ from esper.model import CNNHost, LifecycleConfig, MLPHost, MorphogeneticModel, T
 from esper.model.fold import FoldPlan, ParamChange, Piece
 from esper.model.slot import StageChange
 from esper.training.surgery import carry_optimizer_state
+from model_helpers import advance
 
 LIFECYCLE = LifecycleConfig(min_train_epochs=1, blend_epochs=2)
 OPTIMIZERS: dict[str, Callable] = {
@@ -31,15 +32,6 @@ HOSTS = {
         torch.randint(0, 7, (3, 5)),
     ),
 }
-
-
-def advance(model: MorphogeneticModel, slot_id: str, stage: SeedStage) -> None:
-    while model.slot_state(slot_id).stage != stage:
-        model.record_contribution(slot_id, 1.0)
-        if model.slot_state(slot_id).stage == SeedStage.HOLDING:
-            model.fossilize(slot_id)
-        else:
-            model.slots[slot_id].step_epoch()
 
 
 def grown(topology: str, stages: dict) -> tuple[MorphogeneticModel, torch.Tensor]:
