@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from esper.lifecycle import SeedStage
-from esper.model import CNNHost, MLPHost, MorphogeneticModel, TransformerHost
+from esper.model import CNNHost, LifecycleConfig, MLPHost, MorphogeneticModel, TransformerHost
 
 
 def cnn() -> tuple[CNNHost, torch.Tensor]:
@@ -21,6 +21,15 @@ def transformer() -> tuple[TransformerHost, torch.Tensor]:
 
 
 HOSTS = {"cnn": cnn, "mlp": mlp, "transformer": transformer}
+
+# Seeds reach HOLDING two steps after germination and are never auto-pruned.
+QUICK = LifecycleConfig(
+    min_train_epochs=1,
+    blend_epochs=1,
+    blend_threshold=-1.0,
+    prune_threshold=-1.0,
+    fossilize_threshold=-1.0,
+)
 
 
 def advance(model: MorphogeneticModel, slot_id: str, stage: SeedStage) -> None:

@@ -34,14 +34,6 @@ SCRIPT = {
 NAN_AT = (2, 2)  # env 2's host weights turn NaN before step 2: the governor rolls it back
 
 
-@pytest.fixture
-def float64():
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(before)
-
-
 def _config():
     lifecycle = LifecycleConfig(
         min_train_epochs=1,

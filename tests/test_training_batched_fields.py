@@ -49,14 +49,6 @@ STEP_CASES: dict[str, list[dict]] = {
 }
 
 
-@pytest.fixture
-def float64():
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(before)
-
-
 @pytest.fixture(scope="module")
 def digits():
     task = get_task("digits")

@@ -15,17 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from esper.lifecycle import SeedStage
-from esper.model import CNNHost, LifecycleConfig, MorphogeneticModel
+from esper.model import CNNHost, MorphogeneticModel
 from esper.training import Governor, GovernorConfig, Trainer, get_task
-
-# Seeds reach HOLDING two steps after germination and are never auto-pruned.
-QUICK = LifecycleConfig(
-    min_train_epochs=1,
-    blend_epochs=1,
-    blend_threshold=-1.0,
-    prune_threshold=-1.0,
-    fossilize_threshold=-1.0,
-)
+from model_helpers import QUICK
 
 
 @pytest.fixture(scope="module")
