@@ -22,7 +22,7 @@ from esper.model.slot import (
 )
 from esper.model.slotset import GrowableModel, ParamCounts
 from esper.model.transformer import TransformerHost
-from esper.model.width import DEFAULT_WIDTH_INIT, WIDTH_INITS, UnitSite, WidthSeed, WidthSite
+from esper.model.width import DEFAULT_WIDTH_INIT, WIDTH_INITS, UnitSite, WidthSeed
 
 __all__ = [
     "BLUEPRINTS",
@@ -48,7 +48,6 @@ __all__ = [
     "UnitSite",
     "UnknownBlueprintError",
     "WidthSeed",
-    "WidthSite",
     "blend_alpha",
     "blueprints_for",
     "count_parameters",

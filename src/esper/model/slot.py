@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from esper.actions import BLEND_ALGORITHMS
 from esper.lifecycle import SeedStage, check_transition, is_live
 from esper.model.blueprints import UnknownBlueprintError, blueprints_for, get_blueprint
-from esper.model.width import WidthSeed, WidthSite
+from esper.model.width import UnitSite, WidthSeed
 from esper.slots import InjectionSpec
 
 GATE_INIT_LOGIT = 2.0  # sigmoid(2) ≈ 0.88: a gated seed starts nearly fully open.
@@ -209,7 +209,7 @@ class SeedSlot(nn.Module):
         self,
         spec: InjectionSpec,
         lifecycle: LifecycleConfig,
-        width_site: WidthSite | None = None,
+        width_site: UnitSite | None = None,
         causal: bool = True,
         residual: bool = True,
     ) -> None:
@@ -425,7 +425,7 @@ class SeedSlot(nn.Module):
             self.alpha = 1.0
         return changes
 
-    def _width_site(self, blueprint: str) -> WidthSite:
+    def _width_site(self, blueprint: str) -> UnitSite:
         if self.width_site is None:
             raise UnknownBlueprintError(
                 f"width blueprint {blueprint!r} does not fit slot {self.slot_id}: its host "

@@ -251,10 +251,6 @@ class UnitSite:
         return sum(p.numel() for p in module.parameters())
 
 
-# `esper.model.slot` types a slot's width site with this name.
-WidthSite = UnitSite
-
-
 def param_layers(module: nn.Module) -> list[nn.Module]:
     """The modules that own parameters directly, in registration order."""
     return [m for m in module.modules() if any(True for _ in m.parameters(recurse=False))]
