@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from esper.actions import NUM_OPS, ActionMasks, LifecycleOp
-from esper.policy.distributions import MaskedCategorical
+from esper.policy.distributions import InvalidMaskError, MaskedCategorical
 
 Hidden = tuple[torch.Tensor, torch.Tensor]
 HEADS: tuple[str, ...] = ("op", "slot", "blueprint", "blend")
@@ -47,6 +47,26 @@ class SequenceEvaluation:
     values: torch.Tensor  # [T, B]
     entropies: torch.Tensor  # [T, B, 4], normalised by log(#valid), 0 where unused
     head_used: torch.Tensor  # [T, B, 4] bool
+
+
+@dataclass
+class HeadMasks:
+    """What the heads of stored steps need besides the network: built once per PPO update
+    from the stored actions and masks, then indexed per minibatch (`rows`).
+
+    The four heads are laid side by side, padded to ``K`` = the widest head, so one masked
+    log-softmax serves all of them; padded entries are never legal."""
+
+    legal: torch.Tensor  # [N, 4, K] bool: legal entries of each head (action 0 on unused heads)
+    used: torch.Tensor  # [N, 4] bool: the op uses the head
+    entropy_denom: torch.Tensor  # [N, 4] log(#legal), 1 where fewer than 2 are legal
+    no_entropy: torch.Tensor  # [N, 4] bool: unused head or a single legal choice
+
+    def rows(self, index: torch.Tensor) -> HeadMasks:
+        return HeadMasks(*(t.index_select(0, index) for t in self.as_tuple()))
+
+    def as_tuple(self) -> tuple[torch.Tensor, ...]:
+        return (self.legal, self.used, self.entropy_denom, self.no_entropy)
 
 
 def _mlp(in_dim: int, out_dim: int) -> nn.Sequential:
@@ -135,6 +155,15 @@ class FactoredRecurrentActorCritic(nn.Module):
                 f"got {op_bias!r}"
             )
         self._init_weights(op_bias)
+        # The heads side by side, each padded to the widest: entry j of head h reads
+        # column _pad_index[h, j] of [op | slot | blueprint | blend] logits (padding
+        # repeats a real column and is never legal). Not saved: derived from the sizes.
+        sizes = (NUM_OPS, num_slots, num_blueprints, num_blends)
+        width = max(sizes)
+        starts = torch.tensor([sum(sizes[:h]) for h in range(len(sizes))])
+        cols = torch.minimum(torch.arange(width)[None, :], torch.tensor(sizes)[:, None] - 1)
+        self.register_buffer("_pad_index", starts[:, None] + cols, persistent=False)
+        self._head_sizes = sizes
 
     def _init_weights(self, op_bias: tuple[float, ...]) -> None:
         # CleanRL/SB3 convention: orthogonal init, near-uniform initial policy (gain 0.01).
@@ -338,6 +367,91 @@ class FactoredRecurrentActorCritic(nn.Module):
         step_obs = {k: obs[k].unsqueeze(0) for k in ("global", "slots")}
         return self(step_obs, hidden)[2][0]
 
+    def head_masks(self, actions: torch.Tensor, masks: ActionMasks) -> HeadMasks:
+        """`HeadMasks` of stored steps: ``actions [N, 4]`` and flat masks with leading ``[N]``.
+
+        Raises `InvalidMaskError` when a head the action uses allows nothing."""
+        rows = actions.shape[0]
+        idx = torch.arange(rows, device=actions.device)
+        op, slot = actions[:, 0].long(), actions[:, 1].long()
+        not_slot = op == LifecycleOp.WAIT
+        not_choice = op != LifecycleOp.GERMINATE
+        width = self._pad_index.shape[1]
+        legal = torch.zeros(rows, len(HEADS), width, dtype=torch.bool, device=actions.device)
+        parts = (masks.op, masks.slot[idx, op], masks.blueprint[idx, slot], masks.blend)
+        unused_rows = (None, not_slot, not_choice, not_choice)
+        for head, (part, unused) in enumerate(zip(parts, unused_rows, strict=True)):
+            legal[:, head, : part.shape[-1]] = part
+            if unused is not None:  # as `_allow_first`: action 0 keeps an unused head valid
+                legal[:, head, 0] |= unused
+        if not bool(legal.any(-1).all()):
+            bad = torch.nonzero(~legal.any(-1))[0].tolist()
+            raise InvalidMaskError(
+                f"{int((~legal.any(-1)).sum())} mask row(s) allow no action (first: step "
+                f"{bad[0]}, head {HEADS[bad[1]]}); every row must allow at least one action"
+            )
+        used = torch.stack([torch.ones_like(not_slot), ~not_slot, ~not_choice, ~not_choice], -1)
+        k = legal.sum(-1)
+        denom = torch.where(k > 1, torch.log(k.clamp_min(2).float()), torch.ones_like(k).float())
+        return HeadMasks(legal, used, denom, ~used | (k <= 1))
+
+    def _evaluate_heads(
+        self, core: torch.Tensor, slot_emb: torch.Tensor, actions: torch.Tensor, hm: HeadMasks
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probs [N, 4] and normalised entropies [N, 4] (0 on unused heads) of stored
+        actions: all heads at once, since the stored op and slot are known up front."""
+        op, slot = actions[:, 0], actions[:, 1]
+        query = self.slot_query(torch.cat([core, self.op_embedding(op)], dim=-1))
+        scores = self.slot_score(torch.tanh(self.slot_key(slot_emb) + query.unsqueeze(1)))
+        chosen = slot_emb.gather(1, slot.view(-1, 1, 1).expand(-1, 1, slot_emb.shape[-1]))
+        trunk = self.choice_trunk(torch.cat([core, chosen.squeeze(1)], dim=-1))
+        heads = (self.op_head(core), scores.squeeze(-1), self.blueprint_head(trunk))
+        logits = torch.cat([*heads, self.blend_head(trunk)], dim=-1)[:, self._pad_index]
+        if torch.is_autocast_enabled(logits.device.type):  # fp32 softmax, as MaskedCategorical
+            with torch.autocast(device_type=logits.device.type, enabled=False):
+                return self._masked_head_math(logits, actions, hm)
+        return self._masked_head_math(logits, actions, hm)
+
+    @staticmethod
+    def _masked_head_math(
+        logits: torch.Tensor, actions: torch.Tensor, hm: HeadMasks
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        illegal = ~hm.legal
+        log_p = torch.log_softmax(
+            logits.float().masked_fill(illegal, torch.finfo(torch.float32).min), dim=-1
+        )
+        log_probs = log_p.gather(-1, actions.unsqueeze(-1)).squeeze(-1).masked_fill(~hm.used, 0.0)
+        # Illegal entries have p = 0 exactly; excluding them keeps 0 * log(tiny) out.
+        entropy = -(log_p.exp() * log_p).masked_fill(illegal, 0.0).sum(-1)
+        return log_probs, (entropy / hm.entropy_denom).masked_fill(hm.no_entropy, 0.0)
+
+    def evaluate_rows(
+        self,
+        global_rows: torch.Tensor,
+        slot_rows: torch.Tensor,
+        actions: torch.Tensor,
+        hm: HeadMasks,
+        hidden0: Hidden,
+        valid: torch.Tensor | None,
+        shape: tuple[int, int],
+    ) -> SequenceEvaluation:
+        """Re-evaluate stored steps given as flat rows (the training hot path).
+
+        The rows are the steps where ``valid [T, B]`` holds, in its row-major (time-major)
+        order; ``valid=None`` means every step of the ``shape = (T, B)`` grid is real, so
+        the rows feed the LSTM as they are. Encoders and heads run on the rows only; the
+        LSTM (one batched call, or two, see `two_length_split`) also on padding.
+        ``actions [N, 4]`` long, ``hm`` from `head_masks`. Returns flat ``[N]`` rows."""
+        t, b = shape
+        _, slot_emb, rows = self._encode(global_rows, slot_rows)
+        if valid is None:
+            core = self.lstm(rows.view(t, b, -1), hidden0)[0].reshape(t * b, -1)
+        else:
+            pooled = rows.new_zeros(t, b, rows.shape[-1]).index_put((valid,), rows)
+            core = self._lstm_two_lengths(pooled, hidden0, valid.sum(0))[valid]
+        log_probs, entropies = self._evaluate_heads(core, slot_emb, actions, hm)
+        return SequenceEvaluation(log_probs, self.value_head(core).squeeze(-1), entropies, hm.used)
+
     def evaluate_actions(
         self,
         obs_seq: Mapping[str, torch.Tensor],
@@ -351,20 +465,21 @@ class FactoredRecurrentActorCritic(nn.Module):
         self._check_masks(masks, (t, b))
         if tuple(actions.shape) != (t, b, 4):
             raise ValueError(f"actions must have shape [{t}, {b}, 4], got {list(actions.shape)}")
-        core, slot_emb, values, _ = self(obs_seq, hidden0)
-        _, log_probs, entropies, used = self._heads(
-            core.reshape(t * b, -1),
-            slot_emb.reshape(t * b, self.num_slots, -1),
-            self._flat_masks(masks, 2),
-            actions.reshape(t * b, 4),
-            deterministic=False,
-            generator=None,
+        flat = actions.reshape(t * b, 4).long()
+        out = self.evaluate_rows(
+            obs_seq["global"].reshape(t * b, -1),
+            obs_seq["slots"].reshape(t * b, self.num_slots, -1),
+            flat,
+            self.head_masks(flat, self._flat_masks(masks, 2)),
+            hidden0,
+            None,
+            (t, b),
         )
         return SequenceEvaluation(
-            log_probs.reshape(t, b, 4),
-            values,
-            entropies.reshape(t, b, 4),
-            used.reshape(t, b, 4),
+            out.log_probs.reshape(t, b, 4),
+            out.values.reshape(t, b),
+            out.entropies.reshape(t, b, 4),
+            out.head_used.reshape(t, b, 4),
         )
 
     def evaluate_valid(
@@ -386,15 +501,13 @@ class FactoredRecurrentActorCritic(nn.Module):
                 f"actions must have shape [{t}, {b}, 4] and valid [{t}, {b}], "
                 f"got {list(actions.shape)} and {list(valid.shape)}"
             )
-        _, slot_emb, rows = self._encode(obs_seq["global"][valid], obs_seq["slots"][valid])
-        pooled = rows.new_zeros(t, b, rows.shape[-1]).index_put((valid,), rows)
-        core = self._lstm_two_lengths(pooled, hidden0, valid.sum(0))[valid]
-        _, log_probs, entropies, used = self._heads(
-            core,
-            slot_emb,
-            ActionMasks(*(m[valid] for m in masks.as_tuple())),
-            actions[valid],
-            deterministic=False,
-            generator=None,
+        flat = actions[valid].long()
+        return self.evaluate_rows(
+            obs_seq["global"][valid],
+            obs_seq["slots"][valid],
+            flat,
+            self.head_masks(flat, ActionMasks(*(m[valid] for m in masks.as_tuple()))),
+            hidden0,
+            None if bool(valid.all()) else valid,
+            (t, b),
         )
-        return SequenceEvaluation(log_probs, self.value_head(core).squeeze(-1), entropies, used)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from esper.actions import ActionMasks
 from esper.distributed import (
     SINGLE,
     DistContext,
@@ -190,6 +191,25 @@ def minibatch_columns(
     return [groups[i] for i in visit]
 
 
+def flat_gradients(params: list[nn.Parameter]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A zeroed buffer that every parameter's ``.grad`` is a view of (returned with the
+    views): backward accumulates into the views in place, so zeroing, the global norm and
+    clipping each take one op on the buffer instead of one per parameter."""
+    first = params[0]
+    grads = torch.zeros(sum(p.numel() for p in params), dtype=first.dtype, device=first.device)
+    views, offset = [], 0
+    for param in params:
+        if param.dtype != grads.dtype or param.device != grads.device:
+            raise ValueError(
+                f"all parameters must share one dtype and device for the flat gradient "
+                f"buffer, got {param.dtype} on {param.device} and {grads.dtype} on {grads.device}"
+            )
+        views.append(grads[offset : offset + param.numel()].view_as(param))
+        param.grad = views[-1]
+        offset += param.numel()
+    return grads, views
+
+
 def ppo_update(
     network: FactoredRecurrentActorCritic,
     optimizer: torch.optim.Optimizer,
@@ -212,8 +232,19 @@ def ppo_update(
     if config.normalize_advantages:
         adv_mean, adv_std = global_mean_std(advantages[valid], ctx)
         advantages = (advantages - adv_mean) / (adv_std + 1e-8) * valid
-    num_seq = batch.num_sequences
+    horizon, num_seq = valid.shape
     lengths = valid.sum(0)
+    # Every stored step as a flat row of the [T, M] grid, built once per update; each
+    # minibatch gathers its rows (one index per tensor, no re-packing of sequences), and
+    # the head masks of the stored actions are derived once, not per minibatch.
+    grid = torch.arange(horizon * num_seq, device=valid.device).view(horizon, num_seq)
+    flat_actions = batch.actions.reshape(-1, 4).long()
+    head_masks = network.head_masks(
+        flat_actions, ActionMasks(*(m.flatten(0, 1) for m in batch.masks.as_tuple()))
+    )
+    flat_obs = (batch.obs["global"].flatten(0, 1), batch.obs["slots"].flatten(0, 1))
+    flat_log_probs = batch.log_probs.reshape(-1, 4)
+    flat_advantages, flat_targets = advantages.reshape(-1), value_targets.reshape(-1)
     # Every rank must take the same number of steps (each one is a collective).
     num_mb = min(config.num_minibatches, min_across_ranks(num_seq, ctx))
     kl_limit = None if config.target_kl is None else 1.5 * config.target_kl
@@ -223,17 +254,28 @@ def ppo_update(
     first_dev: torch.Tensor | None = None
     steps, early_stopped = 0, False
     lstm_rows = real_rows = 0
+    params = [p for p in network.parameters() if p.requires_grad]
+    grads, views = flat_gradients(params)
 
     for _ in range(config.n_epochs):
         for columns in minibatch_columns(lengths, num_mb, config.group_by_length, generator):
-            mb = batch.select(columns)
-            mb_valid = mb.valid
-            length = mb_valid.shape[0]
-            real_rows += int(mb_valid.sum())
-            lstm_rows += two_length_split(mb_valid.sum(0), length)[2]
-            # Flat rows of the real steps: padding reaches the LSTM call only.
-            out = network.evaluate_valid(mb.obs, mb.actions, mb.masks, mb.hidden0, mb_valid)
-            head_logratio = out.log_probs - mb.log_probs[mb_valid]
+            mb_lengths = lengths[columns]
+            length, shortest = int(mb_lengths.max()), int(mb_lengths.min())
+            mb_grid = grid[:length, columns]
+            if shortest == length:  # no padding: the rows feed the LSTM as they are
+                mb_valid, rows = None, mb_grid.reshape(-1)
+                lstm_rows += rows.shape[0]
+            else:
+                mb_valid = valid[:length, columns]
+                rows = mb_grid[mb_valid]
+                lstm_rows += two_length_split(mb_lengths, length)[2]
+            real_rows += rows.shape[0]
+            mb_actions, mb_masks = flat_actions[rows], head_masks.rows(rows)
+            mb_obs = (flat_obs[0][rows], flat_obs[1][rows])
+            mb_hidden = (batch.hidden0[0][:, columns], batch.hidden0[1][:, columns])
+            shape = (length, columns.shape[0])
+            out = network.evaluate_rows(*mb_obs, mb_actions, mb_masks, mb_hidden, mb_valid, shape)
+            head_logratio = out.log_probs - flat_log_probs[rows]
             if first_dev is None:
                 first_dev = (head_logratio.exp() - 1).abs().detach().amax(dim=0)
             logratio = head_logratio.sum(-1)
@@ -254,29 +296,36 @@ def ppo_update(
                 early_stopped = True
                 break
 
-            adv = advantages[:length, columns][mb_valid]
+            adv = flat_advantages[rows]
             clipped = ratio.clamp(1 - config.clip_coef, 1 + config.clip_coef)
             pg_loss = torch.maximum(-adv * ratio, -adv * clipped).sum() / n_valid
-            v_err = out.values - value_targets[:length, columns][mb_valid]
+            v_err = out.values - flat_targets[rows]
             v_loss = 0.5 * v_err.square().sum() / n_valid
             per_head = (out.entropies * used).sum(0) / n_used
             entropy_bonus = (head_w * per_head).sum()
             loss = pg_loss + config.vf_coef * v_loss - config.ent_coef * entropy_bonus
             if prior is not None and config.prior_kl_coef > 0:
                 with torch.no_grad():
-                    zero = prior.get_initial_hidden(mb_valid.shape[1], mb_valid.device)
-                    prior_lp = prior.evaluate_valid(
-                        mb.obs, mb.actions, mb.masks, zero, mb_valid
+                    zero = prior.get_initial_hidden(shape[1], rows.device)
+                    prior_lp = prior.evaluate_rows(
+                        *mb_obs, mb_actions, mb_masks, zero, mb_valid, shape
                     ).log_probs
                 log_rho = prior_lp - out.log_probs  # 0 on unused heads
                 prior_kl = ((log_rho.exp() - 1) - log_rho).sum() / n_valid
                 loss = loss + config.prior_kl_coef * prior_kl
                 stats["prior"].append(float(prior_kl.detach()))
 
-            optimizer.zero_grad(set_to_none=True)
+            grads.zero_()
             loss.backward()
-            all_reduce_gradients(network.parameters(), ctx)  # DD-PPO: no-op in one process
-            grad_norm = nn.utils.clip_grad_norm_(network.parameters(), config.max_grad_norm)
+            if ctx.active:  # DD-PPO: averaged through a buffer of its own, then back here
+                all_reduce_gradients(params, ctx)
+                for param, view in zip(params, views, strict=True):
+                    view.copy_(param.grad)
+                    param.grad = view
+            # clip_grad_norm_ on the one buffer: the global L2 norm and the scaling are one
+            # op each instead of one per parameter.
+            grad_norm = torch.linalg.vector_norm(grads)
+            grads.mul_((config.max_grad_norm / (grad_norm + 1e-6)).clamp(max=1.0))
             optimizer.step()
             steps += 1
             head_entropy += per_head.detach()
