@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from esper.actions import ActionMasks, LifecycleOp
-from esper.policy import FactoredRecurrentActorCritic
+from esper.policy import FactoredRecurrentActorCritic, InvalidMaskError
 from esper.policy.network import two_length_split
 
 G, F, BP, L = 6, 5, 4, 3
@@ -204,3 +204,20 @@ def test_two_length_split_runs_short_sequences_apart_only_when_it_saves_rows():
     assert cut == 2 and rows == 2 * 2 + 2 * 8 and order[:2].tolist() == [1, 3]
     assert two_length_split(torch.tensor([8, 7, 8, 7]), 8)[1:] == (0, 32)
     assert two_length_split(torch.tensor([3]), 8)[1:] == (0, 8)
+
+
+def test_mask_rows_that_allow_nothing_raise_invalid_mask_error():
+    net = make(3)
+    gen = torch.Generator().manual_seed(3)
+    obs, masks = obs_batch(4, s=3, gen=gen), random_masks((4,), 3, gen)
+    masks.op[2] = False  # env 2 has no legal op
+    with pytest.raises(InvalidMaskError, match="allows no action"):
+        net.get_action(obs, net.get_initial_hidden(4), masks)
+    # Re-evaluating a stored GERMINATE whose slot allows no blueprint is caught too.
+    seq_obs = obs_batch(1, 2, s=3, gen=gen)
+    masks = random_masks((1, 2), 3, gen)
+    actions = torch.tensor([[[int(LifecycleOp.GERMINATE), 1, 0, 0], [0, 0, 0, 0]]])
+    masks.op[:], masks.slot[:], masks.blueprint[:] = True, True, True
+    masks.blueprint[0, 0, 1] = False
+    with pytest.raises(InvalidMaskError, match="head blueprint"):
+        net.evaluate_actions(seq_obs, actions, masks, net.get_initial_hidden(2))

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from esper.policy.network import two_length_split
 from esper.rl import PPOAgent, PPOConfig, RolloutBuffer, compute_gae
-from esper.rl.ppo import minibatch_columns
+from esper.rl.ppo import flat_gradients, minibatch_columns
 from esper.rl.synthetic import GLOBAL_DIM, SLOT_DIM, CueRecallEnv
 
 SMALL = {"hidden": 32, "embed": 16}
@@ -216,3 +216,24 @@ def test_first_minibatch_ratio_is_one_when_episodes_end_mid_rollout(group):
     assert diag["n_minibatch_steps"] == cfg.n_epochs * cfg.num_minibatches
     if group:  # two lengths, four minibatches: each minibatch holds one length
         assert diag["padded_rows_per_step"] == 0.0
+
+
+def test_flat_gradient_buffer_accumulates_and_clips_like_clip_grad_norm():
+    torch.manual_seed(0)
+    nets = [torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Linear(7, 3)) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    x = torch.randn(11, 5)
+    params = list(nets[0].parameters())
+    grads, views = flat_gradients(params)
+    for _ in range(2):  # backward accumulates into the views, and zeroing the buffer resets
+        grads.zero_()
+        (nets[0](x) ** 2).sum().backward()
+    assert all(p.grad is v for p, v in zip(params, views, strict=True))
+    assert grads.abs().sum() > 0
+    norm = torch.linalg.vector_norm(grads)
+    grads.mul_((0.5 / (norm + 1e-6)).clamp(max=1.0))
+    (nets[1](x) ** 2).sum().backward()
+    ref_norm = torch.nn.utils.clip_grad_norm_(nets[1].parameters(), 0.5)
+    torch.testing.assert_close(norm, ref_norm)
+    for p, q in zip(params, nets[1].parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad)
