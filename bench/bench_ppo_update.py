@@ -25,33 +25,45 @@ from bench_sb3 import EPISODES, RandomMaskedEnv
 from esper.rl import PPOAgent, PPOConfig
 
 
+class EsperUpdates:
+    """Esper's agent on the random masked env: ``timed()`` collects one rollout (untimed)
+    and returns the CPU seconds of the update on it, and the padded LSTM rows per step."""
+
+    def __init__(self, args: argparse.Namespace, episodes: str) -> None:
+        self.args = args
+        self.env = RandomMaskedEnv(args.envs, args.slots, args.steps, episodes, seed=0)
+        config = PPOConfig(
+            hidden=args.hidden,
+            n_epochs=args.epochs,
+            num_minibatches=args.minibatches,
+            target_kl=None,  # time every minibatch step
+        )
+        if getattr(args, "no_group", False):
+            config = replace(config, group_by_length=False)
+        env = self.env
+        self.agent = PPOAgent(env.slot_config, env.global_dim, env.slot_dim, env.blueprints, config)
+        self.obs, self.masks = env.reset()
+        self.hidden = self.agent.initial_hidden(args.envs)
+        self.timed()  # the first update warms up and is dropped
+
+    def timed(self) -> tuple[float, float]:
+        agent = self.agent
+        for _ in range(self.args.steps):
+            step = agent.act(self.obs, self.masks, self.hidden)
+            out = self.env.step(step.actions)
+            agent.record(step, out.rewards, out.terminated, out.truncated)
+            self.hidden = agent.reset_hidden(step.hidden, out.terminated)
+            self.obs, self.masks = out.obs, out.masks
+        start = time.process_time()
+        diag = agent.update(next_obs=self.obs, next_hidden=self.hidden)
+        return time.process_time() - start, diag["padded_rows_per_step"]
+
+
 def esper_update(args: argparse.Namespace, episodes: str) -> tuple[list[float], float]:
     """Best-of update seconds and the mean padded LSTM rows per real step."""
-    env = RandomMaskedEnv(args.envs, args.slots, args.steps, episodes, seed=0)
-    config = PPOConfig(
-        hidden=args.hidden,
-        n_epochs=args.epochs,
-        num_minibatches=args.minibatches,
-        target_kl=None,  # time every minibatch step
-    )
-    if args.no_group:
-        config = replace(config, group_by_length=False)
-    agent = PPOAgent(env.slot_config, env.global_dim, env.slot_dim, env.blueprints, config)
-    times, extra = [], []
-    obs, masks = env.reset()
-    hidden = agent.initial_hidden(args.envs)
-    for _ in range(args.repeats + 1):  # the first update warms up and is dropped
-        for _ in range(args.steps):
-            step = agent.act(obs, masks, hidden)
-            out = env.step(step.actions)
-            agent.record(step, out.rewards, out.terminated, out.truncated)
-            hidden = agent.reset_hidden(step.hidden, out.terminated)
-            obs, masks = out.obs, out.masks
-        start = time.process_time()
-        diag = agent.update(next_obs=obs, next_hidden=hidden)
-        times.append(time.process_time() - start)
-        extra.append(diag["padded_rows_per_step"])
-    return times[1:], sum(extra[1:]) / len(extra[1:])
+    runner = EsperUpdates(args, episodes)
+    timed = [runner.timed() for _ in range(args.repeats)]
+    return [t for t, _ in timed], sum(e for _, e in timed) / len(timed)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

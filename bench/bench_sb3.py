@@ -4,9 +4,10 @@ Equal work: the same samples per update (envs x steps), LSTM width, epochs and
 minibatches, and networks of about the same parameter count (printed); both on a random
 env whose episodes end at the rollout end (``end``), at random points inside it
 (``mid``: lengths uniform on [1, 2 x steps]) or never (``never``). Timed: the update
-alone (best of ``--repeats``, after a warm-up update), and choosing actions for
-``--act-envs`` envs (Esper's ``act`` with its masks vs sb3's ``predict``; median of many
-calls). Also: Esper's masked heads vs an unmasked policy of the same trunk and size.
+alone (best of ``--repeats``, after a warm-up update; Esper's and sb3's updates are timed
+in turn, so a change in the machine's load falls on both), and choosing actions for
+``--act-envs`` envs (Esper's ``act`` with its masks vs sb3's ``predict``, called in turn;
+median of many calls). Also: Esper's masked heads vs an unmasked policy of the same trunk and size.
 Times are CPU time of this process (``time.process_time``), not wall time: on a machine
 shared with other jobs it is the steadier figure; run with ``--threads 1``.
 
@@ -163,29 +164,49 @@ def _sb3_width(args: argparse.Namespace, target: int) -> int:
     return min(range(8, 4 * h + 1), key=lambda w: abs(count(w) - target))
 
 
-def sb3_update_seconds(model, args: argparse.Namespace) -> list[float]:
-    model.learn(total_timesteps=args.envs * args.steps)  # warm-up: one rollout + one update
-    times = []
-    for _ in range(args.repeats):
+class Sb3Updates:
+    """sb3-contrib's RecurrentPPO: ``timed()`` collects one rollout (untimed) and returns
+    the CPU seconds of ``train()`` on it."""
+
+    def __init__(self, model, args: argparse.Namespace) -> None:
+        self.model, self.args = model, args
+        model.learn(total_timesteps=args.envs * args.steps)  # warm-up: a rollout and an update
+
+    def timed(self) -> float:
+        model, args = self.model, self.args
         _, callback = model._setup_learn(args.envs * args.steps, None, False)
         callback.on_training_start(locals(), globals())
         model.collect_rollouts(model.env, callback, model.rollout_buffer, args.steps)
         start = time.process_time()
         model.train()
-        times.append(time.process_time() - start)
-    return times
+        return time.process_time() - start
 
 
-def _median_ms(fn, calls: int) -> float:
-    """Median CPU time of this process per call (less disturbed by other jobs than wall
-    time on a shared machine; torch runs on this one thread)."""
-    fn()
-    times = []
-    for _ in range(calls):
-        start = time.process_time()
+def interleaved_updates(args: argparse.Namespace, episodes: str) -> tuple[float, float]:
+    """Best-of-``repeats`` update seconds (esper, sb3), the two timed turn about so a
+    change in the machine's load falls on both."""
+    from bench_ppo_update import EsperUpdates  # imports this module: import it late
+
+    ours, theirs = EsperUpdates(args, episodes), Sb3Updates(_sb3_model(args, episodes), args)
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(args.repeats):
+        times[0].append(ours.timed()[0])
+        times[1].append(theirs.timed())
+    return min(times[0]), min(times[1])
+
+
+def _interleaved_median_ms(fns: dict[str, object], calls: int) -> dict[str, float]:
+    """Median CPU time of this process per call of each function, called in turn (less
+    disturbed by other jobs than wall time on a shared machine; torch runs on one thread)."""
+    for fn in fns.values():
         fn()
-        times.append(time.process_time() - start)
-    return 1e3 * statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(calls):
+        for name, fn in fns.items():
+            start = time.process_time()
+            fn()
+            times[name].append(time.process_time() - start)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
 class UnmaskedPolicy(torch.nn.Module):
@@ -233,10 +254,10 @@ def act_timings(args: argparse.Namespace, sb3_model) -> tuple[dict[str, float], 
     def masked_heads():
         agent.network.get_action(norm, hidden, masks, noise=noise)
 
-    out = {
-        "esper act (masked)": _median_ms(lambda: agent.act(obs, masks, hidden), args.calls),
-        "network, masked heads": _median_ms(masked_heads, args.calls),
-        "network, unmasked twin": _median_ms(lambda: unmasked.act(norm, hidden), args.calls),
+    fns = {
+        "esper act (masked)": lambda: agent.act(obs, masks, hidden),
+        "network, masked heads": masked_heads,
+        "network, unmasked twin": lambda: unmasked.act(norm, hidden),
     }
     if sb3_model is not None:
         import numpy as np
@@ -248,8 +269,8 @@ def act_timings(args: argparse.Namespace, sb3_model) -> tuple[dict[str, float], 
         def predict():
             sb3_model.predict(flat, state=state, episode_start=starts, deterministic=False)
 
-        out["sb3 predict"] = _median_ms(predict, args.calls)
-    return out, unmasked.head_params
+        fns["sb3 predict"] = predict
+    return _interleaved_median_ms(fns, args.calls), unmasked.head_params
 
 
 def _config(args: argparse.Namespace) -> PPOConfig:
@@ -299,16 +320,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args.width = _sb3_width(args, esper_params)
     results: dict[str, float] = {}
     model = None
-    if not args.act_only:
-        ours = bench_ppo_update.main([*common, f"--episodes={args.episodes}"])
+    if sb3_contrib is None and not args.act_only:
+        bench_ppo_update.main([*common, f"--episodes={args.episodes}"])
     if sb3_contrib is not None and not args.act_only:
-        print(f"{'episodes end':<14} {'sb3 samples/s':>14} {'esper / sb3':>12}")
+        print("update, best of --repeats, esper and sb3 timed in turn (samples/s)")
+        print(f"{'episodes end':<14} {'esper':>10} {'sb3':>10} {'esper / sb3':>12}")
         for episodes in args.episodes.split(","):
-            model = _sb3_model(args, episodes)
-            rate = samples / min(sb3_update_seconds(model, args))
-            results[f"update/{episodes}"] = ours[episodes] / rate
-            print(f"{episodes:<14} {rate:>14,.0f} {ours[episodes] / rate:>11.2f}x")
-    elif sb3_contrib is not None:
+            ours, theirs = interleaved_updates(args, episodes)
+            results[f"update/{episodes}"] = theirs / ours
+            print(
+                f"{episodes:<14} {samples / ours:>10,.0f} {samples / theirs:>10,.0f} "
+                f"{theirs / ours:>11.2f}x"
+            )
+    if sb3_contrib is not None:
         model = _sb3_model(args, "never")
     if model is not None:
         sb3_params = sum(p.numel() for p in model.policy.parameters())
