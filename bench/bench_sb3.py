@@ -323,13 +323,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if sb3_contrib is None and not args.act_only:
         bench_ppo_update.main([*common, f"--episodes={args.episodes}"])
     if sb3_contrib is not None and not args.act_only:
-        print("update, best of --repeats, esper and sb3 timed in turn (samples/s)")
-        print(f"{'episodes end':<14} {'esper':>10} {'sb3':>10} {'esper / sb3':>12}")
+        print("update, best of --repeats, esper and sb3 timed in turn")
+        print(
+            f"{'episodes end':<14} {'esper samples/s':>16} {'sb3 samples/s':>14} {'esper / sb3':>12}"
+        )
         for episodes in args.episodes.split(","):
             ours, theirs = interleaved_updates(args, episodes)
             results[f"update/{episodes}"] = theirs / ours
             print(
-                f"{episodes:<14} {samples / ours:>10,.0f} {samples / theirs:>10,.0f} "
+                f"{episodes:<14} {samples / ours:>16,.0f} {samples / theirs:>14,.0f} "
                 f"{theirs / ours:>11.2f}x"
             )
     if sb3_contrib is not None:
