@@ -325,7 +325,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if sb3_contrib is not None and not args.act_only:
         print("update, best of --repeats, esper and sb3 timed in turn")
         print(
-            f"{'episodes end':<14} {'esper samples/s':>16} {'sb3 samples/s':>14} {'esper / sb3':>12}"
+            f"{'episodes end':<14} {'esper samples/s':>16} {'sb3 samples/s':>14} "
+            f"{'esper / sb3':>12}"
         )
         for episodes in args.episodes.split(","):
             ours, theirs = interleaved_updates(args, episodes)
