@@ -109,6 +109,11 @@ class EnvSection:
     growth_penalty: float = 0.05  # λ in the objective q − λ·g
     # [lo, hi]: each episode draws its λ uniformly from it (the policy observes λ)
     growth_penalty_range: tuple[float, float] | None = None
+    # [lo, hi]: each episode draws its host's width (depth) from lo..hi, from the episode
+    # seed (a curriculum of hosts; the task must take a `width` / `depth` option). The
+    # slots stay the task's default ones; hosts of several shapes do not batch.
+    host_widths: tuple[int, int] | None = None
+    host_depths: tuple[int, int] | None = None
     contribution_weight: float = 1.0
     max_growth: float | None = None  # parameter budget as a growth ratio; None = no budget
     data_root: str | None = None  # folder of the task's files (fashion-mnist, cifar10, text)
@@ -134,6 +139,14 @@ class RunConfig:
             reward_mode=self.env.reward_mode,
             growth_penalty=self.env.growth_penalty,
             growth_penalty_range=self.env.growth_penalty_range,
+            host_ranges={
+                name: bounds
+                for name, bounds in (
+                    ("width", self.env.host_widths),
+                    ("depth", self.env.host_depths),
+                )
+                if bounds is not None
+            },
             contribution_weight=self.env.contribution_weight,
             max_growth=self.env.max_growth,
             lifecycle=self.lifecycle,
