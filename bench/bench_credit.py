@@ -16,8 +16,10 @@ leave-one-out mean of G_t over the other episodes at the same step (a baseline t
 not depend on episode i, so every mode's estimate stays unbiased and the three share it).
 The figure is tr Cov(g) / n: the variance of the mean gradient over n episodes (summed
 over the network's parameters), with ‖mean g‖² beside it and their ratio (signal /
-noise: above 1, the mean of n episodes points somewhere; a variance near 0 with no
-signal, e.g. twin rewards of a policy that never grows, is no better credit).
+noise). As E‖ḡ‖² = ‖E g‖² + tr Cov/n, the signal is ‖ḡ‖² − tr Cov/n (negative: none
+seen) and signal / noise = that / (tr Cov/n); "episodes for S/N 1" is the batch size
+at which the true gradient would be as large as the noise of its mean. A variance near
+0 with no signal (e.g. twin rewards of a policy that never grows) is no better credit.
 All three modes estimate the same gradient in expectation (twin's Δb does not depend
 on the actions; the shaping is potential-based), so the mode with the smallest variance
 is the better credit.
@@ -192,7 +194,13 @@ def main() -> None:
             "return_mean": float(returns.mean()),
             "return_std": float(returns.std(ddof=1)),
         }
-        rows[mode]["signal_to_noise"] = signal / var_mean if var_mean > 0 else 0.0
+        # E‖ḡ‖² = ‖E g‖² + tr Cov/n: the unbiased ‖E g‖² takes the noise off
+        rows[mode]["true_grad_sq_norm"] = signal - var_mean
+        rows[mode]["signal_to_noise"] = (signal - var_mean) / var_mean if var_mean > 0 else 0.0
+        # episodes per update for ‖E g‖² = tr Cov/n (the mean gradient half signal)
+        rows[mode]["episodes_for_snr_1"] = (
+            var_mean * m / (signal - var_mean) if signal > var_mean else float("inf")
+        )
         ref = ref or var_mean
         rows[mode]["var_vs_objective"] = var_mean / ref
     print(f"# {m} episodes (evaluation seeds of seed {args.seed}), policy {args.policy}, digits "
@@ -200,14 +208,16 @@ def main() -> None:
           f"played in {play_s:.0f} s")  # fmt: skip
     print(
         "| reward mode | tr Cov(g)/n (jackknife SE) | vs objective | ‖mean g‖² | "
-        "signal / noise | return mean ± std |"
+        "‖E g‖² = ‖mean g‖² − tr Cov/n | signal / noise | episodes for S/N 1 | "
+        "return mean ± std |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for mode, r in rows.items():
         print(
             f"| {mode} | {r['var_of_mean_grad']:.4g} ({r['var_se_jackknife']:.2g}) | "
             f"{r['var_vs_objective']:.2f} | {r['mean_grad_sq_norm']:.4g} | "
-            f"{r['signal_to_noise']:.2f} | "
+            f"{r['true_grad_sq_norm']:+.4g} | {r['signal_to_noise']:+.2f} | "
+            f"{r['episodes_for_snr_1']:.0f} | "
             f"{r['return_mean']:+.4f} ± {r['return_std']:.4f} |"
         )
     best = min(rows, key=lambda k: rows[k]["var_of_mean_grad"])
