@@ -20,9 +20,12 @@ noise). As E‖ḡ‖² = ‖E g‖² + tr Cov/n, the signal is ‖ḡ‖² − 
 seen) and signal / noise = that / (tr Cov/n); "episodes for S/N 1" is the batch size
 at which the true gradient would be as large as the noise of its mean. A variance near
 0 with no signal (e.g. twin rewards of a policy that never grows) is no better credit.
-All three modes estimate the same gradient in expectation (twin's Δb does not depend
-on the actions; the shaping is potential-based), so the mode with the smallest variance
-is the better credit.
+Twin's Δb does not depend on the actions, so twin and objective estimate the same
+gradient. The contribution shaping is potential-based with γ = 1 (esper.env.rewards):
+with undiscounted returns-to-go it adds −Φ(s_{t−1}), a state baseline, but with the
+agent's γ < 1 it also adds (1 − γ)-weighted future potentials, which depend on the
+actions: its expectation is close to, not equal to, the others'. The issue's rule is to
+pick the mode with the smallest variance; read contribution's signal with that caveat.
 
     OMP_NUM_THREADS=1 python bench/bench_credit.py --episodes 24 --policy shipped
     OMP_NUM_THREADS=1 python bench/bench_credit.py --episodes 24 --policy untrained
