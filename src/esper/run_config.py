@@ -111,8 +111,9 @@ class EnvSection:
     reward_mode: Literal["objective", "contribution", "twin"] = "objective"
     growth_penalty: float = 0.05  # λ in the objective q − λ·g
     # [lo, hi]: each episode draws its λ uniformly from it (the policy observes λ), so
-    # the policy has to read λ: at 0.005 growing pays, at 0.2 it does not. None: always
-    # growth_penalty (which also prices `esper eval` and the scripted controllers' runs).
+    # the policy has to read λ: at 0.005 growing pays, at 0.2 it does not. It prices every
+    # controller's episodes and `esper eval`'s (from the episode seed, so runs on the same
+    # seeds stay paired); [0.05, 0.05] (or None in Python) fixes λ at that value.
     growth_penalty_range: tuple[float, float] | None = (0.005, 0.2)
     # [lo, hi]: each episode draws its host's width (depth) from lo..hi, from the episode
     # seed (a curriculum of hosts; the task must take a `width` / `depth` option). The
