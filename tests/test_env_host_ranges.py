@@ -53,3 +53,18 @@ def test_run_config_passes_widths_and_depths_to_the_env():
     cfg = RunConfig(env=EnvSection(host_widths=(1, 3)))
     assert dict(cfg.env_config().host_ranges) == {"width": (1, 3)}
     assert dict(RunConfig().env_config().host_ranges) == {}
+
+
+def test_train_defaults_draw_lambda_unless_a_lambda_is_given():
+    from esper.run_config import load_config
+
+    assert load_config(None).env.growth_penalty_range == (0.005, 0.2)
+    # a λ without a range fixes λ (and an old run's config.toml, which omits a None
+    # range, resumes with the λ it was trained at)
+    fixed = load_config(None, {"env": {"growth_penalty": 0.1}})
+    assert fixed.env.growth_penalty_range is None and fixed.env_config().growth_penalty == 0.1
+    both = load_config(None, {"env": {"growth_penalty": 0.1, "growth_penalty_range": [0, 0.3]}})
+    assert both.env.growth_penalty_range == (0.0, 0.3)
+    # the main job's PPO settings survive setting another [ppo] key
+    ppo = load_config(None, {"ppo": {"ent_coef": 0.02}}).ppo
+    assert (ppo.learning_rate, ppo.num_minibatches, ppo.ent_coef) == (1e-3, 8, 0.02)

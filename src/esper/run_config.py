@@ -113,7 +113,8 @@ class EnvSection:
     # [lo, hi]: each episode draws its λ uniformly from it (the policy observes λ), so
     # the policy has to read λ: at 0.005 growing pays, at 0.2 it does not. It prices every
     # controller's episodes and `esper eval`'s (from the episode seed, so runs on the same
-    # seeds stay paired); [0.05, 0.05] (or None in Python) fixes λ at that value.
+    # seeds stay paired). A config or --set that gives env.growth_penalty without a range
+    # fixes λ at that value (config_from_dict).
     growth_penalty_range: tuple[float, float] | None = (0.005, 0.2)
     # [lo, hi]: each episode draws its host's width (depth) from lo..hi, from the episode
     # seed (a curriculum of hosts; the task must take a `width` / `depth` option). The
@@ -194,6 +195,10 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
         cls = _SECTIONS[name]
         if name == "ppo":  # the main job's PPO defaults, then the given keys
             value = {**MAIN_JOB_PPO, **value}
+        if name == "env" and "growth_penalty" in value and "growth_penalty_range" not in value:
+            # a λ given without a range is the λ of every episode (not overridden by the
+            # default range: `--set env.growth_penalty=0.1` means λ = 0.1)
+            value = {**value, "growth_penalty_range": None}
         sections[name] = dict(value) if cls is dict else dataclass_from_dict(cls, value, name)
     return RunConfig(**sections)
 
