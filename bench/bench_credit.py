@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -150,8 +151,13 @@ def main() -> None:
     ap.add_argument("--lambdas", type=float, nargs=2, default=(0.01, 0.15))
     ap.add_argument("--max-epochs", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="bench/out/credit.json")
+    ap.add_argument("--out", default=None, help="JSON of the figures (default: the bench out dir)")
+    ap.add_argument("--quick", action="store_true", help="4 episodes of 4 steps (a smoke run)")
     args = ap.parse_args()
+    if args.quick:
+        args.episodes, args.envs, args.max_epochs = 4, 2, 4
+    if args.out is None:
+        args.out = str(Path(os.environ.get("ESPER_BENCH_OUT", "bench/out")) / "credit.json")
     torch.manual_seed(args.seed)
     cfg = EnvConfig(
         task="digits",
