@@ -21,9 +21,11 @@ from typing import Any
 
 import torch
 
+from esper.env.rewards import RewardConfig
 from esper.experiment import EpisodeRecord
+from esper.rl import PPOConfig
 from esper.run import evaluate, train
-from esper.run_config import RunConfig, load_config, replace_section
+from esper.run_config import MAIN_JOB_PPO, RunConfig, load_config, replace_section
 
 OUT = Path(__file__).resolve().parent / "out"
 
@@ -174,7 +176,10 @@ def run_config(
                 "checkpoint_every": 1000,
             },
             "task": dict(task_options or {}),
-            "env": dict(env or {}),
+            # The benches' recorded figures were taken at a fixed λ and PPOConfig's own
+            # settings: pin them against `esper train`'s defaults (a λ range, MAIN_JOB_PPO).
+            "env": {"growth_penalty": RewardConfig().growth_penalty, **(env or {})},
+            "ppo": {k: getattr(PPOConfig(), k) for k in MAIN_JOB_PPO},
         },
     )
 

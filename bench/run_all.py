@@ -46,6 +46,8 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "user_seed_pass": ("bench_user_seed_pass.py", ["--seeds", "4"]),  # issue 19
     "host_layout": ("bench_host_layout.py", []),
     "learned": ("bench_learned.py", ["--seeds", "12", "--transfer", "5", "8"]),
+    # issue 22: policy-gradient variance per reward mode on one set of rollouts
+    "credit": ("bench_credit.py", ["--episodes", "16", "--envs", "8"]),
 }
 
 

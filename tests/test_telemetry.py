@@ -122,3 +122,29 @@ def test_console_heartbeat_reports_a_long_step():
     lines = out.getvalue().splitlines()
     assert lines[0].startswith("train round 1/10 step 1/20 | env steps 4/800")
     assert any("step 2/20 running for" in line and "eta" in line for line in lines[1:])
+
+
+def test_learning_progress_compares_the_last_third_of_rounds_with_the_first():
+    from esper.telemetry.report import learning_progress
+
+    # 9 rounds of 2 envs: the returns rise by 0.1 per third, ±0.01 between envs.
+    rows = [
+        {"episode": r, "episode_return": 0.5 + 0.1 * (r // 3) + (0.01 if e else -0.01) + 0.001 * r,
+         "objective": 0.0}
+        for r in range(9)
+        for e in range(2)
+    ]  # fmt: skip
+    p = learning_progress(rows)
+    assert p["rounds"] == 9 and p["per_third"] == 3
+    assert p["first"] == pytest.approx(0.501) and p["last"] == pytest.approx(0.707)
+    # SE from the rounds' means (0.001 apart within a third), not the envs' spread
+    assert p["se"] == pytest.approx((2 * 0.001**2 / 3) ** 0.5) and p["z"] > 2
+    assert learning_progress(rows[:10]) is None  # 5 rounds: under two rounds per third
+
+
+def test_summary_states_the_improvement_with_its_standard_error(tmp_path):
+    _fake_run(tmp_path, episodes=6, envs=2)  # returns 0.50 .. 0.55 over the rounds
+    build_report(tmp_path)
+    summary = (tmp_path / "summary.md").read_text()
+    assert "## Learning" in summary and "last 2 of 6 rounds" in summary
+    assert "first third: 0.5050" in summary and "last third: 0.5450" in summary

@@ -47,8 +47,11 @@ class RunSection:
     controller: Controller = "ppo"
     task: str = "digits"
     slots: tuple[str, ...] | None = None  # None: the task's default slots
-    envs: int = 4  # envs stepped in lockstep; one PPO update = one episode of each
-    episodes: int = 96  # total episodes over all envs (rounded up to whole updates)
+    # envs stepped in lockstep; one PPO update = one episode of each. 16 (with 12 rounds)
+    # rather than 4 (with 24): a round's mean return is the learning curve's point, and
+    # with 4 envs its noise (host seeds) hid the improvement (issue 22, BENCHMARKS.md).
+    envs: int = 16
+    episodes: int = 192  # total episodes over all envs (rounded up to whole updates)
     seed: int = 0
     device: str = "cpu"  # the policy's device (and the envs', unless env_devices is set)
     env_devices: tuple[str, ...] | None = None  # envs placed round-robin, e.g. cuda:0 cuda:1
@@ -107,8 +110,17 @@ class EnvSection:
     batches_per_step: int | None = None  # None = the task's setting (often a full epoch)
     reward_mode: Literal["objective", "contribution", "twin"] = "objective"
     growth_penalty: float = 0.05  # λ in the objective q − λ·g
-    # [lo, hi]: each episode draws its λ uniformly from it (the policy observes λ)
-    growth_penalty_range: tuple[float, float] | None = None
+    # [lo, hi]: each episode draws its λ uniformly from it (the policy observes λ), so
+    # the policy has to read λ: at 0.005 growing pays, at 0.2 it does not. It prices every
+    # controller's episodes and `esper eval`'s (from the episode seed, so runs on the same
+    # seeds stay paired). A config or --set that gives env.growth_penalty without a range
+    # fixes λ at that value (config_from_dict).
+    growth_penalty_range: tuple[float, float] | None = (0.005, 0.2)
+    # [lo, hi]: each episode draws its host's width (depth) from lo..hi, from the episode
+    # seed (a curriculum of hosts; the task must take a `width` / `depth` option). The
+    # slots stay the task's default ones; hosts of several shapes do not batch.
+    host_widths: tuple[int, int] | None = None
+    host_depths: tuple[int, int] | None = None
     contribution_weight: float = 1.0
     max_growth: float | None = None  # parameter budget as a growth ratio; None = no budget
     data_root: str | None = None  # folder of the task's files (fashion-mnist, cifar10, text)
@@ -121,7 +133,7 @@ class RunConfig:
     env: EnvSection = field(default_factory=EnvSection)
     task: dict[str, Any] = field(default_factory=dict)
     lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
-    ppo: PPOConfig = field(default_factory=PPOConfig)
+    ppo: PPOConfig = field(default_factory=lambda: PPOConfig(**MAIN_JOB_PPO))
     heuristic: HeuristicConfig = field(default_factory=HeuristicConfig)
 
     def env_config(self) -> EnvConfig:
@@ -134,6 +146,14 @@ class RunConfig:
             reward_mode=self.env.reward_mode,
             growth_penalty=self.env.growth_penalty,
             growth_penalty_range=self.env.growth_penalty_range,
+            host_ranges={
+                name: bounds
+                for name, bounds in (
+                    ("width", self.env.host_widths),
+                    ("depth", self.env.host_depths),
+                )
+                if bounds is not None
+            },
             contribution_weight=self.env.contribution_weight,
             max_growth=self.env.max_growth,
             lifecycle=self.lifecycle,
@@ -157,6 +177,14 @@ _SECTIONS: dict[str, type] = {
 }
 
 
+# `esper train`'s PPO settings where they differ from PPOConfig's (CleanRL's) defaults;
+# a [ppo] table or --set ppo.KEY overrides them key by key. With 16 envs a round holds
+# 16 episodes: 8 minibatches keep 2 episodes per gradient step (32 steps per update, not
+# 16), and at 3e-4 the policy moved ~0.003 nats per update (approx KL), too slowly for
+# 12 updates to show (issue 22; BENCHMARKS.md "A main job that learns").
+MAIN_JOB_PPO: dict[str, Any] = {"learning_rate": 1e-3, "num_minibatches": 8}
+
+
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
     sections: dict[str, Any] = {}
     for name, value in data.items():
@@ -165,6 +193,12 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
         if not isinstance(value, dict):
             raise ConfigError(f"[{name}] must be a table, got {value!r}")
         cls = _SECTIONS[name]
+        if name == "ppo":  # the main job's PPO defaults, then the given keys
+            value = {**MAIN_JOB_PPO, **value}
+        if name == "env" and "growth_penalty" in value and "growth_penalty_range" not in value:
+            # a λ given without a range is the λ of every episode (not overridden by the
+            # default range: `--set env.growth_penalty=0.1` means λ = 0.1)
+            value = {**value, "growth_penalty_range": None}
         sections[name] = dict(value) if cls is dict else dataclass_from_dict(cls, value, name)
     return RunConfig(**sections)
 

@@ -33,6 +33,7 @@ See docs/ARCHITECTURE.md, The environment.
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -77,6 +78,12 @@ class EnvConfig:
     # (lo, hi): draw each episode's λ uniformly from [lo, hi] instead (the policy observes
     # it), so one policy learns every trade-off. None = always growth_penalty.
     growth_penalty_range: tuple[float, float] | None = None
+    # {option: (lo, hi)}: integer task options drawn per episode, uniformly from lo..hi
+    # (inclusive, from the episode seed), e.g. {"width": (1, 3), "depth": (3, 5)}: a
+    # curriculum of hosts. The slots stay the env's (the task's default slots at its
+    # `task_options`), so every drawn host must have them; a deeper host's extra blocks
+    # have no slot. Hosts of different shapes do not batch (`run.batched_envs`).
+    host_ranges: Mapping[str, tuple[int, int]] = field(default_factory=dict)
     contribution_weight: float = 1.0
     # Parameter budget as a growth ratio: live + fossil seed params <= max_growth · host
     # params. None = no budget. Masks never offer a blueprint that would exceed it.
@@ -99,6 +106,20 @@ class EnvConfig:
                     f"got {self.growth_penalty_range!r}"
                 )
             object.__setattr__(self, "growth_penalty_range", (lo, hi))
+        ranges = {}
+        for name, bounds in dict(self.host_ranges).items():
+            try:
+                lo, hi = bounds
+                ok = int(lo) == lo and int(hi) == hi and 1 <= lo <= hi
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise ValueError(
+                    f"host_ranges[{name!r}] must be (lo, hi) integers with 1 <= lo <= hi, "
+                    f"got {bounds!r}"
+                )
+            ranges[str(name)] = (int(lo), int(hi))
+        object.__setattr__(self, "host_ranges", ranges)
 
 
 class EpisodeOverError(RuntimeError):
@@ -144,6 +165,20 @@ class MorphogenesisEnv(gym.Env):
         # Slot config and blueprints come from a throwaway host: they fix the spaces. (Each
         # episode's blueprint costs come from its own model: `GrowthStepper.costs`.)
         probe = MorphogeneticModel(self.task.make_host(self.data), self._slots(), self.lifecycle)
+        # The curriculum's tasks, one per drawn option set (built lazily, then cached);
+        # every corner of the ranges is probed now, so a host without the env's slots
+        # fails here, not mid-run.
+        self._host_tasks: dict[tuple[tuple[str, int], ...], Any] = {}
+        names = sorted(cfg.host_ranges)
+        for corner in itertools.product(*(cfg.host_ranges[n] for n in names)):
+            drawn = tuple(zip(names, corner, strict=True))
+            try:
+                MorphogeneticModel(self._task_for(drawn).make_host(self.data), self._slots())
+            except Exception as err:  # re-raised with the drawn options
+                raise ValueError(
+                    f"host_ranges: the host with {dict(drawn)} cannot hold the env's slots "
+                    f"{list(self._slots())}: {err}"
+                ) from err
         self.slot_config: SlotConfig = probe.slot_config
         self.topology = probe.topology
         self.action_spec = ActionSpace(self.slot_config, blueprints_for(self.topology))
@@ -162,8 +197,28 @@ class MorphogenesisEnv(gym.Env):
         self.twin_trainer: Trainer | None = None  # reward_mode="twin": the static twin
         self.growth_penalty = cfg.growth_penalty  # this episode's λ
         self.episode_seed: int | None = None
+        self.host_options: dict[str, int] = {}  # this episode's draw from host_ranges
         self.illegal_actions = 0
         self.growth: GrowthStepper | None = None  # this episode's (esper.env.growth_step)
+
+    def _task_for(self, drawn: tuple[tuple[str, int], ...]):
+        if not drawn:
+            return self.task
+        if drawn not in self._host_tasks:
+            options = dict(self.config.task_options)
+            if self.config.batches_per_step is not None:
+                options["batches_per_step"] = self.config.batches_per_step
+            self._host_tasks[drawn] = get_task(self.config.task, **{**options, **dict(drawn)})
+        return self._host_tasks[drawn]
+
+    def _draw_host_options(self) -> tuple[tuple[str, int], ...]:
+        """This episode's host options: from the episode seed alone (a generator of
+        its own, like λ's)."""
+        ranges = self.config.host_ranges
+        if not ranges:
+            return ()
+        rng = np.random.default_rng((self.episode_seed, 0x2C4D))
+        return tuple((n, int(rng.integers(ranges[n][0], ranges[n][1] + 1))) for n in sorted(ranges))
 
     def _slots(self) -> tuple[str, ...]:
         return (
@@ -185,7 +240,8 @@ class MorphogenesisEnv(gym.Env):
         # env's host and seeds depend on its own seeds only (not on other envs or calls).
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.episode_seed)
-            host = self.task.make_host(self.data)
+            self.host_options = dict(self._draw_host_options())
+            host = self._task_for(tuple(sorted(self.host_options.items()))).make_host(self.data)
         twin_host = copy.deepcopy(host) if self.config.reward_mode == "twin" else None
         self.model = model = MorphogeneticModel(host, self.slot_config, self.lifecycle)
         self.trainer = Trainer(
@@ -386,6 +442,7 @@ class MorphogenesisEnv(gym.Env):
             "stages": {s.slot_id: s.stage.name for s in model.slot_states()},
             "illegal_actions": self.illegal_actions,
             "episode_seed": self.episode_seed,
+            "host_options": dict(self.host_options),
             # Cumulative compute of this episode (esper.training.flops): training forward +
             # backward, and validation + counterfactual passes (the reset's one included).
             "flops": self.trainer.flops.total,

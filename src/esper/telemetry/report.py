@@ -244,6 +244,74 @@ def _mean_std(rows: list[dict], key: str) -> str:
     return f"{v.mean():.4f} ± {v.std():.4f}"
 
 
+def learning_progress(episodes: list[dict], key: str = "episode_return") -> dict[str, Any] | None:
+    """Does the run improve? The mean of ``key`` per round, then the last third of the
+    rounds against the first third (whole rounds; the middle third is left out).
+
+    The standard error comes from the rounds' means (Welch: sqrt(s1²/n1 + s3²/n3) with
+    sample variances), so round-to-round noise (host seeds, λ draws) is in it. None with
+    fewer than 6 rounds (two rounds per third at least, for a variance)."""
+    per_round: dict[int, list[float]] = defaultdict(list)
+    for e in episodes:
+        per_round[int(e["episode"])].append(float(e[key]))
+    rounds = sorted(per_round)
+    k = len(rounds) // 3
+    if k < 2:
+        return None
+    means = np.array([np.mean(per_round[r]) for r in rounds])
+    first, last = means[:k], means[-k:]
+    se = float(np.sqrt(first.var(ddof=1) / k + last.var(ddof=1) / k))
+    diff = float(last.mean() - first.mean())
+    return {
+        "rounds": len(rounds),
+        "per_third": k,
+        "first": float(first.mean()),
+        "first_se": float(first.std(ddof=1) / np.sqrt(k)),
+        "last": float(last.mean()),
+        "last_se": float(last.std(ddof=1) / np.sqrt(k)),
+        "diff": diff,
+        "se": se,
+        "z": diff / se if se > 0 else float("inf") if diff > 0 else 0.0,
+    }
+
+
+def _learning_lines(episodes: list[dict], baseline: list[dict]) -> list[str]:
+    progress = learning_progress(episodes)
+    if progress is None:
+        return []
+    p, k = progress, progress["per_third"]
+    verdict = "**improves** (by >= 2 SE)" if p["z"] >= 2 else "does not improve by 2 SE"
+    lines = [
+        "## Learning",
+        "",
+        f"Mean episode return per round; the last {k} of {p['rounds']} rounds against the "
+        f"first {k} (mean of the rounds' means ± SE over rounds):",
+        "",
+        f"- first third: {p['first']:.4f} ± {p['first_se']:.4f}; last third: "
+        f"{p['last']:.4f} ± {p['last_se']:.4f}",
+        f"- last − first: **{p['diff']:+.4f} ± {p['se']:.4f}** ({p['z']:+.1f} SE): the run "
+        f"{verdict}",
+    ]
+    obj = learning_progress(episodes, "objective")
+    if obj is not None:
+        lines.append(
+            f"- objective (accuracy − λ·growth): first third {obj['first']:.4f}, last third "
+            f"{obj['last']:.4f}, last − first {obj['diff']:+.4f} ± {obj['se']:.4f}"
+        )
+    if baseline:
+        rounds = sorted({int(e["episode"]) for e in episodes})
+        tail = [e for e in episodes if int(e["episode"]) >= rounds[-k]]
+        b = np.array([e["objective"] for e in baseline], dtype=float)
+        t = np.array([e["objective"] for e in tail], dtype=float)
+        lines.append(
+            f"- static host (round 0's {len(b)} seeds): objective {b.mean():.4f} ± "
+            f"{b.std(ddof=1) / np.sqrt(len(b)) if len(b) > 1 else 0.0:.4f} (SE); last third's "
+            f"{len(t)} episodes: {t.mean():.4f} ± "
+            f"{t.std(ddof=1) / np.sqrt(len(t)) if len(t) > 1 else 0.0:.4f} (other seeds)"
+        )
+    return [*lines, ""]
+
+
 def _summary(by_kind: dict[str, list[dict]], plots: list[str]) -> str:
     runs = by_kind["run_started"]
     run = runs[-1] if runs else {}
@@ -276,6 +344,7 @@ def _summary(by_kind: dict[str, list[dict]], plots: list[str]) -> str:
     lines += [f"| {k} | {total[k]} |" for k in ("germinated", "fossilized", "pruned")]
     lines += [f"| illegal actions run as WAIT | {total['illegal']} |"]
     lines += [f"| governor rollbacks | {total['rollbacks']} |", ""]
+    lines += _learning_lines(episodes, baseline)
     lines += _timing_lines(by_kind) + _provenance_lines(runs)
     lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     return "\n".join(lines)
