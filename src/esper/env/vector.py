@@ -226,7 +226,11 @@ def _why_not_batchable(env: MorphogenesisEnv, devices: Sequence[torch.device]) -
     if len(set(devices)) != 1:
         return f"batched=True needs every env on one device, got {sorted(map(str, set(devices)))}"
     cfg = env.train_config
-    reason = supports_host(env.task.make_host(env.data))
+    host = env.task.make_host(env.data)
+    reason = supports_host(host)
+    if reason is None and not all(p.is_contiguous() for p in host.parameters()):
+        # The grouped network stacks the hosts' parameters and views their gradients flat.
+        reason = "the grouped path takes NCHW hosts only, got channels_last (task.channels_last)"
     if reason is None and cfg.optimizer != "sgd":
         reason = f"batched=True supports optimizer 'sgd' only, got {cfg.optimizer!r}"
     if reason is None and cfg.amp != "off":
