@@ -64,10 +64,11 @@ class Task:
 
 
 # Images at least this many pixels a side get NHWC convolutions under
-# ``channels_last="auto"`` (`resolve_channels_last`). Measured per training batch on one
-# thread (bench/bench_host_layout.py, `esper.speed`): 3x32x32, width 8, batch 512:
-# 1.43x (pool after every block) and 1.62x (default pools); 1x28x28 fashion-mnist shape,
-# width 4, batch 128: see docs/ARCHITECTURE.md, Speed; 8x8 digits: no change.
+# ``channels_last="auto"`` (`resolve_channels_last`). NCHW time over NHWC time per
+# training batch, one thread, median of 8 interleaved pairs on the 2-core machine at
+# load ~3 (`python bench/bench_host_layout.py --rule`): 3x32x32 width 8 batch 512
+# (pool after every block) 1.57x; 1x28x28 width 4 batch 128 (fashion-mnist's shape)
+# 1.34x; 1x16x16 width 4 batch 128 1.25x; 1x8x8 width 2 batch 64 (digits) 0.92x.
 CHANNELS_LAST_MIN_SIZE = 16
 
 
