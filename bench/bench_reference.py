@@ -1,7 +1,7 @@
 """The reference comparison of issue 24, reproducible without the reference installed.
 
-The matched workload is the issue's command, run in process (`esper.run.train` with the
-CLI's thread handling) in every configuration below:
+The matched workload is the issue's command, run as a user runs it (``python -m esper``,
+a fresh process per run) in every configuration below:
 
     esper train ppo --task synthetic --set task.shape=[3,32,32] --set task.num_classes=10
       --set task.n_train=4096 --set task.n_val=512 --set task.width=8 --set task.depth=3
@@ -17,9 +17,9 @@ channels_last, input converted per batch, SGD). The issue measured our channels_
 step at parity with the reference's own (0.99x) when ours was exactly such a step, so
 that step stands in for the reference on whatever machine runs this.
 
-    OMP_NUM_THREADS=1 python bench/bench_reference.py      # ~5 min per repeat, 2 cores
+    OMP_NUM_THREADS=1 python bench/bench_reference.py      # ~10 min, 2 idle cores
     python bench/bench_reference.py --repeats 3             # median of 3 (the issue's)
-    python bench/bench_reference.py --quick                 # seconds: a smoke run
+    python bench/bench_reference.py --quick                 # seconds: a smoke run, in process
 
 The reference's own figures are quoted from issue 24 below (`REFERENCE_*`): the issue
 gives ratios only, so absolute figures are derived from them and marked as such.
@@ -39,6 +39,8 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -49,8 +51,6 @@ from torch import nn
 
 import benchlib
 from esper.env import EnvConfig, MorphogenesisEnv
-from esper.run import train
-from esper.run_config import config_from_dict
 from esper.training.objective import task_loss
 
 # -- the reference's figures, from issue 24 (ratios of ours to the reference's) ------------
@@ -100,7 +100,7 @@ QUICK_EPOCHS = 2
 
 # (label, run overrides, task overrides); the first row is the defaults, the last the
 # issue's defaults (what a user got when the issue was filed).
-ISSUE_DEFAULTS = "issue-time defaults (batched off, NCHW, 1 thread)"
+ISSUE_DEFAULTS = "issue-time defaults (batched off, NCHW, 1 thread, allocator untouched)"
 CONFIGS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
     ("defaults (auto)", {}, {}),
     # The grouped path takes NCHW hosts only, so forcing it on forces NCHW too.
@@ -110,29 +110,56 @@ CONFIGS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
     ("task.channels_last=false", {}, {"channels_last": False}),
     ("run.threads=1", {"threads": 1}, {}),
     ("run.threads=2", {"threads": 2}, {}),
-    (ISSUE_DEFAULTS, {"batched_envs": False, "threads": 1}, {"channels_last": False}),
+    ("run.keep_freed_memory=false", {"keep_freed_memory": False}, {}),
+    (
+        ISSUE_DEFAULTS,
+        {"batched_envs": False, "threads": 1, "keep_freed_memory": False},
+        {"channels_last": False},
+    ),
 ]
 QUICK_CONFIGS = [CONFIGS[0], CONFIGS[-1]]
 
 
-def run_config(run: dict[str, Any], task: dict[str, Any], quick: bool, **over: Any):
+def issue_command(run: dict[str, Any], task: dict[str, Any], quick: bool) -> list[str]:
+    """The issue's ``esper train`` command line (its quick-size twin with ``quick``),
+    with a configuration's overrides as ``--set``."""
     base_run, base_task = (QUICK_RUN, QUICK_TASK) if quick else (MATCHED_RUN, MATCHED_TASK)
-    return config_from_dict(
-        {
-            "run": {**base_run, **run},
-            "env": {"max_epochs": QUICK_EPOCHS if quick else MAX_EPOCHS},
-            "task": {**base_task, **task},
-        }
-    )
+    args = ["train", base_run["controller"], "--task", base_run["task"]]
+    for key, value in {**base_task, **task}.items():
+        args += ["--set", f"task.{key}={_toml(value)}"]
+    args += ["--slots", *base_run["slots"], "--envs", str(base_run["envs"]),
+             "--episodes", str(base_run["episodes"]),
+             "--max-epochs", str(QUICK_EPOCHS if quick else MAX_EPOCHS),
+             "--set", "run.baseline=false", "--no-report"]  # fmt: skip
+    for key, value in run.items():
+        args += ["--threads", str(value)] if key == "threads" else [
+            "--set", f"run.{key}={_toml(value)}"]  # fmt: skip
+    return args
 
 
-def env_steps_per_s(config, folder: Path) -> tuple[float, str]:
-    """One training run of ``config``: (env steps/s, what the speed settings resolved to)."""
-    threads = torch.get_num_threads()
-    try:
-        train(config, folder, force=True, set_threads=True)
-    finally:
-        torch.set_num_threads(threads)
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ",".join(_toml(v) for v in value) + "]"
+    return str(value)
+
+
+def env_steps_per_s(args: list[str], folder: Path, fresh: bool = True) -> tuple[float, str]:
+    """One ``esper`` run in a fresh process (what a user runs; ``fresh=False``: in this
+    one, for the quick smoke run): (env steps/s, what its speed settings resolved to)."""
+    args = [*args, "--run-dir", str(folder), "--force"]
+    if fresh:
+        subprocess.run([sys.executable, "-m", "esper", *args], check=True, capture_output=True)
+    else:
+        from esper.cli import main as esper_main
+
+        threads = torch.get_num_threads()
+        try:
+            if esper_main(args) != 0:
+                raise RuntimeError(f"esper {' '.join(args)} failed")
+        finally:
+            torch.set_num_threads(threads)
     events = [json.loads(line) for line in (folder / "events.jsonl").read_text().splitlines()]
     finished = next(e for e in events if e["kind"] == "run_finished")
     speed = json.loads((folder / "provenance.json").read_text())["sessions"][-1]["speed"]
@@ -142,7 +169,8 @@ def env_steps_per_s(config, folder: Path) -> tuple[float, str]:
 def _resolved(speed: dict[str, Any]) -> str:
     batched = "batched" if speed["batched_envs"]["value"] else "per-env"
     layout = "NHWC" if (speed["channels_last"] or {}).get("value") else "NCHW"
-    return f"{batched}, {layout}, {speed['threads']['value']} thr"
+    kept = ", kept" if speed["keep_freed_memory"]["value"] else ""
+    return f"{batched}, {layout}, {speed['threads']['value']} thr{kept}"
 
 
 # -- per-batch host step -------------------------------------------------------------------
@@ -171,11 +199,43 @@ class ReferenceShapedCNN(nn.Module):
         return self.classifier(h.mean(dim=(-2, -1)))
 
 
-def host_step_timers(task: dict[str, Any]) -> dict[str, Any]:
-    """Callables timing one training batch (seconds): our `Trainer`'s training phase at
-    defaults and with channels_last forced off, and the reference-shaped step."""
+# Timers of the per-batch table, each run in a fresh process (the allocator setting is
+# process-wide, and the reference's process has none): name -> (channels_last, keep).
+REFERENCE_SHAPED = "reference-shaped (plain PyTorch)"
+HOST_STEPS: dict[str, tuple[bool | str, bool] | None] = {
+    "ours, defaults (as the CLI runs)": ("auto", True),
+    "ours, channels_last=false": (False, True),
+    "ours, run.keep_freed_memory=false": ("auto", False),
+    "ours, issue-time defaults (NCHW, allocator untouched)": (False, False),
+    REFERENCE_SHAPED: None,
+}
 
-    def ours(channels_last: bool | str):
+
+def host_step_seconds(name: str, task: dict[str, Any], calls: int) -> float:
+    """Best of ``calls`` training batches of timer ``name`` after a warm-up, one thread."""
+    from esper.speed import keep_freed_memory
+
+    torch.set_num_threads(1)
+    setting = HOST_STEPS[name]
+    if setting is None:
+        torch.manual_seed(0)
+        shape = task["shape"]
+        ref = ReferenceShapedCNN(shape[0], task["width"], task["depth"], task["num_classes"])
+        opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
+        x = torch.randn(task["batch_size"], *shape)
+        y = torch.randint(0, task["num_classes"], (task["batch_size"],))
+
+        def step() -> float:
+            start = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            task_loss(ref(x), y).backward()
+            opt.step()
+            return time.perf_counter() - start
+
+    else:
+        channels_last, keep = setting
+        if keep:
+            keep_freed_memory()
         config = EnvConfig(task="synthetic", task_options={**task, "channels_last": channels_last},
                            slots=["r0c1"], max_epochs=MAX_EPOCHS)  # fmt: skip
         env = MorphogenesisEnv(config)
@@ -187,41 +247,23 @@ def host_step_timers(task: dict[str, Any]) -> dict[str, Any]:
             env.trainer._train()  # the training phase of one env step: `batches` batches
             return (time.perf_counter() - start) / batches
 
-        return step
-
-    torch.manual_seed(0)
-    shape = task["shape"]
-    ref = ReferenceShapedCNN(shape[0], task["width"], task["depth"], task["num_classes"])
-    opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
-    x = torch.randn(task["batch_size"], *shape)
-    y = torch.randint(0, task["num_classes"], (task["batch_size"],))
-
-    def reference() -> float:
-        start = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        task_loss(ref(x), y).backward()
-        opt.step()
-        return time.perf_counter() - start
-
-    return {"ours, defaults": ours("auto"), "ours, channels_last=false": ours(False),
-            "reference-shaped (plain PyTorch)": reference}  # fmt: skip
+    step()
+    return min(step() for _ in range(calls))
 
 
-def host_step_rows(task: dict[str, Any], rounds: int) -> list[dict[str, Any]]:
-    """Interleaved rounds of every timer (best of 3 calls each), one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        timers = host_step_timers(task)
-        for fn in timers.values():
-            fn()  # warm-up
-        times: dict[str, list[float]] = {name: [] for name in timers}
-        for _ in range(rounds):
-            for name, fn in timers.items():
-                times[name].append(min(fn() for _ in range(3)))
-    finally:
-        torch.set_num_threads(threads)
-    ref = times["reference-shaped (plain PyTorch)"]
+def host_step_rows(quick: bool, rounds: int) -> list[dict[str, Any]]:
+    """Interleaved rounds: every timer once per round, each in a fresh process (quick:
+    in this one, a smoke run)."""
+    times: dict[str, list[float]] = {name: [] for name in HOST_STEPS}
+    for _ in range(rounds):
+        for name in HOST_STEPS:
+            if quick:
+                times[name].append(host_step_seconds(name, QUICK_TASK, 2))
+                continue
+            command = [sys.executable, __file__, "--host-step", name]
+            out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            times[name].append(float(out.strip().splitlines()[-1]))
+    ref = times[REFERENCE_SHAPED]
     rows = []
     for name, values in times.items():
         ratio = statistics.median(v / r for v, r in zip(values, ref, strict=True))
@@ -235,23 +277,27 @@ def host_step_rows(task: dict[str, Any], rounds: int) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=1, help="runs per configuration")
-    parser.add_argument("--rounds", type=int, default=8, help="interleaved host-step rounds")
+    parser.add_argument("--rounds", type=int, default=4, help="interleaved host-step rounds")
     parser.add_argument("--quick", action="store_true", help="a smoke run in seconds")
     parser.add_argument("--skip-runs", action="store_true", help="host step only")
+    parser.add_argument("--host-step", metavar="TIMER", help=argparse.SUPPRESS)  # a worker
     args = parser.parse_args(argv)
+    if args.host_step is not None:  # one timer in this fresh process: print its seconds
+        task = QUICK_TASK if args.quick else MATCHED_TASK
+        print(host_step_seconds(args.host_step, task, 2 if args.quick else 3))
+        return
     if args.repeats < 1 or args.rounds < 1:
         parser.error("--repeats and --rounds must be >= 1")
     quick = args.quick
-    rounds = 2 if quick else args.rounds
+    rounds = 1 if quick else args.rounds
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"machine: {benchlib.machine()}; 1-min load at start {load:.2f}", flush=True)
     suffix = "_quick" if quick else ""
-    task = QUICK_TASK if quick else MATCHED_TASK
     benchlib.report(
         f"reference_host_step{suffix}",
         "Per-batch host step on the matched host (3x32x32, width 8, pool after every "
         "block, batch 512), one thread" + (" (QUICK: tiny sizes, no meaning)" if quick else ""),
-        host_step_rows(task, rounds),
+        host_step_rows(quick, rounds),
         note=(
             f"Reference's own step, DERIVED from issue 24 (not measured here): "
             f"~{REFERENCE_STEP_MS_DERIVED:.1f} ms on the 2-core machine, idle, 1 thread "
@@ -269,8 +315,9 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):  # interleaved: one run of every config per repeat
             for k, (label, run, task_over) in enumerate(configs):
-                config = run_config(run, task_over, quick)
-                rate, resolved[label] = env_steps_per_s(config, Path(tmp) / f"r{r}c{k}")
+                args_k = issue_command(run, task_over, quick)
+                folder = Path(tmp) / f"r{r}c{k}"
+                rate, resolved[label] = env_steps_per_s(args_k, folder, fresh=not quick)
                 measured[label].append(rate)
                 print(f"  {label}: {rate:.2f} env steps/s ({resolved[label]})", flush=True)
     issue = statistics.median(measured[ISSUE_DEFAULTS])

@@ -57,4 +57,4 @@ def test_reference_bench_quick_reports_host_step_and_env_steps(load, tmp_path, c
     assert steps[0]["configuration"] == "defaults (auto)"
     assert all(float(r["env steps/s (median)"]) > 0 for r in steps)
     host = read_rows(tmp_path / "reference_host_step_quick.csv")
-    assert len(host) == 3 and all(float(r["best ms"]) > 0 for r in host)
+    assert len(host) == 5 and all(float(r["best ms"]) > 0 for r in host)

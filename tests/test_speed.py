@@ -63,7 +63,7 @@ def test_a_run_records_what_it_chose_and_says_so_when_it_starts(tmp_path):
     before = torch.get_num_threads()
     try:
         train(_config(), tmp_path / "auto", log=lines.append)
-        train(_config(batched_envs=False, threads=1), tmp_path / "forced", set_threads=True)
+        train(_config(batched_envs=False, threads=1), tmp_path / "forced", tune_process=True)
     finally:
         torch.set_num_threads(before)
     sessions = json.loads((tmp_path / "auto" / "provenance.json").read_text())["sessions"]

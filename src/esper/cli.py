@@ -271,7 +271,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             result = train(
                 config, run_dir, resume=args.resume, force=args.force, dist=dist,
                 progress=console.round_done, live=console.live, command=["esper", *args.argv],
-                log=lambda m: print(f"esper: {m}", file=sys.stderr), set_threads=True,
+                log=lambda m: print(f"esper: {m}", file=sys.stderr), tune_process=True,
             )  # fmt: skip
     except PeerLostError as exc:
         print(f"esper: error: {str(exc).splitlines()[0]}", file=sys.stderr)
@@ -358,7 +358,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             episodes=args.episodes,
             deterministic=not args.stochastic,
             live=console.live,
-            set_threads=True,  # the CLI owns its process (run.threads)
+            tune_process=True,  # the CLI owns its process (run.threads)
         )
     policy = "sampled" if args.stochastic else "deterministic"
     _print_table(

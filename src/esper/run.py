@@ -249,7 +249,7 @@ def train(
     stop_after: int | None = None,
     dist: DistContext = SINGLE,
     command: list[str] | None = None,
-    set_threads: bool = False,
+    tune_process: bool = False,
 ) -> TrainResult:
     """Train (or, for scripted controllers, just run) ``config`` into ``run_dir``.
 
@@ -258,8 +258,9 @@ def train(
     in this call (tests use it to interrupt and resume). Ctrl-C ends it cleanly after
     saving what was complete. ``dist``: this process's rank in a data-parallel job (see
     the module docstring). ``command`` is recorded in the provenance (default sys.argv).
-    ``set_threads``: this process is the caller's to tune (the CLI): torch's threads are
-    set from ``run.threads`` (`esper.speed`); else they stay as they are.
+    ``tune_process``: this process is the caller's to tune (the CLI): torch's threads are
+    set from ``run.threads`` and the allocator keeps freed memory (`esper.speed`); else
+    both stay as they are.
     """
     run_dir = Path(run_dir)
     started = time.monotonic()
@@ -267,7 +268,7 @@ def train(
     shard = env_shard(config.run.envs, dist)
     # Building the envs validates task, slots and data before anything is written; the
     # speed settings (batched envs, layout, threads) are resolved with them.
-    vec, speed = build_envs(config, shard.count, set_threads=set_threads)
+    vec, speed = build_envs(config, shard.count, tune_process=tune_process)
     created = False
     try:
         agent, state = (
@@ -441,11 +442,11 @@ def evaluate(
     episodes: int = 8,
     deterministic: bool = True,
     live: Callable[[Progress], None] | None = None,
-    set_threads: bool = False,
+    tune_process: bool = False,
 ) -> list[EpisodeRecord]:
     """Play ``episodes`` evaluation episodes (seeds disjoint from training) with the
     checkpoint's agent, or with ``config.run.controller`` when no checkpoint is given;
-    ``live`` is called after every lockstep env step; ``set_threads`` as in `train`."""
+    ``live`` is called after every lockstep env step; ``tune_process`` as in `train`."""
     if episodes < 1:
         raise ConfigError(f"episodes must be >= 1, got {episodes}")
     check_devices_available(config.run)
@@ -457,7 +458,7 @@ def evaluate(
             f"--episodes <= {MAX_ROUNDS * num_envs} or more --envs"
         )
     check_run_limits(config, num_envs)
-    vec, _ = build_envs(config, num_envs, set_threads=set_threads)
+    vec, _ = build_envs(config, num_envs, tune_process=tune_process)
     agent = None
     if checkpoint is not None:
         agent, _ = load_agent(checkpoint, vec.slot_config, vec.action_spec.blueprints,

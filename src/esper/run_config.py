@@ -65,6 +65,9 @@ class RunSection:
     # the cores are busy (measured on 2 cores at load 6: static digits, 1 env 3.2 -> 0.34
     # env steps/s, 4 envs 5.1 -> 0.31).
     threads: int = 0
+    # "auto": the CLI asks glibc's malloc to keep freed memory for the next batch instead
+    # of faulting it in afresh (`esper.speed.keep_freed_memory`); false: leave it alone.
+    keep_freed_memory: bool | str = "auto"
     # play one round of the static host (no controller) on round 0's seeds first: the
     # baseline line of the learning curves (one round of extra time)
     baseline: bool = True
@@ -80,6 +83,7 @@ class RunSection:
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0 (0 = auto), got {self.threads}")
         check_switch("batched_envs", self.batched_envs)
+        check_switch("keep_freed_memory", self.keep_freed_memory)
         if not 1 <= self.envs <= MAX_ENVS:
             raise ValueError(
                 f"envs must be in 1..{MAX_ENVS} (each env's index is part of its episode "

@@ -19,6 +19,10 @@ Three settings, each ``"auto"`` by default and recorded, with the reason, in the
   (`THREAD_MIN_FLOATS`), else 1. Counting idle cores keeps the protection of the old
   rule: on a busy machine extra threads cost 10-16x (2 cores at load 6: static digits,
   1 env 3.2 -> 0.34 env steps/s, 4 envs 5.1 -> 0.31).
+* ``run.keep_freed_memory`` ("auto" | false; CLI only, glibc): freed memory is kept for
+  reuse instead of handed back to the system after every batch (`keep_freed_memory`);
+  the user's own glibc settings (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``)
+  win over it.
 """
 
 from __future__ import annotations
@@ -61,12 +65,14 @@ class SpeedChoices:
     batched_envs: Choice
     channels_last: Choice | None
     threads: Choice
+    allocator: Choice
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "batched_envs": self.batched_envs.to_dict(),
             "channels_last": None if self.channels_last is None else self.channels_last.to_dict(),
             "threads": self.threads.to_dict(),
+            "keep_freed_memory": self.allocator.to_dict(),
         }
 
     def summary(self) -> str:
@@ -78,6 +84,8 @@ class SpeedChoices:
             parts.append(f"{layout} ({self.channels_last.mode})")
         n = int(self.threads.value)
         parts.append(f"{n} thread{'s' if n != 1 else ''} ({self.threads.mode})")
+        if self.allocator.value:
+            parts.append(f"freed memory kept ({self.allocator.mode})")
         return ", ".join(parts)
 
 
@@ -148,6 +156,57 @@ def threads_choice(setting: int, batch_floats: int | None) -> Choice:
     return Choice(n, "auto", f"{idle} idle of {cores} cores (1-min load {load:.2f})")
 
 
+# glibc's mallopt parameters and the values `keep_freed_memory` sets: blocks up to 256 MB
+# come from the heap (not a fresh mapping each), and up to 1 GB of freed heap is kept.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+KEEP_MMAP_THRESHOLD = 256 << 20
+KEEP_TRIM_THRESHOLD = 1 << 30
+_GLIBC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+_kept = False
+
+
+def keep_freed_memory(setting: bool | str = AUTO) -> Choice:
+    """Ask glibc's malloc to keep freed memory for the next batch (once per process).
+
+    By default glibc maps a large block afresh and returns freed memory at the top of its
+    heap to the system, so every training batch's activations and gradients (16 MB each
+    for the first block of the reference workload's host) fault their pages in again:
+    measured 2.9-8.7 K minor page faults per batch on that host, ~0.4 K with this
+    setting (one thread, 2-core machine; `bench/bench_reference.py`). The process keeps
+    its peak heap, which a training loop reaches in its first batch anyway.
+    ``setting`` (``run.keep_freed_memory``): false leaves the allocator alone."""
+    global _kept
+    import ctypes
+    import ctypes.util
+
+    check_switch("keep_freed_memory", setting)
+    if setting is False:
+        return Choice(False, "forced", "run.keep_freed_memory set")
+    if any(name in os.environ for name in _GLIBC_ENV):
+        return Choice(False, "forced", "the environment sets glibc's malloc thresholds")
+    if _kept:
+        return Choice(True, "auto", "glibc malloc keeps freed memory (page faults per batch)")
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = getattr(libc, "mallopt", None)
+    except OSError:
+        mallopt = None
+    if mallopt is None or not _is_glibc():
+        return Choice(False, "auto", "not glibc's malloc: left as it is")
+    if not (mallopt(_M_MMAP_THRESHOLD, KEEP_MMAP_THRESHOLD)
+            and mallopt(_M_TRIM_THRESHOLD, KEEP_TRIM_THRESHOLD)):  # fmt: skip
+        return Choice(False, "auto", "glibc refused the malloc thresholds")
+    _kept = True
+    return Choice(True, "auto", "glibc malloc keeps freed memory (page faults per batch)")
+
+
+def _is_glibc() -> bool:
+    import platform
+
+    return platform.libc_ver()[0] == "glibc"
+
+
 def batch_floats(task: str, options: dict[str, Any], envs_per_batch: int) -> int | None:
     """Activation floats of one training batch of ``envs_per_batch`` hosts of ``task``
     (None where the host cannot be sized)."""
@@ -162,12 +221,12 @@ def batch_floats(task: str, options: dict[str, Any], envs_per_batch: int) -> int
 
 
 def build_envs(
-    config: Any, num_envs: int, *, set_threads: bool = False
+    config: Any, num_envs: int, *, tune_process: bool = False
 ) -> tuple[Any, SpeedChoices]:
     """The `VectorMorphogenesisEnv` of ``num_envs`` envs for ``config`` (a `RunConfig`)
-    with every speed setting resolved, and what was chosen. ``set_threads``: the caller
-    owns the process (the CLI), so torch's intra-op threads are set from ``run.threads``;
-    else they stay as the caller set them."""
+    with every speed setting resolved, and what was chosen. ``tune_process``: the caller
+    owns the process (the CLI), so torch's intra-op threads are set from ``run.threads``
+    and the allocator keeps freed memory; else both stay as the caller set them."""
     import dataclasses
 
     import torch
@@ -185,7 +244,8 @@ def build_envs(
         num_envs, env_config, env_devices=run.env_devices, batched=run.batched_envs
     )
     batched = batched_choice(run.batched_envs, vec)
-    if set_threads:
+    allocator = keep_freed_memory(run.keep_freed_memory) if tune_process else _CALLER
+    if tune_process:
         sized = {**options, "channels_last": bool(layout.value)} if layout is not None else options
         if config.env.batches_per_step is not None:
             sized["batches_per_step"] = config.env.batches_per_step
@@ -194,4 +254,7 @@ def build_envs(
         torch.set_num_threads(int(threads.value))
     else:
         threads = Choice(torch.get_num_threads(), "caller", "as the calling program set them")
-    return vec, SpeedChoices(batched, layout, threads)
+    return vec, SpeedChoices(batched, layout, threads, allocator)
+
+
+_CALLER = Choice(False, "caller", "as the calling program set it")
