@@ -47,6 +47,8 @@ def test_bad_batched_envs_values_are_refused_with_the_allowed_ones():
     with pytest.raises(ConfigError, match="batched_envs must be true, false or \"auto\", got 'on'"):
         config_from_dict({"run": {"batched_envs": "on"}})
     assert config_from_dict({"run": {"batched_envs": "auto"}}).run.batched_envs == "auto"
+    with pytest.raises(ValueError, match='keep_freed_memory must be true, false or "auto"'):
+        RunSection(keep_freed_memory="always")
     assert RunSection().batched_envs == "auto"
 
 
@@ -81,6 +83,7 @@ def test_a_run_records_what_it_chose_and_says_so_when_it_starts(tmp_path):
     assert forced["speed"]["batched_envs"]["mode"] == "forced"
     assert forced["speed"]["threads"] == {"value": 1, "mode": "forced", "why": "run.threads set"}
     assert forced["torch_threads"] == 1
+    assert forced["speed"]["keep_freed_memory"]["mode"] in ("auto", "forced")  # CLI-tuned
 
 
 def test_auto_plays_exactly_what_the_forced_settings_it_resolved_to_play():
