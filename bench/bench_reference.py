@@ -266,11 +266,15 @@ def host_step_rows(quick: bool, rounds: int) -> list[dict[str, Any]]:
     ref = times[REFERENCE_SHAPED]
     rows = []
     for name, values in times.items():
-        ratio = statistics.median(v / r for v, r in zip(values, ref, strict=True))
+        ratios = [v / r for v, r in zip(values, ref, strict=True)]
+        ratio = statistics.median(ratios)
+        se = statistics.stdev(ratios) / len(ratios) ** 0.5 if len(ratios) > 1 else float("nan")
         rows.append({"per-batch host step (1 thread)": name,
                      "best ms": round(1000 * min(values), 1),
                      "median ms": round(1000 * statistics.median(values), 1),
-                     "vs reference-shaped (median of paired ratios)": f"{ratio:.2f}x"})  # fmt: skip
+                     "vs reference-shaped (median of paired ratios)": f"{ratio:.2f}x",
+                     "paired ratios: mean ± SE (n)":
+                         f"{statistics.fmean(ratios):.2f} ± {se:.2f} ({len(ratios)})"})  # fmt: skip
     return rows
 
 
