@@ -37,6 +37,9 @@ def test_auto_threads_use_idle_cores_only_for_big_batches(monkeypatch):
     big = threads_choice(0, THREAD_MIN_FLOATS)
     assert (big.value, big.mode) == (4, "auto") and "6 idle of 8 cores" in big.why  # at most 4
     assert threads_choice(0, THREAD_MIN_FLOATS - 1).value == 1  # tiny hosts: one thread
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun: 4 ranks share the 6 idle cores
+    assert threads_choice(0, THREAD_MIN_FLOATS).value == 1
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
     monkeypatch.setattr("os.getloadavg", lambda: (7.5, 0.0, 0.0))
     assert threads_choice(0, THREAD_MIN_FLOATS).value == 1  # busy: a second thread costs ~10x
 

@@ -152,8 +152,11 @@ def threads_choice(setting: int, batch_floats: int | None) -> Choice:
             f"one training batch is {batch_floats / 1e6:.1f} M activation floats "
             f"(< {THREAD_MIN_FLOATS / 1e6:.0f} M: a second thread gains little)",
         )
-    n = max(1, min(MAX_AUTO_THREADS, idle))
-    return Choice(n, "auto", f"{idle} idle of {cores} cores (1-min load {load:.2f})")
+    # Under torchrun every local rank resolves this at once: they share the idle cores.
+    ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    n = max(1, min(MAX_AUTO_THREADS, idle // ranks))
+    shared = f", shared by {ranks} local ranks" if ranks > 1 else ""
+    return Choice(n, "auto", f"{idle} idle of {cores} cores (1-min load {load:.2f}){shared}")
 
 
 # glibc's mallopt parameters and the values `keep_freed_memory` sets: blocks up to 256 MB
