@@ -175,8 +175,9 @@ def keep_freed_memory(setting: bool | str = AUTO) -> Choice:
     heap to the system, so every training batch's activations and gradients (16 MB each
     for the first block of the reference workload's host) fault their pages in again:
     measured 2.9-8.7 K minor page faults per batch on that host, ~0.4 K with this
-    setting (one thread, 2-core machine; `bench/bench_reference.py`). The process keeps
-    its peak heap, which a training loop reaches in its first batch anyway.
+    setting (one thread, 2-core machine, ``getrusage`` over 10 batches; the time it
+    saves is the ``run.keep_freed_memory=false`` row of `bench/bench_reference.py`).
+    The process keeps its peak heap, which a training loop reaches in its first batch.
     ``setting`` (``run.keep_freed_memory``): false leaves the allocator alone."""
     global _kept
     import ctypes
