@@ -8,17 +8,25 @@ batches after a warm-up, so other jobs on the machine inflate it least.
 
     OMP_NUM_THREADS=1 python bench/bench_host_layout.py
     python bench/bench_host_layout.py --quick
+    python bench/bench_host_layout.py --rule    # the shapes behind channels_last="auto"
+
+``--rule`` times NCHW against channels_last, interleaved (median of paired ratios), on
+the image sizes either side of the ``channels_last="auto"`` threshold
+(`esper.training.tasks.CHANNELS_LAST_MIN_SIZE`).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 
 import torch
 
 import benchlib
 from esper.training import get_task
 from esper.training.objective import task_loss
+from esper.training.tasks import resolve_channels_last
 
 # (label, pool_at, channels_last); pool_at None = the task's default schedule.
 CONFIGS = (
@@ -39,7 +47,7 @@ def batch_seconds(pool_at, channels_last: bool, batch: int, width: int, repeats:
         depth=3,
         pool_at=pool_at,
         channels_last=channels_last,
-    )
+    )  # the rows' layouts are forced: this table is what "auto" is judged by
     data = task.make_data(seed=0)
     torch.manual_seed(0)
     host = task.make_host(data)
@@ -56,6 +64,54 @@ def batch_seconds(pool_at, channels_last: bool, batch: int, width: int, repeats:
     return benchlib.best_of(step, repeats)
 
 
+# (label, shape, width, batch, pool_at) of the --rule table.
+RULE_CASES = (
+    ("3x32x32, width 8, batch 512, pool every block", (3, 32, 32), 8, 512, [0, 1, 2]),
+    ("1x28x28 (fashion-mnist), width 4, batch 128", (1, 28, 28), 4, 128, None),
+    ("1x16x16, width 4, batch 128", (1, 16, 16), 4, 128, None),
+    ("1x8x8 (digits), width 2, batch 64", (1, 8, 8), 2, 64, None),
+)
+
+
+def layout_step(shape, width: int, batch: int, pool_at, channels_last: bool):
+    """One timed training batch (seconds) of the synthetic task's host, the data stored
+    in the host's layout as the task stores it."""
+    task = get_task("synthetic", shape=shape, n_train=batch, n_val=16, width=width,
+                    depth=3, pool_at=pool_at, channels_last=channels_last)  # fmt: skip
+    data = task.make_data(seed=0)
+    torch.manual_seed(0)
+    host = task.make_host(data)
+    optimizer = torch.optim.SGD(host.parameters(), lr=0.05, momentum=0.9)
+    x, y = data.train_x[:batch], data.train_y[:batch]
+
+    def step() -> float:
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        task_loss(host(x), y).backward()
+        optimizer.step()
+        return time.perf_counter() - start
+
+    return step
+
+
+def rule_rows(rounds: int) -> list[dict]:
+    rows = []
+    for label, shape, width, batch, pool_at in RULE_CASES:
+        nchw = layout_step(shape, width, batch, pool_at, False)
+        nhwc = layout_step(shape, width, batch, pool_at, True)
+        nchw(), nhwc()
+        pairs = [(min(nchw() for _ in range(3)), min(nhwc() for _ in range(3)))
+                 for _ in range(rounds)]  # fmt: skip
+        ratio = statistics.median(a / b for a, b in pairs)
+        rows.append({"image, host, batch": label,
+                     "NCHW ms": round(1000 * min(a for a, _ in pairs), 2),
+                     "channels_last ms": round(1000 * min(b for _, b in pairs), 2),
+                     "NCHW / channels_last": f"{ratio:.2f}x",
+                     "auto picks": "channels_last" if resolve_channels_last("auto", shape[-1])
+                     else "NCHW"})  # fmt: skip
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=512)
@@ -63,7 +119,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="batch 32, 2 repeats")
+    parser.add_argument("--rule", action="store_true", help="the channels_last auto rule")
     args = parser.parse_args(argv)
+    if args.rule:
+        benchlib.set_threads(args.threads)
+        print(f"machine: {benchlib.machine()}", flush=True)
+        benchlib.report(
+            "host_layout_rule",
+            f"NCHW vs channels_last per training batch, {args.threads} thread(s)",
+            rule_rows(2 if args.quick else 8),
+            note="Median of interleaved pairs, each the best of 3 batches "
+            "(bench/bench_host_layout.py --rule).",
+        )
+        return
     if args.quick:
         args.batch, args.repeats = 32, 2
     benchlib.set_threads(args.threads)

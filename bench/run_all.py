@@ -45,6 +45,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "width_init": ("bench_width_init.py", ["--seeds", "8"]),
     "user_seed_pass": ("bench_user_seed_pass.py", ["--seeds", "4"]),  # issue 19
     "host_layout": ("bench_host_layout.py", []),
+    "reference": ("bench_reference.py", []),  # issue 24: the matched workload, fast paths
     "learned": ("bench_learned.py", ["--seeds", "12", "--transfer", "5", "8"]),
     # issue 22: policy-gradient variance per reward mode on one set of rollouts
     "credit": ("bench_credit.py", ["--episodes", "16", "--envs", "8"]),

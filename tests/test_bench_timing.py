@@ -47,3 +47,14 @@ def test_slot_scaling_quick_reports_each_slot_count(load, tmp_path, capsys):
     assert [r["slots"] for r in rows] == ["1", "8"]
     for row in rows:
         assert float(row["counterfactuals ms"]) > 0 and float(row["validation ms"]) > 0
+
+
+def test_reference_bench_quick_reports_host_step_and_env_steps(load, tmp_path, capsys):
+    load("bench_reference").main(["--quick"])
+    out = capsys.readouterr().out
+    assert "DERIVED" in out and "reference-shaped" in out
+    steps = read_rows(tmp_path / "reference_env_steps_quick.csv")
+    assert steps[0]["configuration"] == "defaults (auto)"
+    assert all(float(r["env steps/s (median)"]) > 0 for r in steps)
+    host = read_rows(tmp_path / "reference_host_step_quick.csv")
+    assert len(host) == 5 and all(float(r["best ms"]) > 0 for r in host)

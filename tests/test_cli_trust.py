@@ -130,17 +130,6 @@ def test_library_hints_are_given_in_cli_form(capsys, tmp_path):
     _one_line_error(code, err, "--set task.path=")
 
 
-def test_auto_threads_gives_envs_the_cores(monkeypatch):
-    from esper.run_config import auto_threads
-
-    assert auto_threads(4) == 1  # several envs in one process share the cores
-    monkeypatch.setattr("os.cpu_count", lambda: 8)
-    monkeypatch.setattr("os.getloadavg", lambda: (1.2, 0.0, 0.0))
-    assert auto_threads(1) == 4  # a lone env takes idle cores, at most 4
-    monkeypatch.setattr("os.getloadavg", lambda: (7.5, 0.0, 0.0))
-    assert auto_threads(1) == 1  # busy machine: a second thread costs ~10x (measured)
-
-
 def test_the_baseline_round_changes_nothing_in_the_run(ppo_run, tmp_path, capsys):
     other = tmp_path / "no-baseline"
     code, _, err = _run(capsys, "train", "ppo", *TINY_PPO, "--episodes", "4", "--no-report",

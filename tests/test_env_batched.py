@@ -169,3 +169,47 @@ def test_run_config_flag_plays_the_same_episodes():
     for alone, batched in zip(*records, strict=True):
         assert batched.objective == pytest.approx(alone.objective, rel=1e-5)
         assert batched.counts == alone.counts and batched.params_added == alone.params_added
+
+
+def _same(a, b, path=""):
+    """Bit-identical nested results (NaN equal to NaN)."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for key in a:
+            _same(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for k, (x, y) in enumerate(zip(a, b, strict=True)):
+            _same(x, y, f"{path}[{k}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b) or torch.allclose(a, b, rtol=0, atol=0, equal_nan=True), path
+    elif isinstance(a, float) and math.isnan(a):
+        assert math.isnan(b), path
+    else:
+        assert a == b, path
+
+
+def test_auto_batching_is_the_forced_path_and_equals_each_env_alone(float64):
+    # batched="auto" takes the batched path here (digits, SGD, one device): its
+    # trajectories are exactly those of batched=True, and each env's is its own alone.
+    data = _data()
+    ids = [0, 3]
+    auto, auto_states = _run(ids, "auto", data)
+    forced, forced_states = _run(ids, True, data)
+    for i in ids:
+        _same(auto[i], forced[i], f"env{i}")
+        _same(auto_states[i], forced_states[i], f"env{i}.state")
+        alone, alone_states = _run([i], False, data)
+        _close(alone[i], auto[i], f"env{i}")
+        _close(alone_states[i], auto_states[i], f"env{i}.state")
+
+
+def test_auto_batching_falls_back_to_the_loop_where_the_envs_cannot_batch():
+    vec = VectorMorphogenesisEnv(
+        2, task="digits", batched="auto", task_options={"optimizer": "adam"}
+    )
+    assert not vec.batched and "sgd" in vec.batched_reason
+    assert VectorMorphogenesisEnv(1, task="digits", batched="auto").batched_reason == "one env"
+    assert VectorMorphogenesisEnv(2, task="digits", batched="auto").batched
+    with pytest.raises(ValueError, match="True, False or \"auto\", got 'yes'"):
+        VectorMorphogenesisEnv(2, task="digits", batched="yes")

@@ -107,3 +107,33 @@ def test_model_without_seeds_equals_host(make) -> None:
     n = len(host.blocks)
     split = model.run_blocks(model.run_blocks(h, 0, 1), 1, n)
     assert torch.equal(host.head(split), model(x))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cnn_block_pools_before_relu_with_the_plain_order_function_and_gradients(
+    channels_last: bool,
+) -> None:
+    # CNNBlock runs conv, BN, pool, ReLU: the output and every gradient must be those
+    # of the plain conv-BN-ReLU-pool order, bit for bit (ReLU and max-pool commute).
+    torch.manual_seed(0)
+    host = CNNHost(3, 10, width=2, depth=3, image_size=16, pool_at=[0, 2])
+    x = torch.randn(6, 3, 16, 16)
+    if channels_last:
+        host = host.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    def run(plain: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        host.zero_grad()
+        h = x
+        for block in host.blocks:
+            h = torch.nn.Sequential.forward(block, h) if plain else block(h)
+        out = host.head(h)
+        (out * torch.arange(10.0)).sum().backward()
+        return out.detach(), [p.grad.clone() for p in host.parameters()]
+
+    out, grads = run(plain=False)
+    ref_out, ref_grads = run(plain=True)
+    assert torch.equal(out, ref_out)
+    assert all(torch.equal(g, r) for g, r in zip(grads, ref_grads, strict=True))
+    kinds = [type(m).__name__ for m in host.blocks[0]]
+    assert kinds == ["Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d"]  # the modules' order

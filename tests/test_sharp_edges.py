@@ -299,7 +299,7 @@ def test_tasks_lists_each_tasks_options_with_defaults(capsys):
     assert code == 0
     digits = out.split("fashion-mnist")[0]
     for option, default in (("width", "2"), ("depth", "3"), ("val_fraction", "0.2"),
-                            ("pool_at", "unset"), ("channels_last", "false")):  # fmt: skip
+                            ("pool_at", "unset"), ("channels_last", "auto")):  # fmt: skip
         assert re.search(rf"^\s+{option}\s+{re.escape(default)}\s+\S", digits, re.M), digits
     assert re.search(r"^\s+d_model\s+64\s", out, re.M) and "training options" in out
 

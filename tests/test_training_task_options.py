@@ -47,7 +47,7 @@ def test_pooling_after_every_block_quarters_the_activations_of_the_later_blocks(
         ({"pool_at": [3]}, "out of range"),
         ({"pool_at": "0,1"}, "list of block indices"),
         ({"pool_at": [True]}, "list of block indices"),
-        ({"channels_last": "yes"}, "true or false"),
+        ({"channels_last": "yes"}, 'true, false or "auto"'),
         ({"shape": (16,), "pool_at": [0]}, r"image shape \(C, S, S\)"),
     ],
 )
@@ -59,7 +59,7 @@ def test_bad_cnn_options_are_refused_when_the_task_is_built(options, message):
 def test_channels_last_host_computes_what_the_default_layout_computes():
     x = torch.randn(4, 3, 32, 32)
     torch.manual_seed(0)
-    plain = _host("synthetic", width=4, n_train=16, n_val=8)
+    plain = _host("synthetic", width=4, n_train=16, n_val=8, channels_last=False)
     torch.manual_seed(0)
     nhwc = _host("synthetic", width=4, n_train=16, n_val=8, channels_last=True)
     conv = next(m for m in nhwc.modules() if isinstance(m, torch.nn.Conv2d))

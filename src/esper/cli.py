@@ -56,8 +56,9 @@ def _add_env_flags(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument(
         "--threads", type=int,
-        help="torch threads of this process; 0 = auto: 1 per process stepping several envs, "
-        f"the idle cores (up to 4) for a lone env (default: {d.threads})",
+        help="torch threads of this process; 0 = auto: the idle cores (1-min load; up to "
+        "4) when a training batch is big enough to gain from them, else 1 "
+        f"(default: {d.threads})",
     )  # fmt: skip
     p.add_argument(
         "--config", type=Path, metavar="FILE.toml", help="config file, strict (default: none)"
@@ -225,15 +226,6 @@ def _merge(base: dict[str, Any], over: dict[str, dict[str, Any]]) -> dict[str, A
     return merged
 
 
-def _set_threads(threads: int, envs_in_process: int) -> None:
-    """The CLI owns its process, so it may set torch's thread count (run.threads)."""
-    import torch
-
-    from esper.run_config import auto_threads
-
-    torch.set_num_threads(threads if threads > 0 else auto_threads(envs_in_process))
-
-
 def _cmd_train(args: argparse.Namespace) -> int:
     from esper.config_io import load_toml
     from esper.run import check_run_dir, train
@@ -272,15 +264,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     # Under torchrun: one rank of a DD-PPO job (--envs is the total over all ranks).
     dist = init_distributed(config.run.device)
     envs_here = env_shard(config.run.envs, dist).count
-    check_run_limits(config, envs_here)  # threads, memory: before torch starts threads
-    _set_threads(config.run.threads, max(1, envs_here))
+    check_run_limits(config, envs_here)  # threads, memory: before anything is built
     console = Console()
     try:
         with console if dist.is_main else contextlib.nullcontext():  # one rank speaks
             result = train(
                 config, run_dir, resume=args.resume, force=args.force, dist=dist,
                 progress=console.round_done, live=console.live, command=["esper", *args.argv],
-                log=lambda m: print(f"esper: {m}", file=sys.stderr),
+                log=lambda m: print(f"esper: {m}", file=sys.stderr), tune_process=True,
             )  # fmt: skip
     except PeerLostError as exc:
         print(f"esper: error: {str(exc).splitlines()[0]}", file=sys.stderr)
@@ -359,8 +350,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise UsageError(f"--episodes must be >= 1, got {args.episodes}")
     from esper.run_config import check_run_limits
 
-    check_run_limits(config, min(config.run.envs, args.episodes))  # before torch's threads
-    _set_threads(config.run.threads, min(config.run.envs, args.episodes))
+    check_run_limits(config, min(config.run.envs, args.episodes))  # before anything is built
     with Console() as console:
         records = evaluate(
             config,
@@ -368,6 +358,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             episodes=args.episodes,
             deterministic=not args.stochastic,
             live=console.live,
+            tune_process=True,  # the CLI owns its process (run.threads)
         )
     policy = "sampled" if args.stochastic else "deterministic"
     _print_table(

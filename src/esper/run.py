@@ -58,6 +58,7 @@ from esper.run_config import (
 )
 from esper.seeding import MAX_ROUNDS
 from esper.slots import SlotConfig
+from esper.speed import build_envs
 from esper.telemetry import CheckpointSaved, PPOUpdate, RunStarted, Telemetry, provenance
 from esper.telemetry.events import BaselineEpisodeEnded, RoundEnded, RunFinished
 from esper.telemetry.sinks import tensorboard_writer, truncate_telemetry
@@ -248,6 +249,7 @@ def train(
     stop_after: int | None = None,
     dist: DistContext = SINGLE,
     command: list[str] | None = None,
+    tune_process: bool = False,
 ) -> TrainResult:
     """Train (or, for scripted controllers, just run) ``config`` into ``run_dir``.
 
@@ -256,18 +258,17 @@ def train(
     in this call (tests use it to interrupt and resume). Ctrl-C ends it cleanly after
     saving what was complete. ``dist``: this process's rank in a data-parallel job (see
     the module docstring). ``command`` is recorded in the provenance (default sys.argv).
+    ``tune_process``: this process is the caller's to tune (the CLI): torch's threads are
+    set from ``run.threads`` and the allocator keeps freed memory (`esper.speed`); else
+    both stay as they are.
     """
     run_dir = Path(run_dir)
     started = time.monotonic()
     _check_before_start(config, run_dir, resume, force, dist)
     shard = env_shard(config.run.envs, dist)
-    # Building the envs validates task, slots and data before anything is written.
-    vec = VectorMorphogenesisEnv(
-        shard.count,
-        config.env_config(),
-        env_devices=config.run.env_devices,
-        batched=config.run.batched_envs,
-    )
+    # Building the envs validates task, slots and data before anything is written; the
+    # speed settings (batched envs, layout, threads) are resolved with them.
+    vec, speed = build_envs(config, shard.count, tune_process=tune_process)
     created = False
     try:
         agent, state = (
@@ -276,6 +277,7 @@ def train(
             else (_agent_for(config, vec) if config.run.controller == "ppo" else None, RunState())
         )
         record = provenance.collect(config.run.device, config.run.env_devices, command)
+        record["speed"] = speed.to_dict()
         if dist.is_main:
             if not resume:
                 create_run_dir(run_dir, config)
@@ -304,6 +306,7 @@ def train(
             f"{config.run.envs} envs x {config.run.updates} rounds of {vec.max_epochs} steps, "
             f"from round {state.round}) -> {run_dir}"
         )
+        log(f"speed: {speed.summary()} (provenance.json says why)")
     barrier(dist)
     total = config.run.updates
     last: dict[str, float] = {}
@@ -439,10 +442,11 @@ def evaluate(
     episodes: int = 8,
     deterministic: bool = True,
     live: Callable[[Progress], None] | None = None,
+    tune_process: bool = False,
 ) -> list[EpisodeRecord]:
     """Play ``episodes`` evaluation episodes (seeds disjoint from training) with the
     checkpoint's agent, or with ``config.run.controller`` when no checkpoint is given;
-    ``live`` is called after every lockstep env step."""
+    ``live`` is called after every lockstep env step; ``tune_process`` as in `train`."""
     if episodes < 1:
         raise ConfigError(f"episodes must be >= 1, got {episodes}")
     check_devices_available(config.run)
@@ -454,12 +458,7 @@ def evaluate(
             f"--episodes <= {MAX_ROUNDS * num_envs} or more --envs"
         )
     check_run_limits(config, num_envs)
-    vec = VectorMorphogenesisEnv(
-        num_envs,
-        config.env_config(),
-        env_devices=config.run.env_devices,
-        batched=config.run.batched_envs,
-    )
+    vec, _ = build_envs(config, num_envs, tune_process=tune_process)
     agent = None
     if checkpoint is not None:
         agent, _ = load_agent(checkpoint, vec.slot_config, vec.action_spec.blueprints,

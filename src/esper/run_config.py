@@ -14,7 +14,6 @@ Command-line flags override the file; the resolved config is saved in the run fo
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from esper.model import LifecycleConfig
 from esper.policy.controllers import HeuristicConfig
 from esper.rl import PPOConfig
 from esper.seeding import MAX_ENVS, MAX_ROUNDS, MAX_SEED
+from esper.speed import check_switch
 
 # "shipped": the trained policy packaged with Esper (esper.policies), run without learning
 Controller = Literal["ppo", "heuristic", "random", "static", "shipped"]
@@ -56,16 +56,21 @@ class RunSection:
     device: str = "cpu"  # the policy's device (and the envs', unless env_devices is set)
     env_devices: tuple[str, ...] | None = None  # envs placed round-robin, e.g. cuda:0 cuda:1
     # Train the envs' CNN hosts as one grouped computation (VectorMorphogenesisEnv
-    # batched=True: same trajectories; 4.7x env steps/s for 16 digits envs on one thread)
-    batched_envs: bool = False
+    # batched: same trajectories; 4.7x env steps/s for 16 digits envs on one thread).
+    # "auto": wherever the envs can take that path, else the per-env loop (`esper.speed`);
+    # true: refuse a run that cannot; false: always the per-env loop.
+    batched_envs: bool | str = "auto"
     checkpoint_every: int = 10  # rounds between kept copies (last.pt is written every round)
     tensorboard: bool = False
-    # torch intra-op threads of this process; 0 = auto (`auto_threads`): one per process
-    # stepping several envs, the idle cores (up to 4) for a lone env. The hosts are tiny:
-    # a second thread gains little and costs 10-16x when the cores are busy (measured on
-    # 2 cores at load 6: static digits, 1 env 3.2 -> 0.34 env steps/s, 4 envs 5.1 -> 0.31),
-    # so scale with envs or processes (torchrun), not threads.
+    # torch intra-op threads of this process (set by the CLI); 0 = auto (`esper.speed`):
+    # the idle cores by load average (up to 4) when one training batch is big enough for a
+    # second thread to pay, else 1. Idle cores, because a second thread costs 10-16x when
+    # the cores are busy (measured on 2 cores at load 6: static digits, 1 env 3.2 -> 0.34
+    # env steps/s, 4 envs 5.1 -> 0.31).
     threads: int = 0
+    # "auto": the CLI asks glibc's malloc to keep freed memory for the next batch instead
+    # of faulting it in afresh (`esper.speed.keep_freed_memory`); false: leave it alone.
+    keep_freed_memory: bool | str = "auto"
     # play one round of the static host (no controller) on round 0's seeds first: the
     # baseline line of the learning curves (one round of extra time)
     baseline: bool = True
@@ -80,6 +85,8 @@ class RunSection:
             )
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0 (0 = auto), got {self.threads}")
+        check_switch("batched_envs", self.batched_envs)
+        check_switch("keep_freed_memory", self.keep_freed_memory)
         if not 1 <= self.envs <= MAX_ENVS:
             raise ValueError(
                 f"envs must be in 1..{MAX_ENVS} (each env's index is part of its episode "
@@ -271,9 +278,12 @@ def check_run_limits(config: RunConfig, envs_in_process: int) -> None:
         have = machine_memory(device)
         if envs == 0 or have is None:
             continue
+        # "auto" is sized as the per-env loop: the batched path groups envs within a fixed
+        # activation budget (`esper.training.batched.ACTIVATION_BUDGET`).
         need = estimate_memory(
-            task, envs, batched=config.run.batched_envs, twin=config.env.reward_mode == "twin"
-        )
+            task, envs, batched=config.run.batched_envs is True,
+            twin=config.env.reward_mode == "twin",
+        )  # fmt: skip
         if need.total > have:
             sizes = ", ".join(f"task.{k}={v!r}" for k, v in config.task.items()) or "defaults"
             raise ConfigError(
@@ -297,19 +307,6 @@ def machine_memory(device: str) -> int | None:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):  # e.g. Windows has no sysconf
         return None
-
-
-def auto_threads(envs_in_process: int) -> int:
-    """Threads for ``run.threads = 0``: 1 when this process steps several envs (they
-    share the cores), else the cores that are idle now (1 .. 4)."""
-    if envs_in_process > 1:
-        return 1
-    cores = os.cpu_count() or 1
-    try:
-        busy = os.getloadavg()[0]
-    except OSError:  # not on this platform
-        busy = 0.0
-    return max(1, min(4, cores - math.ceil(busy)))
 
 
 def replace_section(config: RunConfig, section: str, **changes: Any) -> RunConfig:

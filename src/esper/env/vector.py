@@ -16,14 +16,16 @@
   ``env_devices[i % len]`` (round-robin; default: the config's device). The data set is
   copied once per device, and each env on a GPU runs its step on its own CUDA stream, so
   one env's kernels need not queue behind another's. On CPU there are no streams.
-* **Batched host training** (opt-in, ``batched=True``): the envs' training phases run
+* **Batched host training** (``batched=True``, or ``"auto"``: on wherever the envs
+  can take it, else the per-env loop, silently): the envs' training phases run
   as one grouped computation per optimiser step (`esper.training.batched`, driven by
   `esper.env.lockstep` through the phases of `MorphogenesisEnv.step`); everything else
   (actions, validation and credit, governor, lifecycle, rewards) stays per env. An
   env's trajectory is the same, to float tolerance, as when it runs alone. CNN hosts
-  with SGD in float32 on one device only (refused otherwise, at construction); a step
-  whose envs cannot be batched (e.g. batch streams out of line) runs the per-env loop,
-  and ``last_step_batched`` says which path the last step took.
+  with SGD in float32 on one device only (``True`` is refused otherwise, at
+  construction; ``batched_reason`` says why ``"auto"`` chose the loop); a step whose
+  envs cannot be batched (e.g. batch streams out of line) runs the per-env loop, and
+  ``last_step_batched`` says which path the last step took.
 """
 
 from __future__ import annotations
@@ -74,11 +76,13 @@ class VectorMorphogenesisEnv:
         *,
         seed: int = 0,
         env_devices: Sequence[str | torch.device] | None = None,
-        batched: bool = False,
+        batched: bool | str = False,
         **options: Any,
     ) -> None:
         if not isinstance(num_envs, int) or num_envs < 1:
             raise ValueError(f"num_envs must be an int >= 1, got {num_envs!r}")
+        if not (isinstance(batched, bool) or batched == "auto"):
+            raise ValueError(f'batched must be True, False or "auto", got {batched!r}')
         first = MorphogenesisEnv(config, **options)
         if not env_devices:
             self.envs = [first] + [
@@ -103,9 +107,16 @@ class VectorMorphogenesisEnv:
         self.single_observation_space = first.observation_space
         self.single_action_space = first.action_space
         self._last_obs: list[dict[str, np.ndarray]] | None = None
-        self._stepper = LockstepStepper() if batched else None
-        if batched:
+        # Why these envs train one by one (None: they train batched).
+        self.batched_reason: str | None = "batched=False"
+        if batched is True:
             _check_batchable(first, self.devices)
+            self.batched_reason = None
+        elif batched == "auto":
+            self.batched_reason = (
+                "one env" if num_envs == 1 else _why_not_batchable(first, self.devices)
+            )
+        self._stepper = LockstepStepper() if self.batched_reason is None else None
 
     @property
     def batched(self) -> bool:
@@ -208,22 +219,30 @@ class VectorMorphogenesisEnv:
             env.close()
 
 
-def _check_batchable(env: MorphogenesisEnv, devices: Sequence[torch.device]) -> None:
-    """Refuse ``batched=True`` where batched training cannot equal the per-env loop."""
+def _why_not_batchable(env: MorphogenesisEnv, devices: Sequence[torch.device]) -> str | None:
+    """Why batched training cannot equal the per-env loop for these envs (None: it can)."""
     from esper.training.batched import supports_host
 
     if len(set(devices)) != 1:
-        raise ValueError(
-            f"batched=True needs every env on one device, got {sorted(map(str, set(devices)))}"
-        )
+        return f"batched=True needs every env on one device, got {sorted(map(str, set(devices)))}"
     cfg = env.train_config
-    reason = supports_host(env.task.make_host(env.data))
+    host = env.task.make_host(env.data)
+    reason = supports_host(host)
+    if reason is None and not all(p.is_contiguous() for p in host.parameters()):
+        # The grouped network stacks the hosts' parameters and views their gradients flat.
+        reason = "the grouped path takes NCHW hosts only, got channels_last (task.channels_last)"
     if reason is None and cfg.optimizer != "sgd":
         reason = f"batched=True supports optimizer 'sgd' only, got {cfg.optimizer!r}"
     if reason is None and cfg.amp != "off":
         reason = f"batched=True trains in float32 only, got amp={cfg.amp!r}"
+    return None if reason is None else f"task {env.config.task!r} cannot run batched: {reason}"
+
+
+def _check_batchable(env: MorphogenesisEnv, devices: Sequence[torch.device]) -> None:
+    """Refuse ``batched=True`` where batched training cannot equal the per-env loop."""
+    reason = _why_not_batchable(env, devices)
     if reason is not None:
-        raise ValueError(f"task {env.config.task!r} cannot run batched: {reason}")
+        raise ValueError(reason)
 
 
 def _on_stream(stream: torch.cuda.Stream | None) -> contextlib.AbstractContextManager:

@@ -157,7 +157,7 @@ class CNNHost(Host):
             ]
             if i in pools:
                 layers.append(nn.MaxPool2d(2))
-            blocks.append(nn.Sequential(*layers))
+            blocks.append(CNNBlock(*layers))
             c_in = c_out
         self.blocks = nn.ModuleList(blocks)
         self.classifier = nn.Linear(c_in, num_classes)
@@ -173,7 +173,7 @@ class CNNHost(Host):
     def block_forward(
         self, i: int, h: Tensor, pre: Tensor | None = None, tap: bool = False
     ) -> tuple[Tensor, Tensor | None]:
-        return _sequential_block_forward(self.blocks[i], h, pre), (h if tap else None)
+        return self.blocks[i](h, pre), (h if tap else None)
 
     def sites(self) -> list[UnitSite | None]:
         # Block i's conv makes the units; BN, ReLU (and the pool) act per unit; the next
@@ -203,6 +203,29 @@ class CNNHost(Host):
 
     def head(self, h: Tensor) -> Tensor:
         return self.classifier(h.mean(dim=(-2, -1)))
+
+
+class CNNBlock(nn.Sequential):
+    """``conv3x3 -> BatchNorm -> ReLU [-> 2x2 max-pool]``, run as conv, BN, pool, ReLU.
+
+    ReLU and max-pooling commute exactly (ReLU is monotone, so the max of the rectified
+    values is the rectified max, and the gradient reaches the same element or none), so
+    the block pools first and rectifies a quarter of the values: on the reference
+    workload's host (3x32x32, width 8, batch 512, pool after every block) the
+    full-resolution ReLU and its backward were ~20 % of a training batch
+    (torch.profiler, 1 thread). The modules and their order are those of a plain
+    ``nn.Sequential`` (state_dict keys, width sites and the grouped path read them).
+    """
+
+    def forward(self, h: Tensor, pre: Tensor | None = None) -> Tensor:  # type: ignore[override]
+        """The block on ``h``; ``pre`` (a width term) joins its conv's output."""
+        z = self[0](h)
+        if pre is not None:
+            z = z + pre
+        z = self[1](z)
+        if len(self) > 3:
+            z = self[3](z)
+        return self[2](z)
 
 
 # --------------------------------------------------------------------------------------
@@ -287,6 +310,7 @@ def count_parameters(module: nn.Module) -> int:
 
 
 __all__ = [
+    "CNNBlock",
     "CNNHost",
     "Host",
     "MLPHost",

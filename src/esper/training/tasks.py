@@ -63,22 +63,43 @@ class Task:
     probe_classes: int = 10
 
 
+# Images at least this many pixels a side get NHWC convolutions under
+# ``channels_last="auto"`` (`resolve_channels_last`). NCHW time over NHWC time per
+# training batch, one thread, median of 8 interleaved pairs on the 2-core machine at
+# load ~3 (`python bench/bench_host_layout.py --rule`): 3x32x32 width 8 batch 512
+# (pool after every block) 1.57x; 1x28x28 width 4 batch 128 (fashion-mnist's shape)
+# 1.34x; 1x16x16 width 4 batch 128 1.25x; 1x8x8 width 2 batch 64 (digits) 0.92x.
+CHANNELS_LAST_MIN_SIZE = 16
+
+
+def resolve_channels_last(setting: bool | str, image_size: int) -> bool:
+    """The layout ``channels_last = setting`` ("auto", true or false) gives a CNN host of
+    ``image_size`` pixels a side."""
+    if setting == "auto":
+        return image_size >= CHANNELS_LAST_MIN_SIZE
+    if not isinstance(setting, bool):
+        raise TaskError(f'channels_last must be true, false or "auto", got {setting!r}')
+    return setting
+
+
 def _cnn(
     in_channels: int,
     width: int,
     depth: int,
     image_size: int,
     pool_at: tuple[int, ...] | list[int] | None,
-    channels_last: bool,
+    channels_last: bool | str,
     num_classes: int = 10,
-) -> Callable[[TaskData], nn.Module]:
-    """Host factory of the CNN tasks, with their shared options checked up front.
+) -> tuple[Callable[[TaskData], nn.Module], bool]:
+    """Host factory of the CNN tasks, with their shared options checked up front, and
+    whether its host is channels_last.
 
     ``pool_at``: the blocks followed by a 2x2 max-pool (None: the host's default, from
     the second block on); e.g. ``[0, 1, 2]`` pools after every block, a quarter of the
     activations from the first block on. ``channels_last``: NHWC weights, so the
     convolutions run in that layout (1.4-1.6x per batch for a width-8 host on 32x32
-    images, `bench/bench_host_layout.py`; no change on 8x8 digits).
+    images, `bench/bench_host_layout.py`; no change on 8x8 digits); "auto" decides by
+    image size (`resolve_channels_last`).
     """
     _check_blocks("depth", depth)
     if pool_at is not None:
@@ -90,8 +111,7 @@ def _cnn(
         if bad:
             raise TaskError(f"pool_at index {bad[0]} out of range: blocks are 0..{depth - 1}")
         pool_at = tuple(sorted(set(pool_at)))
-    if not isinstance(channels_last, bool):
-        raise TaskError(f"channels_last must be true or false, got {channels_last!r}")
+    nhwc = resolve_channels_last(channels_last, image_size)
 
     def make_host(data: TaskData) -> nn.Module:
         import torch
@@ -101,9 +121,24 @@ def _cnn(
         host = CNNHost(
             in_channels, num_classes, width, depth, image_size=image_size, pool_at=pool_at
         )
-        return host.to(memory_format=torch.channels_last) if channels_last else host
+        return host.to(memory_format=torch.channels_last) if nhwc else host
 
-    return make_host
+    return make_host, nhwc
+
+
+def _images_in_layout(data: TaskData, channels_last: bool) -> TaskData:
+    """``data`` with its images stored channels_last when the host is: every batch is then
+    gathered in the layout the first convolution reads, instead of converted per batch."""
+    if not channels_last or data.train_x.dim() != 4:
+        return data
+    import torch
+
+    nhwc = torch.channels_last
+    return replace(
+        data,
+        train_x=data.train_x.contiguous(memory_format=nhwc),
+        val_x=data.val_x.contiguous(memory_format=nhwc),
+    )
 
 
 def _digits(
@@ -111,13 +146,14 @@ def _digits(
     depth: int = 3,
     val_fraction: float = 0.2,
     pool_at: list[int] | None = None,
-    channels_last: bool = False,
+    channels_last: bool | str = "auto",
     **hp: Any,
 ) -> Task:
-    def make_data(seed: int = 0, root: str | Path | None = None) -> TaskData:
-        return datasets.load_digits_data(val_fraction=val_fraction, split_seed=seed)
+    make_host, nhwc = _cnn(1, width, depth, 8, pool_at, channels_last)
 
-    make_host = _cnn(1, width, depth, 8, pool_at, channels_last)
+    def make_data(seed: int = 0, root: str | Path | None = None) -> TaskData:
+        data = datasets.load_digits_data(val_fraction=val_fraction, split_seed=seed)
+        return _images_in_layout(data, nhwc)
 
     return Task(
         "digits",
@@ -137,13 +173,14 @@ def _fashion_mnist(
     max_train: int | None = None,
     max_val: int | None = None,
     pool_at: list[int] | None = None,
-    channels_last: bool = False,
+    channels_last: bool | str = "auto",
     **hp: Any,
 ) -> Task:
-    def make_data(seed: int = 0, root: str | Path | None = None) -> TaskData:
-        return datasets.load_fashion_mnist(root, max_train=max_train, max_val=max_val)
+    make_host, nhwc = _cnn(1, width, depth, 28, pool_at, channels_last)
 
-    make_host = _cnn(1, width, depth, 28, pool_at, channels_last)
+    def make_data(seed: int = 0, root: str | Path | None = None) -> TaskData:
+        data = datasets.load_fashion_mnist(root, max_train=max_train, max_val=max_val)
+        return _images_in_layout(data, nhwc)
 
     defaults = {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "batch_size": 128}
     return Task(
@@ -164,13 +201,14 @@ def _cifar10(
     max_train: int | None = None,
     max_val: int | None = None,
     pool_at: list[int] | None = None,
-    channels_last: bool = False,
+    channels_last: bool | str = "auto",
     **hp: Any,
 ) -> Task:
-    def make_data(seed: int = 0, root: str | Path | None = None) -> TaskData:
-        return datasets.load_cifar10(root, max_train=max_train, max_val=max_val)
+    make_host, nhwc = _cnn(3, width, depth, 32, pool_at, channels_last)
 
-    make_host = _cnn(3, width, depth, 32, pool_at, channels_last)
+    def make_data(seed: int = 0, root: str | Path | None = None) -> TaskData:
+        data = datasets.load_cifar10(root, max_train=max_train, max_val=max_val)
+        return _images_in_layout(data, nhwc)
 
     defaults = {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "batch_size": 128}
     return Task(
@@ -238,25 +276,30 @@ def _synthetic(
     width: int = 2,
     depth: int = 3,
     pool_at: list[int] | None = None,
-    channels_last: bool = False,
+    channels_last: bool | str = "auto",
     **hp: Any,
 ) -> Task:
     shape = tuple(int(s) for s in shape)
     _check_blocks("depth", depth)
     cnn = len(shape) == 3 and shape[1] == shape[2]
-    if not cnn and (pool_at is not None or channels_last):
+    if not cnn and (pool_at is not None or channels_last not in ("auto", False)):
         raise TaskError(f"pool_at and channels_last need an image shape (C, S, S), got {shape}")
-    make_cnn = _cnn(shape[0], width, depth, shape[-1], pool_at, channels_last, num_classes)
+    make_cnn, nhwc = (
+        _cnn(shape[0], width, depth, shape[-1], pool_at, channels_last, num_classes)
+        if cnn
+        else (None, False)
+    )
 
     def make_data(seed: int = 0, root: str | Path | None = None) -> TaskData:
-        return datasets.make_synthetic(shape, n_train, n_val, num_classes, noise, seed)
+        data = datasets.make_synthetic(shape, n_train, n_val, num_classes, noise, seed)
+        return _images_in_layout(data, nhwc)
 
     def make_host(data: TaskData) -> nn.Module:
         if len(shape) == 1:
             from esper.model import MLPHost
 
             return MLPHost(shape[0], num_classes, hidden=8 * width, depth=depth)
-        if not cnn:
+        if make_cnn is None:
             raise TaskError(f"synthetic host needs shape (F,) or (C, S, S), got {shape}")
         return make_cnn(data)
 
@@ -301,7 +344,7 @@ OPTION_HELP: Mapping[str, str] = MappingProxyType(
         "depth": f"host blocks, one slot each (r0c0, r0c1, ...; 1..{MAX_DEPTH})",
         "val_fraction": "share of the images held out for validation",
         "pool_at": "blocks followed by a 2x2 max-pool, e.g. [0, 1, 2] (unset: from block 1 on)",
-        "channels_last": "NHWC layout for the convolutions (faster on 32x32 images)",
+        "channels_last": 'NHWC convolutions: true, false or "auto" (on for images >= 16 px)',
         "max_train": "use the first N training images (unset: all)",
         "max_val": "use the first N validation images (unset: all)",
         "path": "UTF-8 text file (or --set env.data_root=FILE)",
