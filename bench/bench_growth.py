@@ -95,26 +95,11 @@ def cli_command(setup: TaskSetup, config: RunConfig) -> str:
 def scaled_cnn(base: CNNHost, scale: float, num_classes: int) -> CNNHost:
     """``base`` with every block ``scale`` times wider (same depth and pooling).
 
-    Layers are created in `CNNHost`'s order, so at scale 1 the weights drawn from the
-    same seed equal those of the narrow host (a test checks it)."""
-    with torch.random.fork_rng(devices=[]):  # the skeleton's layers are replaced below
-        host = CNNHost(base.in_channels, num_classes, 1, len(base.widths), base.image_size,
-                       pool_at=base.pool_at)  # fmt: skip
+    `CNNHost` creates its layers in the same order at any widths, so at scale 1 the
+    weights drawn from the same seed equal those of the narrow host (a test checks it)."""
     widths = [max(1, round(w * scale)) for w in base.widths]
-    blocks, c_in = [], base.in_channels
-    for i, c_out in enumerate(widths):
-        layers: list[nn.Module] = [
-            nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
-            nn.BatchNorm2d(c_out),
-            nn.ReLU(),
-        ]
-        if i in base.pool_at:
-            layers.append(nn.MaxPool2d(2))
-        blocks.append(nn.Sequential(*layers))
-        c_in = c_out
-    host.blocks = nn.ModuleList(blocks)  # `host.widths` reads the new blocks
-    host.classifier = nn.Linear(c_in, num_classes)
-    return host
+    return CNNHost(base.in_channels, num_classes, 1, len(widths), base.image_size,
+                   pool_at=base.pool_at, widths=widths)  # fmt: skip
 
 
 def params(module: nn.Module) -> int:
