@@ -266,11 +266,73 @@ class Plan:
                 for i in range(start, len(self.active))
             )
 
-        start = min((firsts[e] for e in seeded), default=0)
-        self.grouped = [e for e in seeded if not crosses_other(e, start)]
+        self.grouped = [e for e in seeded if not crosses_other(e, firsts[e])]  # type: ignore[arg-type]
         self.alone = [e for e in seeded if e not in self.grouped]
-        self.start = min((firsts[e] for e in self.grouped), default=0)
+        # Block -> the grouped envs whose own pass starts there (their first TRAINING seed).
+        self.joins: dict[int, list[int]] = {}
+        for e in self.grouped:
+            self.joins.setdefault(firsts[e], []).append(e)  # type: ignore[arg-type]
+        self.start = min(self.joins, default=0)
         self.training = training
+
+
+def _hidden(slot, alpha: float | None) -> bool:
+    """Whether the slot's seed leaves its input unchanged in this call: a GERMINATED or
+    TRAINING seed hidden from the forward (its own pass trains it), as `SeedSlot` rules."""
+    if alpha is not None or slot.stage not in (SeedStage.GERMINATED, SeedStage.TRAINING):
+        return False
+    return not (slot.straight_through and slot.training and torch.is_grad_enabled())
+
+
+def _host_block(layers, i: int, h: Tensor, pend: dict, G: int, training: bool) -> Tensor:
+    """Host block i (conv, BatchNorm, ReLU, pool) of ``G`` grouped envs, with the width
+    terms ``pend`` (group -> term) added to the conv's output. ``layers``: `Stacked`,
+    `Detached`, or anything with their ``convs``, ``pools``, ``weights``, ``bns``."""
+    conv = layers.convs[i]
+    weight = layers.weights[i].contiguous(memory_format=CL)
+    z = F.conv2d(h, weight, None, conv.stride, conv.padding, conv.dilation, G)
+    full = _pending_full(pend, z, G)
+    if full is not None:
+        z = z + full
+    g, b, rm, rv, eps, momentum = layers.bns[i]
+    z = F.batch_norm(z, rm, rv, g, b, training=training, momentum=momentum, eps=eps)
+    z = F.relu(z, inplace=True)  # BatchNorm's backward reads its input, not output
+    pool = layers.pools[i]
+    return z if pool is None else pool(z)  # per channel: the same on E·C channels as on C
+
+
+def _apply_slots(
+    models, plan: Plan, i: int, envs: list[int], h: Tensor, z: Tensor, seed_pass: bool
+) -> tuple[Tensor, dict]:
+    """Block i's slots on its output ``z`` (group k = env ``envs[k]``; ``h``: what
+    entered the block, a width seed's input): (the activation after the slots, the
+    width terms pending for block i+1 by group)."""
+    G = len(envs)
+    local = {e: k for k, e in enumerate(envs)}
+    outs, pend = {}, {}
+    for e in plan.active[i]:
+        k = local.get(e)
+        if k is None:
+            continue
+        slot_id = plan.slot_ids[e][i]
+        alpha = 1.0 if seed_pass and slot_id in plan.training[e] else None
+        if _hidden(models[e].slots[slot_id], alpha):
+            continue  # the identity: no copy of its channels, no gradient path
+        tap = _env_part(h, k, G) if plan.width[i][e] else None
+        out_k, p = models[e].apply_slot(i, _env_part(z, k, G), tap, alpha)
+        outs[k] = out_k
+        if p is not None:
+            pend[k] = p
+    return _join(z, outs, G), pend
+
+
+def _head(layers, h: Tensor, pend: dict, G: int) -> Tensor:
+    feats = h.mean(dim=(-2, -1)).view(h.shape[0], G, -1)
+    logits = torch.einsum("bec,ekc->bek", feats, layers.head_w) + layers.head_b
+    if pend:
+        zero = logits.new_zeros(logits[:, 0].shape)
+        logits = logits + torch.stack([pend.get(k, zero) for k in range(G)], 1)
+    return logits
 
 
 def grouped_pass(
@@ -289,67 +351,75 @@ def grouped_pass(
     """Blocks ``start``.. and the head of the grouped host for ``envs`` (indices into
     ``models``; group k of ``h`` is env ``envs[k]``): logits ``[B, len(envs), K]``.
     ``seed_pass``: TRAINING seeds on at alpha 1 (their own pass). ``training``: False
-    normalises with the running statistics (an eval pass). ``record(i, h, pend)`` sees
-    what enters block i."""
+    normalises with the running statistics (an eval pass). ``record(i, h, z)`` sees
+    what enters block i and the block's output before its slot."""
     G = len(envs)
-    local = {e: k for k, e in enumerate(envs)}
-    for i, conv in enumerate(layers.convs):
-        if i < start:
-            continue
+    for i in range(start, len(layers.convs)):
+        z = _host_block(layers, i, h, pend, G, training)
         if record is not None:
-            record(i, h, pend)
-        weight = layers.weights[i].contiguous(memory_format=CL)
-        z = F.conv2d(h, weight, None, conv.stride, conv.padding, conv.dilation, G)
-        full = _pending_full(pend, z, G)
-        if full is not None:
-            z = z + full
-        g, b, rm, rv, eps, momentum = layers.bns[i]
-        z = F.batch_norm(z, rm, rv, g, b, training=training, momentum=momentum, eps=eps)
-        z = F.relu(z, inplace=True)  # BatchNorm's backward reads its input, not output
-        pool = layers.pools[i]
-        if pool is not None:
-            z = pool(z)  # per channel: the same on E·C channels as on one env's C
-        outs, pend = {}, {}
-        for e in plan.active[i]:
-            k = local.get(e)
-            if k is None:
-                continue
-            slot_id = plan.slot_ids[e][i]
-            alpha = 1.0 if seed_pass and slot_id in plan.training[e] else None
-            tap = _env_part(h, k, G) if plan.width[i][e] else None
-            out_k, p = models[e].apply_slot(i, _env_part(z, k, G), tap, alpha)
-            outs[k] = out_k
-            if p is not None:
-                pend[k] = p
-        h = _join(z, outs, G)
-    feats = h.mean(dim=(-2, -1)).view(h.shape[0], G, -1)
-    logits = torch.einsum("bec,ekc->bek", feats, layers.head_w) + layers.head_b
-    if pend:
-        zero = logits.new_zeros(logits[:, 0].shape)
-        logits = logits + torch.stack([pend.get(k, zero) for k in range(G)], 1)
-    return logits
+            record(i, h, z)
+        h, pend = _apply_slots(models, plan, i, envs, h, z, seed_pass)
+    return _head(layers, h, pend, G)
 
 
 class Detached:
     """Envs ``envs`` of the stacked host as constants (the own seed pass's host): no
-    gradient, BatchNorm on batch statistics without touching the running ones."""
+    gradient, BatchNorm on batch statistics without touching the running ones. Layers
+    are picked when first asked for (a block's envs are known when it runs)."""
 
-    def __init__(self, stacked: Stacked, envs: list[int]) -> None:
+    def __init__(
+        self, stacked: Stacked, envs: list[int], blocks: range | None = None, head: bool = True
+    ) -> None:
         E, index = stacked.num_envs, torch.tensor(envs, device=stacked.head_w.device)
+        picked = range(len(stacked.convs)) if blocks is None else blocks
 
         def pick(t: Tensor) -> Tensor:
             return t.detach().view(E, -1, *t.shape[1:]).index_select(0, index).flatten(0, 1)
 
         self.convs, self.pools = stacked.convs, stacked.pools
-        self.weights = [pick(w) for w in stacked.weights]
-        self.bns = [(pick(g), pick(b), None, None, eps, m) for g, b, _, _, eps, m in stacked.bns]
-        self.head_w = stacked.head_w.detach().index_select(0, index)
-        self.head_b = stacked.head_b.detach().index_select(0, index)
+        # Only ``blocks`` (default all) and, with ``head``, the head are picked.
+        self.weights = [pick(w) if i in picked else None for i, w in enumerate(stacked.weights)]
+        self.bns = [
+            (pick(g), pick(b), None, None, eps, m) if i in picked else None
+            for i, (g, b, _, _, eps, m) in enumerate(stacked.bns)
+        ]
+        if head:
+            self.head_w = stacked.head_w.detach().index_select(0, index)
+            self.head_b = stacked.head_b.detach().index_select(0, index)
 
 
 def _gather(t: Tensor, envs: list[int], E: int) -> Tensor:
     """Channel groups ``envs`` of a grouped activation, detached, in that order."""
     return torch.cat([_slice(t, e, E) for e in envs], 1).detach().contiguous(memory_format=CL)
+
+
+def _own_pass(stacked: Stacked, models, plan: Plan, seen: dict) -> tuple[list[int], Tensor]:
+    """The grouped envs' own seed pass: (their order, logits ``[B, G, K]``).
+
+    Env e joins at the block of its first TRAINING seed with the main forward's output
+    of that block (``seen[i] = (h entering, z before the slots)``, detached): the per-env
+    `seed_forward` recomputes that block from the same input, with the same values. From
+    there it runs with the host as constants (`Detached`), its TRAINING seeds at alpha 1.
+    So a seed at the last slot costs no host block at all."""
+    E = stacked.num_envs
+    envs: list[int] = []
+    h = z = None
+    pend: dict = {}
+    for i in range(plan.start, len(stacked.convs)):
+        joining = plan.joins.get(i, [])
+        if envs:
+            layers = Detached(stacked, envs, range(i, i + 1), head=False)
+            z = _host_block(layers, i, h, pend, len(envs), True)
+        if joining:
+            h_in, z_in = seen[i]
+            fresh = _gather(z_in, joining, E)
+            z = fresh if not envs else torch.cat([z, fresh], 1).contiguous(memory_format=CL)
+            if any(plan.width[i].get(e, False) for e in (*envs, *joining)):
+                entered = _gather(h_in, joining, E)  # a width seed's input
+                h = entered if not envs else torch.cat([h, entered], 1)
+            envs = envs + joining
+        h, pend = _apply_slots(models, plan, i, envs, h if h is not None else z, z, True)
+    return envs, _head(Detached(stacked, envs, range(0)), h, pend, len(envs))
 
 
 def train_forward(
@@ -358,11 +428,11 @@ def train_forward(
     """Train-mode forward of all envs: (logits ``[B, E, K]``, the summed loss of the
     TRAINING seeds' own passes or None)."""
     E = stacked.num_envs
-    entering: dict = {}
+    seen: dict = {}
 
-    def record(i: int, h: Tensor, pend: dict) -> None:
-        if i == plan.start:
-            entering["h"], entering["pend"] = h, pend
+    def record(i: int, h: Tensor, z: Tensor) -> None:
+        if i in plan.joins:
+            seen[i] = (h, z)
 
     logits = grouped_pass(
         stacked,
@@ -376,14 +446,8 @@ def train_forward(
     )
     seed_loss = None
     if plan.grouped:
-        envs = plan.grouped
-        h = _gather(entering["h"], envs, E)
-        pend = {
-            k: entering["pend"][e].detach() for k, e in enumerate(envs) if e in entering["pend"]
-        }
-        own = grouped_pass(
-            Detached(stacked, envs), models, plan, envs, h, pend, plan.start, seed_pass=True
-        ).float()
+        envs, own = _own_pass(stacked, models, plan, seen)
+        own = own.float()
         # One loss per env on a dense [B, K] as `seed_forward`'s caller computes it: the
         # float32 cross-entropy of a strided [B, K, G] view rounds differently (1e-10
         # apart after a step, in float64 runs).
