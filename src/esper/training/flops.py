@@ -122,11 +122,14 @@ def _slot_key(slot: nn.Module) -> tuple:
         int(slot.stage),
         slot.alpha > 0.0,
         slot.blueprint,
-        None if seed is None else (type(seed).__name__, _shapes(seed)),
+        None if seed is None else repr(seed),  # its layers' types, settings and shapes
         None if gate is None else _shapes(gate),
         bool(getattr(slot, "straight_through", True)),
         slot.training,
     )
+
+
+_PIECES: dict[Hashable, int] = {}
 
 
 class BlockFlops:
@@ -134,9 +137,11 @@ class BlockFlops:
     docstring): `eval_row` (a `fast_counterfactuals` pass, per validation row) and
     `train_rows` (one train-mode forward plus the seeds' own pass on ``x``)."""
 
-    def __init__(self) -> None:
-        self._pieces: dict[Hashable, int] = {}
-        self._totals: dict[Hashable, int] = {}
+    def __init__(self, pieces: dict[Hashable, int] | None = None) -> None:
+        # A piece's key describes it fully (types, settings, shapes, stage, input shape),
+        # so every env of a process shares one table: 16 envs count a new seed once.
+        self._pieces = _PIECES if pieces is None else pieces
+        self._totals: dict[Hashable, int] = {}  # per model structure (`structure_key`)
 
     def _piece(self, key: Hashable, fn: Callable[..., T], *args) -> tuple[T, int]:
         """``fn(*args)``, and its FLOPs: counted the first time ``key`` is seen."""
@@ -154,8 +159,13 @@ class BlockFlops:
         ``start``: (block, activation, pending) to begin at (the seeds' own pass)."""
         host = model.host
         slots = dict(model.slots.items())
-        rest = tuple(
-            (n, tuple(p.shape)) for n, p in host.named_parameters() if not n.startswith("blocks.")
+        rest = (
+            type(host).__name__,
+            tuple(
+                (n, tuple(p.shape))
+                for n, p in host.named_parameters()
+                if not n.startswith("blocks.")
+            ),
         )
         if start is None:
             h, embed = self._piece(("embed", mode, rest, tuple(x.shape[1:])), host.embed, x)
@@ -171,7 +181,7 @@ class BlockFlops:
                 "block",
                 mode,
                 i,
-                _shapes(host.blocks[i]),
+                repr(host.blocks[i]),  # its layers' types, settings and shapes
                 tuple(h.shape[1:]),
                 pending is not None,
                 tap,
