@@ -301,28 +301,89 @@ def _host_block(layers, i: int, h: Tensor, pend: dict, G: int, training: bool) -
     return z if pool is None else pool(z)  # per channel: the same on E·C channels as on C
 
 
+def _conv_seed(slot, alpha: float | None) -> tuple | None:
+    """(group key, multiplier) of a slot whose output is ``h + a * conv(h_in)`` with a
+    plain `nn.Conv2d` seed (``conv_light``), so that such slots of several envs run as
+    one grouped convolution; None for any other slot (it runs on its own)."""
+    seed = slot.seed
+    if type(seed) is not nn.Conv2d or slot.gate is not None or alpha == 0.0:
+        return None
+    stage = slot.stage
+    if alpha is None:
+        if stage not in (SeedStage.BLENDING, SeedStage.HOLDING, SeedStage.FOSSILIZED):
+            return None  # hidden, or a straight-through TRAINING seed
+        alpha = slot.alpha
+    elif stage not in _HAS_MODULE:
+        return None
+    if seed.groups != 1 or seed.padding_mode != "zeros" or isinstance(seed.padding, str):
+        return None
+    key = (
+        tuple(seed.weight.shape),
+        seed.bias is not None,
+        seed.stride,
+        seed.padding,
+        seed.dilation,
+        stage == SeedStage.FOSSILIZED,  # a fossil sees the host's gradient; others do not
+    )
+    return key, float(alpha)
+
+
+def _grouped_conv_seeds(members: list, z: Tensor, G: int) -> dict[int, Tensor]:
+    """``h + a * conv(h_in)`` of every member ``(k, slot, a)`` (group k of ``z``) as one
+    grouped convolution: what each slot's own forward gives, term by term."""
+    ks = [k for k, _, _ in members]
+    seeds = [slot.seed for _, slot, _ in members]
+    first = seeds[0]
+    h = torch.cat([_slice(z, k, G) for k in ks], 1)
+    h_in = h if members[0][1].stage == SeedStage.FOSSILIZED else h.detach()
+    weight = torch.cat([s.weight for s in seeds]).contiguous(memory_format=CL)
+    bias = torch.cat([s.bias for s in seeds]) if first.bias is not None else None
+    f = F.conv2d(
+        h_in.contiguous(memory_format=CL),
+        weight,
+        bias,
+        first.stride,
+        first.padding,
+        first.dilation,
+        len(members),
+    )
+    c = f.shape[1] // len(members)
+    scale = torch.tensor([a for _, _, a in members], dtype=f.dtype, device=f.device)
+    out = h + f * scale.repeat_interleave(c).view(1, -1, 1, 1)
+    return {k: out[:, j * c : (j + 1) * c] for j, k in enumerate(ks)}
+
+
 def _apply_slots(
     models, plan: Plan, i: int, envs: list[int], h: Tensor, z: Tensor, seed_pass: bool
 ) -> tuple[Tensor, dict]:
     """Block i's slots on its output ``z`` (group k = env ``envs[k]``; ``h``: what
     entered the block, a width seed's input): (the activation after the slots, the
-    width terms pending for block i+1 by group)."""
+    width terms pending for block i+1 by group). Convolution seeds of the same shape
+    run as one grouped convolution (`_conv_seed`); any other slot on its env's part."""
     G = len(envs)
     local = {e: k for k, e in enumerate(envs)}
     outs, pend = {}, {}
+    convs: dict[tuple, list] = {}
     for e in plan.active[i]:
         k = local.get(e)
         if k is None:
             continue
         slot_id = plan.slot_ids[e][i]
         alpha = 1.0 if seed_pass and slot_id in plan.training[e] else None
-        if _hidden(models[e].slots[slot_id], alpha):
+        slot = models[e].slots[slot_id]
+        if _hidden(slot, alpha):
             continue  # the identity: no copy of its channels, no gradient path
+        conv = _conv_seed(slot, alpha)
+        if conv is not None:
+            convs.setdefault(conv[0], []).append((k, slot, conv[1]))
+            continue
         tap = _env_part(h, k, G) if plan.width[i][e] else None
         out_k, p = models[e].apply_slot(i, _env_part(z, k, G), tap, alpha)
         outs[k] = out_k
         if p is not None:
             pend[k] = p
+    for members in convs.values():
+        outs.update(_grouped_conv_seeds(members, z, G))
     return _join(z, outs, G), pend
 
 
