@@ -112,7 +112,7 @@ def _close(a, b, path=""):
 def test_batched_trajectories_equal_each_env_alone(float64, budget, monkeypatch):
     if budget is not None:  # every env in a grouped pass of its own
         monkeypatch.setattr(batched_module, "ACTIVATION_BUDGET", budget)
-    validated = []  # results of the grouped validation pass (seedless envs)
+    validated = []  # results of the grouped validation pass
 
     def counting(trainers, inner=lockstep.validate_batched):
         out = inner(trainers)
@@ -138,10 +138,10 @@ def test_batched_trajectories_equal_each_env_alone(float64, budget, monkeypatch)
     data = _data()
     ids = list(SCRIPT)
     batched, batched_states = _run(ids, True, data)
-    assert len(validated) >= 4  # env 4 in steps 0-3
+    assert len(validated) == len(ids) * STEPS  # every env, seeds and variants included
     grouped = 2 if budget is None else 1  # several envs in one own seed pass
     assert max(g for g, _ in seed_passes) >= grouped and max(a for _, a in seed_passes) >= 1
-    assert max(conv_groups) == (2 if budget is None else 1)
+    assert max(conv_groups) >= (2 if budget is None else 1)
     for i in ids:
         alone, alone_states = _run([i], False, data)
         _close(alone[i], batched[i], f"env{i}")

@@ -146,7 +146,7 @@ def _accumulate(
         paired[name].add(totals[name].add(logits[k * n : (k + 1) * n], y), live)
 
 
-def _result(
+def make_result(
     kind: TaskKind,
     totals: Mapping[str, EvalTotals],
     paired: Mapping[str, PairedDiff],
@@ -229,7 +229,7 @@ def fast_counterfactuals(
                 names.append(sid)
             stack = out
         _accumulate(totals, paired, names, model.head(stack, pending), yc, n)
-    return _result(kind, totals, paired, variants)
+    return make_result(kind, totals, paired, variants)
 
 
 @torch.no_grad()
@@ -250,7 +250,7 @@ def reference_counterfactuals(
         for sid, alpha in variants.items():
             losses = totals[sid].add(model(xc, alpha_override={sid: alpha}), yc)
             paired[sid].add(losses, live)
-    return _result(kind, totals, paired, variants)
+    return make_result(kind, totals, paired, variants)
 
 
 def sample_variants(

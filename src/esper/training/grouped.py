@@ -284,7 +284,7 @@ def _hidden(slot, alpha: float | None) -> bool:
     return not (slot.straight_through and slot.training and torch.is_grad_enabled())
 
 
-def _host_block(layers, i: int, h: Tensor, pend: dict, G: int, training: bool) -> Tensor:
+def host_block(layers, i: int, h: Tensor, pend: dict, G: int, training: bool) -> Tensor:
     """Host block i (conv, BatchNorm, ReLU, pool) of ``G`` grouped envs, with the width
     terms ``pend`` (group -> term) added to the conv's output. ``layers``: `Stacked`,
     `Detached`, or anything with their ``convs``, ``pools``, ``weights``, ``bns``."""
@@ -387,7 +387,7 @@ def _apply_slots(
     return _join(z, outs, G), pend
 
 
-def _head(layers, h: Tensor, pend: dict, G: int) -> Tensor:
+def output_head(layers, h: Tensor, pend: dict, G: int) -> Tensor:
     feats = h.mean(dim=(-2, -1)).view(h.shape[0], G, -1)
     logits = torch.einsum("bec,ekc->bek", feats, layers.head_w) + layers.head_b
     if pend:
@@ -416,11 +416,11 @@ def grouped_pass(
     what enters block i and the block's output before its slot."""
     G = len(envs)
     for i in range(start, len(layers.convs)):
-        z = _host_block(layers, i, h, pend, G, training)
+        z = host_block(layers, i, h, pend, G, training)
         if record is not None:
             record(i, h, z)
         h, pend = _apply_slots(models, plan, i, envs, h, z, seed_pass)
-    return _head(layers, h, pend, G)
+    return output_head(layers, h, pend, G)
 
 
 class Detached:
@@ -470,7 +470,7 @@ def _own_pass(stacked: Stacked, models, plan: Plan, seen: dict) -> tuple[list[in
         joining = plan.joins.get(i, [])
         if envs:
             layers = Detached(stacked, envs, range(i, i + 1), head=False)
-            z = _host_block(layers, i, h, pend, len(envs), True)
+            z = host_block(layers, i, h, pend, len(envs), True)
         if joining:
             h_in, z_in = seen[i]
             fresh = _gather(z_in, joining, E)
@@ -480,7 +480,7 @@ def _own_pass(stacked: Stacked, models, plan: Plan, seen: dict) -> tuple[list[in
                 h = entered if not envs else torch.cat([h, entered], 1)
             envs = envs + joining
         h, pend = _apply_slots(models, plan, i, envs, h if h is not None else z, z, True)
-    return envs, _head(Detached(stacked, envs, range(0)), h, pend, len(envs))
+    return envs, output_head(Detached(stacked, envs, range(0)), h, pend, len(envs))
 
 
 def train_forward(
@@ -520,3 +520,65 @@ def train_forward(
         term = task_loss(own.float(), ys[e])
         seed_loss = term if seed_loss is None else seed_loss + term
     return logits, seed_loss
+
+
+class Picked:
+    """The layers of block ``i`` (or, with ``i`` None, the head) of a `Stacked` host
+    for lanes owned by envs ``owners`` (an env may own several lanes: its live model
+    and its counterfactual variants), running statistics included (an eval pass)."""
+
+    def __init__(self, stacked: Stacked, owners: list[int], i: int | None) -> None:
+        E = stacked.num_envs
+        index = torch.tensor(owners, device=stacked.head_w.device)
+
+        def pick(t: Tensor) -> Tensor:
+            return t.view(E, -1, *t.shape[1:]).index_select(0, index).flatten(0, 1)
+
+        n = len(stacked.convs)
+        self.convs, self.pools = stacked.convs, stacked.pools
+        self.weights: list = [None] * n
+        self.bns: list = [None] * n
+        if i is None:
+            self.head_w = stacked.head_w.index_select(0, index)
+            self.head_b = stacked.head_b.index_select(0, index)
+            return
+        g, b, rm, rv, eps, momentum = stacked.bns[i]
+        self.weights[i] = pick(stacked.weights[i])
+        self.bns[i] = (pick(g), pick(b), pick(rm), pick(rv), eps, momentum)
+
+
+def take_groups(t: Tensor, groups: list[int], G: int) -> Tensor:
+    """Channel groups ``groups`` of a tensor of ``G`` groups, in that order."""
+    return torch.cat([_slice(t, k, G) for k in groups], 1)
+
+
+def lane_slots(
+    models, plan: Plan, i: int, owners: list[int], alphas: list, h: Tensor, z: Tensor
+) -> tuple[Tensor, dict]:
+    """Block i's slots for lanes (group k of ``z`` belongs to env ``owners[k]``;
+    ``alphas[k]``: its variant's alpha override, or None for the seeds' own alphas):
+    as `_apply_slots`, in eval mode, convolution seeds grouped."""
+    G = len(owners)
+    outs, pend = {}, {}
+    convs: dict[tuple, list] = {}
+    for k, e in enumerate(owners):
+        if e not in plan.width[i]:
+            continue  # no seed module at this block
+        slot_id = plan.slot_ids[e][i]
+        override = alphas[k]
+        alpha = None if override is None else override.get(slot_id)
+        slot = models[e].slots[slot_id]
+        if alpha == 0.0 or _hidden(slot, alpha):
+            continue  # the identity (a seed switched off adds no width term either)
+        conv = _conv_seed(slot, alpha)
+        if conv is not None:
+            convs.setdefault(conv[0], []).append((k, slot, conv[1]))
+            continue
+        tap = _env_part(h, k, G) if plan.width[i][e] else None
+        out_k, p = models[e].apply_slot(i, _env_part(z, k, G), tap, alpha)
+        outs[k] = out_k
+        if p is not None:
+            pend[k] = p
+    for members in convs.values():
+        outs.update(_grouped_conv_seeds(members, z, G))
+    return _join(z, outs, G), pend
