@@ -32,6 +32,7 @@ count is linear in the rows.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -116,49 +117,89 @@ def _shapes(module: nn.Module) -> tuple:
 
 def _slot_key(slot: nn.Module) -> tuple:
     """What a slot's FLOPs depend on, besides its input: its own state only."""
-    seed, gate = getattr(slot, "seed", None), getattr(slot, "gate", None)
+    gate = getattr(slot, "gate", None)
     return (
         type(slot).__name__,
         int(slot.stage),
         slot.alpha > 0.0,
         slot.blueprint,
-        None if seed is None else repr(seed),  # its layers' types, settings and shapes
         None if gate is None else _shapes(gate),
         bool(getattr(slot, "straight_through", True)),
         slot.training,
     )
 
 
-_PIECES: dict[Hashable, int] = {}
+class _Dims(tuple):
+    """An activation's shape without its batch dimension: what a dry walk carries."""
+
+
+class _Miss(Exception):
+    """A dry walk met a piece never counted."""
+
+
+def _dims(value):
+    """Per-row shape of a piece's input or output (tensors, pairs, None)."""
+    if value is None or isinstance(value, _Dims):
+        return value
+    if isinstance(value, tuple):
+        return tuple(_dims(v) for v in value)
+    return _Dims(value.shape[1:])
+
+
+# Piece key -> (its FLOPs on the rows it was counted on, per-row shape of its output).
+_PIECES: dict[Hashable, tuple[int, object]] = {}
 
 
 class BlockFlops:
     """FLOPs of a model's passes composed from per-piece counts (see the module
     docstring): `eval_row` (a `fast_counterfactuals` pass, per validation row) and
-    `train_rows` (one train-mode forward plus the seeds' own pass on ``x``)."""
+    `train_rows` (one train-mode forward plus the seeds' own pass on ``x``).
 
-    def __init__(self, pieces: dict[Hashable, int] | None = None) -> None:
+    A structure seen for the first time is first walked *dry*: each piece's key from
+    the shapes the pieces before it produce (kept with their counts), no tensor
+    computed; only a piece never counted makes a real walk (one or two rows) that
+    counts it under `FlopCounterMode`."""
+
+    def __init__(self, pieces: dict[Hashable, tuple[int, object]] | None = None) -> None:
         # A piece's key describes it fully (types, settings, shapes, stage, input shape),
         # so every env of a process shares one table: 16 envs count a new seed once.
         self._pieces = _PIECES if pieces is None else pieces
         self._totals: dict[Hashable, int] = {}  # per model structure (`structure_key`)
+        self._reprs: dict[int, tuple[weakref.ref, tuple, str]] = {}
 
-    def _piece(self, key: Hashable, fn: Callable[..., T], *args) -> tuple[T, int]:
-        """``fn(*args)``, and its FLOPs: counted the first time ``key`` is seen."""
-        flops = self._pieces.get(key)
-        if flops is None:
+    def _repr(self, module: nn.Module) -> str:
+        """``repr(module)`` (its layers' types, settings and shapes), kept per module
+        while its parameter shapes stay (a fold changes them)."""
+        shapes = _shapes(module)
+        kept = self._reprs.get(id(module))
+        if kept is None or kept[0]() is not module or kept[1] != shapes:
+            if len(self._reprs) > 4096:  # ids of modules long gone
+                self._reprs.clear()
+            kept = (weakref.ref(module), shapes, repr(module))
+            self._reprs[id(module)] = kept
+        return kept[2]
+
+    def _piece(self, dry: bool, key: Hashable, fn: Callable[..., T], *args) -> tuple:
+        """``fn(*args)`` (dry: its output's shape) and its FLOPs, counted the first time
+        ``key`` is seen (dry: a miss raises `_Miss`)."""
+        kept = self._pieces.get(key)
+        if dry:
+            if kept is None:
+                raise _Miss
+            return kept[1], kept[0]
+        if kept is None:
             out, flops = count_flops(lambda: fn(*args))
-            self._pieces[key] = flops
+            self._pieces[key] = (flops, _dims(out))
             return out, flops
-        return fn(*args), flops
+        return fn(*args), kept[0]
 
-    def _walk(self, model, x: Tensor, mode: str, overrides: dict | None = None, start=None):
-        """One pass of ``model`` on ``x`` piece by piece, counting unseen pieces:
-        returns (per block: (FLOPs of block i and its slot, what entered block i,
-        its pending term, the block's output, its width input), embed FLOPs, head FLOPs).
-        ``start``: (block, activation, pending) to begin at (the seeds' own pass)."""
+    def _walk(self, model, x, mode: str, dry: bool, overrides=None, start=None):
+        """One pass of ``model`` on ``x`` piece by piece (dry: on shapes), counting unseen
+        pieces: returns (per block: (FLOPs of block i and its slot, what entered block
+        i, its pending term, the block's output, its width input), embed FLOPs, head
+        FLOPs). ``start``: (block, activation, pending) to begin at (the own pass)."""
         host = model.host
-        slots = dict(model.slots.items())
+        slots = model.slots
         rest = (
             type(host).__name__,
             tuple(
@@ -168,43 +209,41 @@ class BlockFlops:
             ),
         )
         if start is None:
-            h, embed = self._piece(("embed", mode, rest, tuple(x.shape[1:])), host.embed, x)
+            key = ("embed", mode, rest, _dims(x))
+            h, embed = self._piece(dry, key, host.embed, x)
             first, pending = 0, None
         else:
             (first, h, pending), embed = start, 0
         per_block = []
         for i in range(first, model.num_blocks):
             sid = model._block_slots[i]
-            slot = slots.get(sid) if sid is not None else None
+            slot = slots[sid] if sid is not None else None
             tap = slot is not None and slot.holds_width
-            key = (
-                "block",
-                mode,
-                i,
-                repr(host.blocks[i]),  # its layers' types, settings and shapes
-                tuple(h.shape[1:]),
-                pending is not None,
-                tap,
-            )
+            key = ("block", mode, i, self._repr(host.blocks[i]), _dims(h), pending is not None, tap)
             entered, pend_in = h, pending
-            (out, width_in), b = self._piece(key, model.run_block, i, h, pending)
+            (out, width_in), b = self._piece(dry, key, model.run_block, i, h, pending)
             alpha = None if overrides is None else overrides.get(sid)
-            s_key = (
-                "slot",
-                mode,
-                i,
-                None if slot is None else _slot_key(slot),
-                alpha,
-                tuple(out.shape[1:]),
-                None if width_in is None else tuple(width_in.shape[1:]),
-            )
-            (h, pending), f = self._piece(s_key, model.apply_slot, i, out, width_in, alpha)
+            s_key = self._slot_piece(mode, i, slot, alpha, out, width_in)
+            (h, pending), f = self._piece(dry, s_key, model.apply_slot, i, out, width_in, alpha)
             per_block.append((b + f, entered, pend_in, out, width_in))
-        key = ("head", mode, rest, tuple(h.shape[1:]), pending is not None)
-        _, head = self._piece(key, model.head, h, pending)
+        key = ("head", mode, rest, _dims(h), pending is not None)
+        _, head = self._piece(dry, key, model.head, h, pending)
         return per_block, embed, head
 
-    @torch.no_grad()
+    def _slot_piece(self, mode: str, i: int, slot, alpha, out, width_in) -> tuple:
+        state = None
+        if slot is not None:
+            seed = slot.seed
+            state = (*_slot_key(slot), None if seed is None else self._repr(seed))
+        return ("slot", mode, i, state, alpha, _dims(out), _dims(width_in))
+
+    def _dry_or_real(self, model, x: Tensor, train: bool, compose) -> int:
+        """``compose(dry)`` on shapes; on a miss, again on real tensors (counting)."""
+        try:
+            return compose(True)
+        except _Miss:
+            return _side_effect_free(model, x, train, lambda: compose(False))
+
     def eval_row(self, model, x: Tensor, variants: dict[str, float]) -> int:
         """Per-row FLOPs of `fast_counterfactuals(model, x, ..., variants)` (x: >= 1 row)."""
         key = ("eval", structure_key(model), tuple(sorted(variants.items())))
@@ -213,8 +252,9 @@ class BlockFlops:
             return total
         row = x[:1]
 
-        def walk():
-            per_block, embed, head = self._walk(model, row, "eval")
+        @torch.no_grad()
+        def compose(dry: bool) -> int:
+            per_block, embed, head = self._walk(model, _dims(row) if dry else row, "eval", dry)
             after = [head] * (len(per_block) + 1)  # FLOPs of blocks i.. and the head
             for i in range(len(per_block) - 1, -1, -1):
                 after[i] = after[i + 1] + per_block[i][0]
@@ -222,20 +262,15 @@ class BlockFlops:
             for sid, alpha in variants.items():
                 i = model.block_index(sid)
                 _, _, _, out, width_in = per_block[i]
-                s_key = (
-                    "slot",
-                    "eval",
-                    i,
-                    _slot_key(model.slots[sid]),
-                    alpha,
-                    tuple(out.shape[1:]),
-                    None if width_in is None else tuple(width_in.shape[1:]),
-                )
-                _, f = self._piece(s_key, model.apply_slot, i, out, width_in, alpha)
+                s_key = self._slot_piece("eval", i, model.slots[sid], alpha, out, width_in)
+                _, f = self._piece(dry, s_key, model.apply_slot, i, out, width_in, alpha)
                 flops += f + after[i + 1]
             return flops
 
-        total = _side_effect_free(model, row, False, walk)
+        if model.training:  # the pass runs in eval mode: so must its pieces' keys
+            total = _side_effect_free(model, row, False, lambda: compose(False))
+        else:
+            total = self._dry_or_real(model, row, False, compose)
         self._totals[key] = total
         return total
 
@@ -248,21 +283,27 @@ class BlockFlops:
         if total is not None:
             return total
 
-        def walk():
-            per_block, embed, head = self._walk(model, x, "train")
+        def compose(dry: bool) -> int:
+            xs = _Dims(x.shape[1:]) if dry else x
+            per_block, embed, head = self._walk(model, xs, "train", dry)
             flops = embed + sum(b[0] for b in per_block) + head
             training = model.training_seeds() if getattr(model, "own_seed_pass", False) else []
             if training:
                 first = min(model.block_index(sid) for sid in training)
                 _, entered, pend_in, _, _ = per_block[first]
-                start = (first, entered.detach(), None if pend_in is None else pend_in.detach())
+                if not dry:
+                    entered = entered.detach()
+                    pend_in = None if pend_in is None else pend_in.detach()
                 own, _, own_head = self._walk(
-                    model, x, "own", dict.fromkeys(training, 1.0), start=start
+                    model, xs, "own", dry, dict.fromkeys(training, 1.0), (first, entered, pend_in)
                 )
                 flops += sum(b[0] for b in own) + own_head
             return flops
 
-        total = _side_effect_free(model, x, True, walk)
+        if not model.training or not torch.is_grad_enabled():
+            total = _side_effect_free(model, x, True, lambda: compose(False))
+        else:
+            total = self._dry_or_real(model, x, True, compose)
         self._totals[key] = total
         return total
 
