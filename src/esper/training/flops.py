@@ -111,19 +111,14 @@ def composable(model: nn.Module) -> bool:
     return all(hasattr(model, n) for n in ("run_block", "apply_slot", "head", "slot_states"))
 
 
-def _shapes(module: nn.Module) -> tuple:
-    return tuple(tuple(p.shape) for p in module.parameters())
-
-
 def _slot_key(slot: nn.Module) -> tuple:
     """What a slot's FLOPs depend on, besides its input: its own state only."""
-    gate = getattr(slot, "gate", None)
     return (
         type(slot).__name__,
         int(slot.stage),
         slot.alpha > 0.0,
         slot.blueprint,
-        None if gate is None else _shapes(gate),
+        getattr(slot, "gate", None) is not None,
         bool(getattr(slot, "straight_through", True)),
         slot.training,
     )
@@ -167,10 +162,9 @@ class BlockFlops:
         self._totals: dict[Hashable, int] = {}  # per model structure (`structure_key`)
         self._reprs: dict[int, tuple[weakref.ref, tuple, str]] = {}
 
-    def _repr(self, module: nn.Module) -> str:
+    def _repr(self, module: nn.Module, shapes: tuple) -> str:
         """``repr(module)`` (its layers' types, settings and shapes), kept per module
-        while its parameter shapes stay (a fold changes them)."""
-        shapes = _shapes(module)
+        while its parameter ``shapes`` stay (a fold changes them)."""
         kept = self._reprs.get(id(module))
         if kept is None or kept[0]() is not module or kept[1] != shapes:
             if len(self._reprs) > 4096:  # ids of modules long gone
@@ -200,14 +194,18 @@ class BlockFlops:
         FLOPs). ``start``: (block, activation, pending) to begin at (the own pass)."""
         host = model.host
         slots = model.slots
-        rest = (
-            type(host).__name__,
-            tuple(
-                (n, tuple(p.shape))
-                for n, p in host.named_parameters()
-                if not n.startswith("blocks.")
-            ),
-        )
+        # Parameter shapes by module, from one pass over the model's parameters.
+        shapes: dict[str, list] = {}
+        rest_shapes = []
+        for name, p in model.named_parameters():
+            parts = name.split(".")
+            if parts[0] == "host" and parts[1] == "blocks":
+                shapes.setdefault(f"block.{parts[2]}", []).append(tuple(p.shape))
+            elif parts[0] == "host":
+                rest_shapes.append((name, tuple(p.shape)))
+            elif parts[0] == "slots" and parts[2] in ("seed", "gate"):
+                shapes.setdefault(f"{parts[2]}.{parts[1]}", []).append(tuple(p.shape))
+        rest = type(host).__name__, tuple(rest_shapes)
         if start is None:
             key = ("embed", mode, rest, _dims(x))
             h, embed = self._piece(dry, key, host.embed, x)
@@ -219,23 +217,32 @@ class BlockFlops:
             sid = model._block_slots[i]
             slot = slots[sid] if sid is not None else None
             tap = slot is not None and slot.holds_width
-            key = ("block", mode, i, self._repr(host.blocks[i]), _dims(h), pending is not None, tap)
+            block = host.blocks[i]
+            layers = self._repr(block, tuple(shapes.get(f"block.{i}", ())))
+            # No block index in the key: equal blocks anywhere cost the same.
+            key = ("block", mode, layers, _dims(h), pending is not None, tap)
             entered, pend_in = h, pending
             (out, width_in), b = self._piece(dry, key, model.run_block, i, h, pending)
             alpha = None if overrides is None else overrides.get(sid)
-            s_key = self._slot_piece(mode, i, slot, alpha, out, width_in)
+            s_key = self._slot_piece(mode, slot, alpha, out, width_in, shapes)
             (h, pending), f = self._piece(dry, s_key, model.apply_slot, i, out, width_in, alpha)
             per_block.append((b + f, entered, pend_in, out, width_in))
         key = ("head", mode, rest, _dims(h), pending is not None)
         _, head = self._piece(dry, key, model.head, h, pending)
-        return per_block, embed, head
+        return per_block, embed, head, shapes
 
-    def _slot_piece(self, mode: str, i: int, slot, alpha, out, width_in) -> tuple:
+    def _slot_piece(self, mode: str, slot, alpha, out, width_in, shapes: dict) -> tuple:
+        """A slot's piece key: its own state and input shapes (not its position)."""
         state = None
         if slot is not None:
-            seed = slot.seed
-            state = (*_slot_key(slot), None if seed is None else self._repr(seed))
-        return ("slot", mode, i, state, alpha, _dims(out), _dims(width_in))
+            sid, seed = slot.slot_id, slot.seed
+            seed_shapes = tuple(shapes.get(f"seed.{sid}", ()))
+            state = (
+                *_slot_key(slot),
+                tuple(shapes.get(f"gate.{sid}", ())),
+                None if seed is None else self._repr(seed, seed_shapes),
+            )
+        return ("slot", mode, state, alpha, _dims(out), _dims(width_in))
 
     def _dry_or_real(self, model, x: Tensor, train: bool, compose) -> int:
         """``compose(dry)`` on shapes; on a miss, again on real tensors (counting)."""
@@ -254,7 +261,9 @@ class BlockFlops:
 
         @torch.no_grad()
         def compose(dry: bool) -> int:
-            per_block, embed, head = self._walk(model, _dims(row) if dry else row, "eval", dry)
+            per_block, embed, head, shapes = self._walk(
+                model, _dims(row) if dry else row, "eval", dry
+            )
             after = [head] * (len(per_block) + 1)  # FLOPs of blocks i.. and the head
             for i in range(len(per_block) - 1, -1, -1):
                 after[i] = after[i + 1] + per_block[i][0]
@@ -262,7 +271,7 @@ class BlockFlops:
             for sid, alpha in variants.items():
                 i = model.block_index(sid)
                 _, _, _, out, width_in = per_block[i]
-                s_key = self._slot_piece("eval", i, model.slots[sid], alpha, out, width_in)
+                s_key = self._slot_piece("eval", model.slots[sid], alpha, out, width_in, shapes)
                 _, f = self._piece(dry, s_key, model.apply_slot, i, out, width_in, alpha)
                 flops += f + after[i + 1]
             return flops
@@ -285,7 +294,7 @@ class BlockFlops:
 
         def compose(dry: bool) -> int:
             xs = _Dims(x.shape[1:]) if dry else x
-            per_block, embed, head = self._walk(model, xs, "train", dry)
+            per_block, embed, head, _ = self._walk(model, xs, "train", dry)
             flops = embed + sum(b[0] for b in per_block) + head
             training = model.training_seeds() if getattr(model, "own_seed_pass", False) else []
             if training:
@@ -294,7 +303,7 @@ class BlockFlops:
                 if not dry:
                     entered = entered.detach()
                     pend_in = None if pend_in is None else pend_in.detach()
-                own, _, own_head = self._walk(
+                own, _, own_head, _ = self._walk(
                     model, xs, "own", dry, dict.fromkeys(training, 1.0), (first, entered, pend_in)
                 )
                 flops += sum(b[0] for b in own) + own_head
