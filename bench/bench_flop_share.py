@@ -9,12 +9,16 @@ under load as both parts slow alike):
   scores   `esper.model.scores` (growth scores the observation reads)
   fold     `Trainer.fold` (in-episode folding of fossilized width seeds)
 
-Modes: ``wait`` (digits, static host), ``growth`` (digits: a seed of another blueprint
-germinates every step while slots are free, a width seed among them, so structures keep
-changing), ``sampled`` (`Trainer.train_step` on the 64-slot host of
+Modes: ``wait`` (digits, static host), ``growth`` (digits, short lifecycle windows: a
+seed of another blueprint germinates whenever a slot is free, width seeds among them,
+and every seed that may is fossilized, a width fossil folded into the host at once, so
+structures keep changing), ``sampled`` (`Trainer.train_step` on the 64-slot host of
 bench_slot_scaling.py with ``credit_samples=4``, a structure change every step: one
 seed pruned and another germinated), ``batched`` (16 digits envs, batched, a seed in
 every env as in bench_batched.py ``seeds``).
+
+Each mode runs twice in one process: ``cold`` (first) and ``warm`` (again: per-piece
+FLOP counts are kept per process, as over the episodes of a training run).
 
     OMP_NUM_THREADS=1 python bench/bench_flop_share.py [--modes wait,growth,sampled,batched]
 """
@@ -31,17 +35,23 @@ import torch
 TIMES: dict[str, float] = defaultdict(float)
 
 
+DEPTH: dict[str, int] = defaultdict(int)
+
+
 def _wrap(owner, name: str, label: str) -> None:
     inner = getattr(owner, name, None)
     if inner is None:
         return
 
     def timed(*args, **kwargs):
+        DEPTH[label] += 1  # only the outermost timed call of a label counts
         start = time.perf_counter()
         try:
             return inner(*args, **kwargs)
         finally:
-            TIMES[label] += time.perf_counter() - start
+            DEPTH[label] -= 1
+            if DEPTH[label] == 0:
+                TIMES[label] += time.perf_counter() - start
 
     setattr(owner, name, timed)
 
@@ -86,15 +96,29 @@ def mode_wait(steps: int) -> float:
 def mode_growth(steps: int) -> float:
     from esper.actions import FactoredAction, LifecycleOp
     from esper.env import MorphogenesisEnv
+    from esper.model import LifecycleConfig
 
-    env = MorphogenesisEnv(task="digits", seed=0, max_epochs=steps + 1)
+    quick = LifecycleConfig(
+        min_train_epochs=1,
+        blend_epochs=1,
+        blend_threshold=-1.0,
+        prune_threshold=-1.0,
+        fossilize_threshold=-1.0,
+        fold_on_fossilize=True,  # a fossilized width seed folds into the host at once
+    )
+    env = MorphogenesisEnv(task="digits", seed=0, max_epochs=steps + 1, lifecycle=quick)
     env.reset()
     names = env.action_spec.blueprints
     order = [names.index(n) for n in ("wide_x1", "conv_light", "depthwise", "norm", "wide_half")]
 
     def step(t: int) -> None:
-        free = [i for i, s in enumerate(env.model.slot_states()) if s.stage.name == "DORMANT"]
-        if free:
+        states = env.model.slot_states()
+        free = [i for i, s in enumerate(states) if s.stage.name == "DORMANT"]
+        masks = env.conditional_masks()
+        ripe = [i for i in range(len(states)) if bool(masks.slot[int(LifecycleOp.FOSSILIZE), i])]
+        if ripe:
+            env.step(FactoredAction(LifecycleOp.FOSSILIZE, ripe[0], 0, 0))
+        elif free:
             action = FactoredAction(LifecycleOp.GERMINATE, free[0], order[t % len(order)], 0)
             env.step(action)
         else:
@@ -156,14 +180,17 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     instrument()
     for mode in args.modes.split(","):
-        load = os.getloadavg()[0]
-        seconds = MODES[mode](args.steps)
-        shares = {k: f"{100 * v / seconds:.2f} %" for k, v in sorted(TIMES.items())}
-        print(
-            f"{mode}: {args.steps} steps, {1000 * seconds / args.steps:.0f} ms/step, "
-            f"shares {shares}, load {load:.2f}",
-            flush=True,
-        )
+        # cold: the first run in this process; warm: the same run again (per-piece FLOP
+        # counts are kept per process, as over a training run's episodes).
+        for when in ("cold", "warm"):
+            load = os.getloadavg()[0]
+            seconds = MODES[mode](args.steps)
+            shares = {k: f"{100 * v / seconds:.2f} %" for k, v in sorted(TIMES.items())}
+            print(
+                f"{mode} ({when}): {args.steps} steps, {1000 * seconds / args.steps:.0f} "
+                f"ms/step, shares {shares}, load {load:.2f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":
