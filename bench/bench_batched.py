@@ -2,14 +2,15 @@
 
 `VectorMorphogenesisEnv(E)` steps its envs' hosts one after another (the per-env loop);
 `VectorMorphogenesisEnv(E, batched=True)` trains them as one grouped network per
-optimiser step and validates the seedless ones in one grouped pass
-(esper.training.batched). Both run in this process, alternating round by round, so
+optimiser step and validates them, seeds' counterfactual variants included, in one
+grouped pass (esper.training.batched). Both run in this process, alternating round by round, so
 the ratio is measured side by side under the same machine load (reported: the 1-minute
 load average before and after).
 
 Actions: ``wait`` (static hosts: what the host costs), ``seeds`` (at the first timed
-step env i germinates a residual seed in slot i mod S: seeds in different slots per
-env, whose own training pass and counterfactual validation run per env).
+step env i germinates a ``conv_light`` seed in slot i mod S: seeds in different slots
+per env; batched, each slot's seeds run as one grouped convolution, in the seeds' own
+pass and as counterfactual variants in the grouped validation).
 
     OMP_NUM_THREADS=1 python bench/bench_batched.py             # digits + fashion subset
     python bench/bench_batched.py --quick

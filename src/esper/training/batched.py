@@ -19,8 +19,11 @@ seed gradient norms, step) on one *grouped* network:
   phase does not read. Anything else is refused by `batched_support`.
 * envs go in groups of at most `ACTIVATION_BUDGET` activation floats per layer (one
   group for digits; pairs on fashion-mnist, where bigger groups fall out of cache).
-* seedless envs validate in one grouped eval pass (`validate_batched`); envs with
-  seeds or fossils measure their counterfactuals on their own.
+* every env validates in one grouped eval pass (`validate_batched`), its seeds'
+  counterfactual variants included: a variant is a channel group (lane) of its own
+  that splits off its env's live lane at its slot's block, as `fast_counterfactuals`
+  splits a row block off. Envs with sampled credit (`credit_samples`) validate on their
+  own (the trainer draws their variants).
 
 `batched_support` says why a set of trainers cannot take this path (None: they can);
 the caller then trains them one by one. Results equal the per-env loop's to float

@@ -7,10 +7,15 @@
   matmul over ``[E, K, C]``.
 * Seeds stay per env: at block i, env e's slot module (any blueprint, stage or blend)
   is applied to its channel slice only, and a width seed's pending term is added to its
-  slice of the next conv's output (or its row of the logits).
+  slice of the next conv's output (or its row of the logits). Plain convolution seeds
+  (`conv_light`) of several envs at one block run as one grouped convolution
+  (`_conv_seed`); a hidden TRAINING seed costs nothing in the main pass.
 * TRAINING seeds' own pass (`MorphogeneticModel.seed_forward`) runs grouped too, on the
-  host as constants (`Detached`), except for envs whose pass crosses another seed
-  (`Plan`).
+  host as constants (`Detached`): each env joins it at the block of its first TRAINING
+  seed with the main forward's output of that block, so no host block before it is run
+  twice; envs whose pass crosses another seed run alone (`Plan`).
+* Eval passes of *lanes* (an env's live model or one of its counterfactual variants,
+  `Picked`, `lane_slots`) serve `esper.training.batched.validate_batched`.
 * While `Stacked` lives, every env's host parameters and BatchNorm buffers are *views*
   into the stacked tensors (so per-env code sees the current values); `release` gives
   them their own storage again, and their share of the last gradient.
