@@ -251,7 +251,7 @@ def _train_group(trainers: Sequence) -> list[TrainPhase]:
         grad_norms = train_phase(
             len(batches[0]),
             batch_loss,
-            [optimizer, *seed_opts],
+            [optimizer, *_joined(seed_opts)],
             # Clipped apart, as in each env's loop: each env's host, each seed.
             clip_sets=[
                 ClipSet(tuple(stacked.params), envs=E),
@@ -375,6 +375,31 @@ def _lanes_pass(stacked, models, plan, variants, splits, E: int, x: Tensor) -> T
                 alphas.append({sid: variants[e][sid]})
         h, pend = lane_slots(models, plan, i, owners, alphas, h, z)
     return output_head(Picked(stacked, owners, None), h, pend, len(owners))
+
+
+def _joined(optimizers: Sequence[torch.optim.Optimizer]) -> list[torch.optim.Optimizer]:
+    """The seed optimisers as few SGDs: those of equal settings become one over all their
+    parameters, sharing each parameter's state dict with its own optimiser (so its
+    momentum lands there). Per parameter it is the same update: SGD is elementwise, and
+    on the CPU both take the per-tensor path; what goes is one step call per seed."""
+    groups: dict[tuple, list[torch.optim.Optimizer]] = {}
+    for opt in optimizers:
+        settings = optimizer_settings(opt)
+        if settings["class"] is not torch.optim.SGD or settings.get("foreach"):
+            return list(optimizers)
+        groups.setdefault(tuple(sorted(settings.items(), key=lambda kv: kv[0])), []).append(opt)
+    out = []
+    for members in groups.values():
+        if len(members) == 1:
+            out.extend(members)
+            continue
+        params = [p for opt in members for p in optimizer_params(opt)]
+        joined = optimizer_like(members[0], params)
+        for opt in members:
+            for p in optimizer_params(opt):
+                joined.state[p] = opt.state[p]  # one dict: the seed's own state
+        out.append(joined)
+    return out
 
 
 def _load_momentum(optimizer, params, env_params, host_opts) -> None:
