@@ -161,6 +161,32 @@ class BlockFlops:
         self._pieces = _PIECES if pieces is None else pieces
         self._totals: dict[Hashable, int] = {}  # per model structure (`structure_key`)
         self._reprs: dict[int, tuple[weakref.ref, tuple, str]] = {}
+        self._params: dict[int, tuple] = {}  # id(model) -> (model, seeds and gates, list)
+
+    def _named_params(self, model) -> list[tuple[str, Tensor]]:
+        """``model.named_parameters()``, kept while the model's modules stay: host
+        modules keep their parameter objects for the model's life (a fold swaps their
+        data, whose shape is read each time); seeds and gates come and go, so the list
+        is kept with the very objects it was read from (no id reuse)."""
+        members = tuple((s.seed, s.gate) for s in model.slots.values())
+        kept = self._params.get(id(model))
+        if (
+            kept is None
+            or kept[0]() is not model
+            or len(kept[1]) != len(members)
+            or any(
+                a is not b or c is not d for (a, c), (b, d) in zip(kept[1], members, strict=True)
+            )
+        ):
+            kept = (weakref.ref(model), members, list(model.named_parameters()))
+            self._params[id(model)] = kept
+        return kept[2]
+
+    def _structure(self, model) -> tuple:
+        """`structure_key` (parameter shapes, each slot's stage and alpha > 0), cheaply."""
+        shapes = tuple((name, tuple(p.shape)) for name, p in self._named_params(model))
+        stages = tuple((sid, int(s.stage), s.alpha > 0) for sid, s in model.slots.items())
+        return shapes, stages
 
     def _repr(self, module: nn.Module, shapes: tuple) -> str:
         """``repr(module)`` (its layers' types, settings and shapes), kept per module
@@ -197,7 +223,7 @@ class BlockFlops:
         # Parameter shapes by module, from one pass over the model's parameters.
         shapes: dict[str, list] = {}
         rest_shapes = []
-        for name, p in model.named_parameters():
+        for name, p in self._named_params(model):
             parts = name.split(".")
             if parts[0] == "host" and parts[1] == "blocks":
                 shapes.setdefault(f"block.{parts[2]}", []).append(tuple(p.shape))
@@ -253,7 +279,7 @@ class BlockFlops:
 
     def eval_row(self, model, x: Tensor, variants: dict[str, float]) -> int:
         """Per-row FLOPs of `fast_counterfactuals(model, x, ..., variants)` (x: >= 1 row)."""
-        key = ("eval", structure_key(model), tuple(sorted(variants.items())))
+        key = ("eval", self._structure(model), tuple(sorted(variants.items())))
         total = self._totals.get(key)
         if total is not None:
             return total
@@ -287,7 +313,7 @@ class BlockFlops:
         """FLOPs of one train-mode forward on ``x`` (>= 2 rows: BatchNorm) and, with
         TRAINING seeds, their own pass (`MorphogeneticModel.seed_forward`), as
         `forward_flops(model, x, train=True)` counts them."""
-        key = ("train", structure_key(model), tuple(x.shape))
+        key = ("train", self._structure(model), tuple(x.shape))
         total = self._totals.get(key)
         if total is not None:
             return total
