@@ -164,23 +164,25 @@ class BlockFlops:
         self._params: dict[int, tuple] = {}  # id(model) -> (model, seeds and gates, list)
 
     def _named_params(self, model) -> list[tuple[str, Tensor]]:
-        """``model.named_parameters()``, kept while the model's modules stay: host
-        modules keep their parameter objects for the model's life (a fold swaps their
-        data, whose shape is read each time); seeds and gates come and go, so the list
-        is kept with the very objects it was read from (no id reuse)."""
-        members = tuple((s.seed, s.gate) for s in model.slots.values())
+        """``model.named_parameters()`` (host's, then each slot's), kept while the
+        modules stay: host modules keep their parameter objects for the model's life (a
+        fold swaps their data, whose shape is read each time); a slot's seed and gate
+        come and go, so its part is re-read when either object changes (kept with the
+        very objects it was read from: no id reuse)."""
         kept = self._params.get(id(model))
-        if (
-            kept is None
-            or kept[0]() is not model
-            or len(kept[1]) != len(members)
-            or any(
-                a is not b or c is not d for (a, c), (b, d) in zip(kept[1], members, strict=True)
-            )
-        ):
-            kept = (weakref.ref(model), members, list(model.named_parameters()))
+        if kept is None or kept[0]() is not model:
+            host = [(f"host.{n}", p) for n, p in model.host.named_parameters()]
+            kept = (weakref.ref(model), host, {})
             self._params[id(model)] = kept
-        return kept[2]
+        out = list(kept[1])
+        for sid, slot in model.slots.items():
+            part = kept[2].get(sid)
+            if part is None or part[0] is not slot.seed or part[1] is not slot.gate:
+                names = [(f"slots.{sid}.{n}", p) for n, p in slot.named_parameters()]
+                part = (slot.seed, slot.gate, names)
+                kept[2][sid] = part
+            out.extend(part[2])
+        return out
 
     def _structure(self, model) -> tuple:
         """`structure_key` (parameter shapes, each slot's stage and alpha > 0), cheaply."""
