@@ -21,6 +21,7 @@ Each mode runs twice in one process: ``cold`` (first) and ``warm`` (again: per-p
 FLOP counts are kept per process, as over the episodes of a training run).
 
     OMP_NUM_THREADS=1 python bench/bench_flop_share.py [--modes wait,growth,sampled,batched]
+    python bench/bench_flop_share.py --quick
 """
 
 from __future__ import annotations
@@ -176,7 +177,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--quick", action="store_true", help="wait and growth, 2 steps")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.modes, args.steps = "wait,growth", 2
     torch.set_num_threads(1)
     instrument()
     for mode in args.modes.split(","):
