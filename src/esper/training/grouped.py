@@ -295,6 +295,9 @@ def host_block(layers, i: int, h: Tensor, pend: dict, G: int, training: bool) ->
     `Detached`, or anything with their ``convs``, ``pools``, ``weights``, ``bns``."""
     conv = layers.convs[i]
     weight = layers.weights[i].contiguous(memory_format=CL)
+    # A slot's output joined back (`_join`) is a plain-layout tensor: back to channels-
+    # last, where the grouped kernels run ~3x faster (a no-op when it already is).
+    h = h.contiguous(memory_format=CL)
     z = F.conv2d(h, weight, None, conv.stride, conv.padding, conv.dilation, G)
     full = _pending_full(pend, z, G)
     if full is not None:
