@@ -34,6 +34,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "overhead": ("bench_overhead.py", []),
     "batched": ("bench_batched.py", []),  # batched envs vs the per-env loop (issue 16)
     "slot_scaling": ("bench_slot_scaling.py", []),
+    "flop_share": ("bench_flop_share.py", []),  # FLOP bookkeeping, scores, folding (issue 24)
     "controllers": ("bench_controllers.py", []),
     "distributed": ("bench_distributed.py", []),
     "growth": ("bench_growth.py", []),

@@ -28,8 +28,10 @@ SCRIPT = {
     # pass crosses another seed, so it runs alone (envs 0, 2, 4 run theirs grouped).
     1: {1: FactoredAction(G, 2, 7, 2), 3: FactoredAction(G, 0, 3, 0)},
     2: {0: FactoredAction(G, 1, 0, 1)},
-    3: {},  # envs 3 and 4 stay seedless until step 4: their validation runs batched
-    4: {4: FactoredAction(G, 0, 0, 0)},
+    # Env 3's conv_light seed at slot 0 lives beside env 0's (sigmoid vs linear blend):
+    # the two run as one grouped convolution, in their own passes and while blending.
+    3: {0: FactoredAction(G, 0, 3, 1)},
+    4: {4: FactoredAction(G, 0, 0, 0)},  # seedless until step 4: validation runs batched
 }
 NAN_AT = (2, 2)  # env 2's host weights turn NaN before step 2: the governor rolls it back
 
@@ -110,7 +112,7 @@ def _close(a, b, path=""):
 def test_batched_trajectories_equal_each_env_alone(float64, budget, monkeypatch):
     if budget is not None:  # every env in a grouped pass of its own
         monkeypatch.setattr(batched_module, "ACTIVATION_BUDGET", budget)
-    validated = []  # results of the grouped validation pass (seedless envs)
+    validated = []  # results of the grouped validation pass
 
     def counting(trainers, inner=lockstep.validate_batched):
         out = inner(trainers)
@@ -126,12 +128,20 @@ def test_batched_trajectories_equal_each_env_alone(float64, budget, monkeypatch)
         seed_passes.append((len(plan.grouped), len(plan.alone)))
 
     monkeypatch.setattr(grouped_module.Plan, "__init__", recording)
+    conv_groups = []  # envs per grouped convolution of conv_light seeds
+
+    def conv_seeds(members, z, G, inner=grouped_module._grouped_conv_seeds):
+        conv_groups.append(len(members))
+        return inner(members, z, G)
+
+    monkeypatch.setattr(grouped_module, "_grouped_conv_seeds", conv_seeds)
     data = _data()
     ids = list(SCRIPT)
     batched, batched_states = _run(ids, True, data)
-    assert len(validated) >= 4  # envs 3 and 4 from step 1 (the FLOPs of step 0 are counted)
+    assert len(validated) == len(ids) * STEPS  # every env, seeds and variants included
     grouped = 2 if budget is None else 1  # several envs in one own seed pass
     assert max(g for g, _ in seed_passes) >= grouped and max(a for _, a in seed_passes) >= 1
+    assert max(conv_groups) >= (2 if budget is None else 1)
     for i in ids:
         alone, alone_states = _run([i], False, data)
         _close(alone[i], batched[i], f"env{i}")

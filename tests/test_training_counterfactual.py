@@ -24,9 +24,8 @@ from esper.training import (
 from esper.training.counterfactual import (
     sample_variants,
     sampled_counterfactuals,
-    sampled_pass_flops,
 )
-from esper.training.flops import count_flops
+from esper.training.flops import FlopMeter, count_flops
 from esper.training.objective import evaluate, quality
 
 FAST_LIFECYCLE = LifecycleConfig(min_train_epochs=1, blend_epochs=2)
@@ -234,12 +233,12 @@ def test_sampled_pass_flops_equal_the_counted_pass():
     model = holding_model(8).float()
     x, y = torch.rand(37, 1, 8, 8), torch.randint(0, 10, (37,))
     variants = variants_to_measure(model)
-    cache: dict = {}
+    meter = FlopMeter()
     for subset in ({}, {"r0c0": 0.0}, {"r0c1": 0.0, "r0c5": 0.0, "r0c7": 0.0}, variants):
         _, counted = count_flops(
             lambda: fast_counterfactuals(model, x, y, "classification", subset, 16)  # noqa: B023
         )
-        summed = sampled_pass_flops(model, x, y, "classification", subset, cache, "s")
+        summed = meter.add_counterfactuals(model.eval(), x, subset)
         assert summed == counted > 0
 
 

@@ -1,12 +1,17 @@
-"""Training FLOPs: exact on a tiny MLP host, seeds and counterfactuals counted."""
+"""Training FLOPs: exact on a tiny MLP host, seeds and counterfactuals counted; the
+counts composed per block equal the counter's on every host, seed kind and stage."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from esper.model import MLPHost, MorphogeneticModel
+from esper.lifecycle import SeedStage
+from esper.model import MLPHost, MorphogeneticModel, blueprints_for
 from esper.training import TaskData, TrainConfig, Trainer
-from esper.training.flops import BACKWARD_FACTOR, forward_flops
+from esper.training.counterfactual import fast_counterfactuals, variants_to_measure
+from esper.training.flops import BACKWARD_FACTOR, BlockFlops, count_flops, forward_flops
+from model_helpers import HOSTS, QUICK, advance, randomise
 
 IN, HIDDEN, CLASSES, DEPTH = 4, 5, 3, 2
 # Two Linear-ReLU blocks and a classifier: 2 FLOPs per multiply-add.
@@ -84,3 +89,56 @@ def test_env_reports_cumulative_episode_flops():
     assert totals[0] < totals[1] < totals[2]
     step_cost = totals[2] - totals[1]
     assert step_cost == totals[1] - totals[0]  # static host: every step costs the same
+
+
+# -- composed per-piece counts equal the counter on the real pass ----------------------
+
+STAGES = (SeedStage.TRAINING, SeedStage.BLENDING, SeedStage.HOLDING, SeedStage.FOSSILIZED)
+
+
+def _grown(topology: str, blueprint: str, stages, fold: bool = False):
+    """Seeds of ``blueprint`` at r0c0 / r0c2 in two of ``stages``, and a folded (or
+    fossilized) width seed at r0c1."""
+    torch.manual_seed(1)
+    host, x = HOSTS[topology]()
+    model = MorphogeneticModel(host, lifecycle=QUICK)
+    plan = {"r0c1": ("wide_x1", SeedStage.FOSSILIZED)}
+    pairs = zip(("r0c0", "r0c2"), stages, strict=True)
+    plan.update({sid: (blueprint, stage) for sid, stage in pairs})
+    for sid, (bp, _) in plan.items():
+        model.germinate(sid, bp, "gated" if sid == "r0c2" else "linear")
+    randomise(model)
+    for sid, (_, stage) in plan.items():
+        advance(model, sid, stage)
+    if fold:
+        model.fold_in_place("r0c1")
+    return model, x
+
+
+def _check(model, x, meter: BlockFlops) -> None:
+    model.eval()
+    for variants in ({}, variants_to_measure(model)):
+        with torch.no_grad():
+            _, counted = count_flops(
+                lambda v=variants: fast_counterfactuals(model, x, *_labels(x), v)
+            )
+        assert meter.eval_row(model, x, variants) * x.shape[0] == counted, variants
+    model.train()
+    assert meter.train_rows(model, x[:2]) == forward_flops(model, x[:2], train=True)
+
+
+def _labels(x):
+    """Targets and task kind for ``x`` (token ids: a language model's next tokens)."""
+    if x.dtype == torch.long:
+        return torch.zeros_like(x), "lm"
+    return torch.zeros(x.shape[0], dtype=torch.long), "classification"
+
+
+@pytest.mark.parametrize("topology", sorted(HOSTS))
+def test_composed_block_counts_equal_the_counter(topology):
+    meter = BlockFlops()  # one cache across structures: pieces are reused between them
+    for blueprint in blueprints_for(topology):
+        for stages in ((STAGES[0], STAGES[1]), (STAGES[2], STAGES[3]), (STAGES[1], STAGES[0])):
+            for fold in (False, True):
+                model, x = _grown(topology, blueprint, stages, fold)
+                _check(model, x, meter)

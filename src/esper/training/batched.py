@@ -19,8 +19,11 @@ seed gradient norms, step) on one *grouped* network:
   phase does not read. Anything else is refused by `batched_support`.
 * envs go in groups of at most `ACTIVATION_BUDGET` activation floats per layer (one
   group for digits; pairs on fashion-mnist, where bigger groups fall out of cache).
-* seedless envs validate in one grouped eval pass (`validate_batched`); envs with
-  seeds or fossils measure their counterfactuals on their own.
+* every env validates in one grouped eval pass (`validate_batched`), its seeds'
+  counterfactual variants included: a variant is a channel group (lane) of its own
+  that splits off its env's live lane at its slot's block, as `fast_counterfactuals`
+  splits a row block off. Envs with sampled credit (`credit_samples`) validate on their
+  own (the trainer draws their variants).
 
 `batched_support` says why a set of trainers cannot take this path (None: they can);
 the caller then trains them one by one. Results equal the per-env loop's to float
@@ -33,23 +36,31 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from esper.training.config import TrainConfig
-from esper.training.counterfactual import CounterfactualResult
+from esper.training.counterfactual import (
+    LIVE,
+    CounterfactualResult,
+    PairedDiff,
+    make_result,
+    variants_to_measure,
+)
 from esper.training.grouped import (
     CL,
+    Picked,
     Plan,
     Stacked,
     block_pool,
-    block_slots,
     cnn_layout,
-    grouped_pass,
-    holds_seed_module,
+    host_block,
+    lane_slots,
+    output_head,
     supports_host,
+    take_groups,
     train_forward,
 )
-from esper.training.objective import StackedTotals, quality
+from esper.training.objective import StackedTotals
 from esper.training.step import (
     ClipSet,
     TrainPhase,
@@ -240,7 +251,7 @@ def _train_group(trainers: Sequence) -> list[TrainPhase]:
         grad_norms = train_phase(
             len(batches[0]),
             batch_loss,
-            [optimizer, *seed_opts],
+            [optimizer, *_joined(seed_opts)],
             # Clipped apart, as in each env's loop: each env's host, each seed.
             clip_sets=[
                 ClipSet(tuple(stacked.params), envs=E),
@@ -268,53 +279,127 @@ def _train_group(trainers: Sequence) -> list[TrainPhase]:
 
 @torch.no_grad()
 def validate_batched(trainers: Sequence) -> list[CounterfactualResult | None]:
-    """The live validation pass of every trainer that has nothing else to measure (no
-    seed module in any slot), as one eval-mode grouped pass over the shared validation
-    set; None for the others (they validate on their own: their counterfactual
-    variants stack on the batch dimension, per env). Pass to ``train_step(validated=)``."""
+    """Every trainer's validation pass with its seeds' counterfactual variants (what
+    `Trainer.validate` computes with `fast_counterfactuals`), as one eval-mode grouped
+    pass over the shared validation set; None for trainers that validate on their own
+    (sampled credit draws its variants in `Trainer.validate`; another validation set).
+    Pass to ``train_step(validated=)``.
+
+    Each env is a *lane* (a channel group) of the grouped host; the variant "slot j
+    changed" of env e is a lane of its own that splits off env e's live lane at block
+    j, as `fast_counterfactuals` splits a row block off, and runs env e's layers from
+    there: every env's variants ride in the same kernel calls."""
     out: list[CounterfactualResult | None] = [None] * len(trainers)
-    plain = [
-        k
-        for k, tr in enumerate(trainers)
-        if not any(holds_seed_module(tr.model, sid) for sid in block_slots(tr.model))
-    ]
-    val_x = trainers[plain[0]].data.val_x if plain else None
-    plain = [k for k in plain if trainers[k].data.val_x is val_x]
-    if len(plain) < 2 or batched_support([trainers[k] for k in plain]) is not None:
+    todo = [k for k, tr in enumerate(trainers) if tr.config.credit_samples is None]
+    val_x = trainers[todo[0]].data.val_x if todo else None
+    todo = [k for k in todo if trainers[k].data.val_x is val_x]
+    if len(todo) < 2 or batched_support([trainers[k] for k in todo]) is not None:
         return out
-    # Fewer rows per chunk rather than fewer envs per group, down to 32 rows.
-    size = group_size([trainers[k] for k in plain], 32)
-    for start in range(0, len(plain), size):
-        group = plain[start : start + size]
-        first = trainers[group[0]]
-        fps = _floats_per_sample(first.model.host, tuple(first.data.val_x.shape))
-        rows = min(first.config.eval_batch_size, max(32, ACTIVATION_BUDGET // (len(group) * fps)))
-        for k, result in zip(
-            group, _validate_group([trainers[k] for k in group], rows), strict=True
-        ):
+    variants = {
+        k: variants_to_measure(trainers[k].model, trainers[k].config.measure_fossils) for k in todo
+    }
+    first = trainers[todo[0]]
+    fps = _floats_per_sample(first.model.host, tuple(first.data.val_x.shape))
+    most = max(1, ACTIVATION_BUDGET // (32 * fps))  # lanes per group, at 32 rows
+    groups: list[list[int]] = [[]]
+    for k in todo:  # envs in order, as many lanes per group as fit
+        lanes = sum(1 + len(variants[j]) for j in groups[-1])
+        if groups[-1] and lanes + 1 + len(variants[k]) > most:
+            groups.append([])
+        groups[-1].append(k)
+    for group in groups:
+        lanes = sum(1 + len(variants[k]) for k in group)
+        rows = min(first.config.eval_batch_size, max(32, ACTIVATION_BUDGET // (lanes * fps)))
+        results = _validate_group([trainers[k] for k in group], [variants[k] for k in group], rows)
+        for k, result in zip(group, results, strict=True):
             out[k] = result
     return out
 
 
-def _validate_group(trainers: Sequence, rows: int) -> list[CounterfactualResult]:
-    """One eval-mode grouped pass of seedless envs over their shared validation set."""
+def _validate_group(
+    trainers: Sequence, variants: list[dict[str, float]], rows: int
+) -> list[CounterfactualResult]:
+    """One eval-mode grouped pass of envs and their variants (lanes) over the shared
+    validation set, in chunks of ``rows``."""
     E = len(trainers)
     first = trainers[0]
     val_x, val_y = first.data.val_x, first.data.val_y
     models = [tr.model for tr in trainers]
-    layers, plan = Stacked([m.host for m in models], bind=False), Plan(models)
-    totals = StackedTotals()
-    for start in range(0, val_x.shape[0], rows):
-        x, y = val_x[start : start + rows], val_y[start : start + rows]
-        h = x.repeat(1, E, 1, 1).contiguous(memory_format=CL)  # every env sees x
-        logits = grouped_pass(layers, models, plan, list(range(E)), h, {}, 0, training=False)
-        totals.add(logits, y[:, None].expand(-1, E))
-    return [
-        CounterfactualResult(
-            val_loss=t.loss, val_acc=t.accuracy, quality=quality(tr.kind, t.loss, t.accuracy)
-        )
-        for tr, t in zip(trainers, totals.split(), strict=True)
-    ]
+    for model in models:
+        model.eval()
+    stacked, plan = Stacked([m.host for m in models], bind=False), Plan(models)
+    # Lanes: env e's live lane is lane e; a variant's lane joins at its slot's block.
+    splits: dict[int, list[tuple[int, str]]] = {}
+    for e, (model, wanted) in enumerate(zip(models, variants, strict=True)):
+        for sid in sorted(wanted, key=model.block_index):
+            splits.setdefault(model.block_index(sid), []).append((e, sid))
+    lanes = [(e, None) for e in range(E)] + [v for i in sorted(splits) for v in splits[i]]
+    totals, paired = StackedTotals(), {v: PairedDiff() for v in lanes[E:]}
+    try:
+        for start in range(0, val_x.shape[0], rows):
+            x, y = val_x[start : start + rows], val_y[start : start + rows]
+            logits = _lanes_pass(stacked, models, plan, variants, splits, E, x)
+            losses = totals.add(logits, y[:, None].expand(-1, len(lanes)))
+            for v, lane in zip(lanes[E:], losses[E:], strict=True):
+                paired[v].add(lane, losses[v[0]])
+    finally:
+        for model in models:
+            model.train()
+    env_totals = totals.split()
+    results = []
+    for e, (tr, wanted) in enumerate(zip(trainers, variants, strict=True)):
+        mine = {LIVE: env_totals[e]}
+        mine.update((v[1], t) for v, t in zip(lanes[E:], env_totals[E:], strict=True) if v[0] == e)
+        pairs = {sid: paired[(e, sid)] for sid in wanted}
+        results.append(make_result(tr.kind, mine, pairs, wanted))
+    return results
+
+
+def _lanes_pass(stacked, models, plan, variants, splits, E: int, x: Tensor) -> Tensor:
+    """Logits ``[B, lanes, K]`` of every live lane and variant lane on ``x``."""
+    owners = list(range(E))  # lane -> env
+    alphas: list[dict | None] = [None] * E  # lane -> its variant's override, once split
+    h = x.repeat(1, E, 1, 1).contiguous(memory_format=CL)  # every env sees x
+    pend: dict = {}
+    for i in range(len(stacked.convs)):
+        layers = Picked(stacked, owners, i)
+        z = host_block(layers, i, h, pend, len(owners), False)
+        new = splits.get(i, [])
+        if new:  # variant lanes split off their env's live lane before slot i
+            G = len(owners)
+            z = torch.cat([z, take_groups(z, [e for e, _ in new], G)], 1)
+            if any(plan.width[i].get(e, False) for e in owners):
+                h = torch.cat([h, take_groups(h, [e for e, _ in new], G)], 1)
+            for e, sid in new:  # a width term from block i-1 is in z already
+                owners.append(e)
+                alphas.append({sid: variants[e][sid]})
+        h, pend = lane_slots(models, plan, i, owners, alphas, h, z)
+    return output_head(Picked(stacked, owners, None), h, pend, len(owners))
+
+
+def _joined(optimizers: Sequence[torch.optim.Optimizer]) -> list[torch.optim.Optimizer]:
+    """The seed optimisers as few SGDs: those of equal settings become one over all their
+    parameters, sharing each parameter's state dict with its own optimiser (so its
+    momentum lands there). Per parameter it is the same update: SGD is elementwise, and
+    on the CPU both take the per-tensor path; what goes is one step call per seed."""
+    groups: dict[tuple, list[torch.optim.Optimizer]] = {}
+    for opt in optimizers:
+        settings = optimizer_settings(opt)
+        if settings["class"] is not torch.optim.SGD or settings.get("foreach"):
+            return list(optimizers)
+        groups.setdefault(tuple(sorted(settings.items(), key=lambda kv: kv[0])), []).append(opt)
+    out = []
+    for members in groups.values():
+        if len(members) == 1:
+            out.extend(members)
+            continue
+        params = [p for opt in members for p in optimizer_params(opt)]
+        joined = optimizer_like(members[0], params)
+        for opt in members:
+            for p in optimizer_params(opt):
+                joined.state[p] = opt.state[p]  # one dict: the seed's own state
+        out.append(joined)
+    return out
 
 
 def _load_momentum(optimizer, params, env_params, host_opts) -> None:

@@ -40,7 +40,6 @@ from torch import Tensor
 
 from esper.lifecycle import SeedStage, is_live
 from esper.training.data import TaskKind
-from esper.training.flops import count_flops
 from esper.training.objective import EvalTotals, quality
 
 LIVE = "live"
@@ -147,7 +146,7 @@ def _accumulate(
         paired[name].add(totals[name].add(logits[k * n : (k + 1) * n], y), live)
 
 
-def _result(
+def make_result(
     kind: TaskKind,
     totals: Mapping[str, EvalTotals],
     paired: Mapping[str, PairedDiff],
@@ -230,7 +229,7 @@ def fast_counterfactuals(
                 names.append(sid)
             stack = out
         _accumulate(totals, paired, names, model.head(stack, pending), yc, n)
-    return _result(kind, totals, paired, variants)
+    return make_result(kind, totals, paired, variants)
 
 
 @torch.no_grad()
@@ -251,7 +250,7 @@ def reference_counterfactuals(
         for sid, alpha in variants.items():
             losses = totals[sid].add(model(xc, alpha_override={sid: alpha}), yc)
             paired[sid].add(losses, live)
-    return _result(kind, totals, paired, variants)
+    return make_result(kind, totals, paired, variants)
 
 
 def sample_variants(
@@ -292,33 +291,3 @@ def sampled_counterfactuals(
     return dataclasses.replace(
         result, inclusion_prob=prob, unmeasured=frozenset(variants) - frozenset(chosen)
     )
-
-
-def sampled_pass_flops(
-    model,
-    x: Tensor,
-    y: Tensor,
-    kind: TaskKind,
-    variants: Mapping[str, float],
-    cache: dict,
-    structure: object,
-) -> int:
-    """FLOPs of `fast_counterfactuals` on all of ``x`` with ``variants``, without
-    running it under the FLOP counter (which more than doubles a sampled pass).
-
-    A pass's FLOPs are linear in its rows, and each variant's rows cost the same
-    whatever else is stacked with them, so the pass costs ``rows * (live + sum_j
-    (variant_j - live))`` per-row FLOPs; each term is counted once per ``structure``
-    (the caller's key for the model's modules) on one row and kept in ``cache``.
-    """
-
-    def per_row(subset: dict[str, float]) -> int:
-        key = (structure, tuple(sorted(subset.items())))
-        if key not in cache:
-            _, cache[key] = count_flops(
-                lambda: fast_counterfactuals(model, x[:1], y[:1], kind, subset)
-            )
-        return cache[key]
-
-    live = per_row({})
-    return x.shape[0] * (live + sum(per_row({sid: a}) - live for sid, a in variants.items()))

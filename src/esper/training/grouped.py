@@ -7,10 +7,15 @@
   matmul over ``[E, K, C]``.
 * Seeds stay per env: at block i, env e's slot module (any blueprint, stage or blend)
   is applied to its channel slice only, and a width seed's pending term is added to its
-  slice of the next conv's output (or its row of the logits).
+  slice of the next conv's output (or its row of the logits). Plain convolution seeds
+  (`conv_light`) of several envs at one block run as one grouped convolution
+  (`_conv_seed`); a hidden TRAINING seed costs nothing in the main pass.
 * TRAINING seeds' own pass (`MorphogeneticModel.seed_forward`) runs grouped too, on the
-  host as constants (`Detached`), except for envs whose pass crosses another seed
-  (`Plan`).
+  host as constants (`Detached`): each env joins it at the block of its first TRAINING
+  seed with the main forward's output of that block, so no host block before it is run
+  twice; envs whose pass crosses another seed run alone (`Plan`).
+* Eval passes of *lanes* (an env's live model or one of its counterfactual variants,
+  `Picked`, `lane_slots`) serve `esper.training.batched.validate_batched`.
 * While `Stacked` lives, every env's host parameters and BatchNorm buffers are *views*
   into the stacked tensors (so per-env code sees the current values); `release` gives
   them their own storage again, and their share of the last gradient.
@@ -266,11 +271,137 @@ class Plan:
                 for i in range(start, len(self.active))
             )
 
-        start = min((firsts[e] for e in seeded), default=0)
-        self.grouped = [e for e in seeded if not crosses_other(e, start)]
+        self.grouped = [e for e in seeded if not crosses_other(e, firsts[e])]  # type: ignore[arg-type]
         self.alone = [e for e in seeded if e not in self.grouped]
-        self.start = min((firsts[e] for e in self.grouped), default=0)
+        # Block -> the grouped envs whose own pass starts there (their first TRAINING seed).
+        self.joins: dict[int, list[int]] = {}
+        for e in self.grouped:
+            self.joins.setdefault(firsts[e], []).append(e)  # type: ignore[arg-type]
+        self.start = min(self.joins, default=0)
         self.training = training
+
+
+def _hidden(slot, alpha: float | None) -> bool:
+    """Whether the slot's seed leaves its input unchanged in this call: a GERMINATED or
+    TRAINING seed hidden from the forward (its own pass trains it), as `SeedSlot` rules."""
+    if alpha is not None or slot.stage not in (SeedStage.GERMINATED, SeedStage.TRAINING):
+        return False
+    return not (slot.straight_through and slot.training and torch.is_grad_enabled())
+
+
+def host_block(layers, i: int, h: Tensor, pend: dict, G: int, training: bool) -> Tensor:
+    """Host block i (conv, BatchNorm, ReLU, pool) of ``G`` grouped envs, with the width
+    terms ``pend`` (group -> term) added to the conv's output. ``layers``: `Stacked`,
+    `Detached`, or anything with their ``convs``, ``pools``, ``weights``, ``bns``."""
+    conv = layers.convs[i]
+    weight = layers.weights[i].contiguous(memory_format=CL)
+    # A slot's output joined back (`_join`) is a plain-layout tensor: back to channels-
+    # last, where the grouped kernels run ~3x faster (a no-op when it already is).
+    h = h.contiguous(memory_format=CL)
+    z = F.conv2d(h, weight, None, conv.stride, conv.padding, conv.dilation, G)
+    full = _pending_full(pend, z, G)
+    if full is not None:
+        z = z + full
+    g, b, rm, rv, eps, momentum = layers.bns[i]
+    z = F.batch_norm(z, rm, rv, g, b, training=training, momentum=momentum, eps=eps)
+    z = F.relu(z, inplace=True)  # BatchNorm's backward reads its input, not output
+    pool = layers.pools[i]
+    return z if pool is None else pool(z)  # per channel: the same on E·C channels as on C
+
+
+def _conv_seed(slot, alpha: float | None) -> tuple | None:
+    """(group key, multiplier) of a slot whose output is ``h + a * conv(h_in)`` with a
+    plain `nn.Conv2d` seed (``conv_light``), so that such slots of several envs run as
+    one grouped convolution; None for any other slot (it runs on its own)."""
+    seed = slot.seed
+    if type(seed) is not nn.Conv2d or slot.gate is not None or alpha == 0.0:
+        return None
+    stage = slot.stage
+    if alpha is None:
+        if stage not in (SeedStage.BLENDING, SeedStage.HOLDING, SeedStage.FOSSILIZED):
+            return None  # hidden, or a straight-through TRAINING seed
+        alpha = slot.alpha
+    elif stage not in _HAS_MODULE:
+        return None
+    if seed.groups != 1 or seed.padding_mode != "zeros" or isinstance(seed.padding, str):
+        return None
+    key = (
+        tuple(seed.weight.shape),
+        seed.bias is not None,
+        seed.stride,
+        seed.padding,
+        seed.dilation,
+        stage == SeedStage.FOSSILIZED,  # a fossil sees the host's gradient; others do not
+    )
+    return key, float(alpha)
+
+
+def _grouped_conv_seeds(members: list, z: Tensor, G: int) -> dict[int, Tensor]:
+    """``h + a * conv(h_in)`` of every member ``(k, slot, a)`` (group k of ``z``) as one
+    grouped convolution: what each slot's own forward gives, term by term."""
+    ks = [k for k, _, _ in members]
+    seeds = [slot.seed for _, slot, _ in members]
+    first = seeds[0]
+    h = torch.cat([_slice(z, k, G) for k in ks], 1)
+    h_in = h if members[0][1].stage == SeedStage.FOSSILIZED else h.detach()
+    weight = torch.cat([s.weight for s in seeds]).contiguous(memory_format=CL)
+    bias = torch.cat([s.bias for s in seeds]) if first.bias is not None else None
+    f = F.conv2d(
+        h_in.contiguous(memory_format=CL),
+        weight,
+        bias,
+        first.stride,
+        first.padding,
+        first.dilation,
+        len(members),
+    )
+    c = f.shape[1] // len(members)
+    scale = torch.tensor([a for _, _, a in members], dtype=f.dtype, device=f.device)
+    out = h + f * scale.repeat_interleave(c).view(1, -1, 1, 1)
+    return {k: out[:, j * c : (j + 1) * c] for j, k in enumerate(ks)}
+
+
+def _apply_slots(
+    models, plan: Plan, i: int, envs: list[int], h: Tensor, z: Tensor, seed_pass: bool
+) -> tuple[Tensor, dict]:
+    """Block i's slots on its output ``z`` (group k = env ``envs[k]``; ``h``: what
+    entered the block, a width seed's input): (the activation after the slots, the
+    width terms pending for block i+1 by group). Convolution seeds of the same shape
+    run as one grouped convolution (`_conv_seed`); any other slot on its env's part."""
+    G = len(envs)
+    local = {e: k for k, e in enumerate(envs)}
+    outs, pend = {}, {}
+    convs: dict[tuple, list] = {}
+    for e in plan.active[i]:
+        k = local.get(e)
+        if k is None:
+            continue
+        slot_id = plan.slot_ids[e][i]
+        alpha = 1.0 if seed_pass and slot_id in plan.training[e] else None
+        slot = models[e].slots[slot_id]
+        if _hidden(slot, alpha):
+            continue  # the identity: no copy of its channels, no gradient path
+        conv = _conv_seed(slot, alpha)
+        if conv is not None:
+            convs.setdefault(conv[0], []).append((k, slot, conv[1]))
+            continue
+        tap = _env_part(h, k, G) if plan.width[i][e] else None
+        out_k, p = models[e].apply_slot(i, _env_part(z, k, G), tap, alpha)
+        outs[k] = out_k
+        if p is not None:
+            pend[k] = p
+    for members in convs.values():
+        outs.update(_grouped_conv_seeds(members, z, G))
+    return _join(z, outs, G), pend
+
+
+def output_head(layers, h: Tensor, pend: dict, G: int) -> Tensor:
+    feats = h.mean(dim=(-2, -1)).view(h.shape[0], G, -1)
+    logits = torch.einsum("bec,ekc->bek", feats, layers.head_w) + layers.head_b
+    if pend:
+        zero = logits.new_zeros(logits[:, 0].shape)
+        logits = logits + torch.stack([pend.get(k, zero) for k in range(G)], 1)
+    return logits
 
 
 def grouped_pass(
@@ -289,67 +420,75 @@ def grouped_pass(
     """Blocks ``start``.. and the head of the grouped host for ``envs`` (indices into
     ``models``; group k of ``h`` is env ``envs[k]``): logits ``[B, len(envs), K]``.
     ``seed_pass``: TRAINING seeds on at alpha 1 (their own pass). ``training``: False
-    normalises with the running statistics (an eval pass). ``record(i, h, pend)`` sees
-    what enters block i."""
+    normalises with the running statistics (an eval pass). ``record(i, h, z)`` sees
+    what enters block i and the block's output before its slot."""
     G = len(envs)
-    local = {e: k for k, e in enumerate(envs)}
-    for i, conv in enumerate(layers.convs):
-        if i < start:
-            continue
+    for i in range(start, len(layers.convs)):
+        z = host_block(layers, i, h, pend, G, training)
         if record is not None:
-            record(i, h, pend)
-        weight = layers.weights[i].contiguous(memory_format=CL)
-        z = F.conv2d(h, weight, None, conv.stride, conv.padding, conv.dilation, G)
-        full = _pending_full(pend, z, G)
-        if full is not None:
-            z = z + full
-        g, b, rm, rv, eps, momentum = layers.bns[i]
-        z = F.batch_norm(z, rm, rv, g, b, training=training, momentum=momentum, eps=eps)
-        z = F.relu(z, inplace=True)  # BatchNorm's backward reads its input, not output
-        pool = layers.pools[i]
-        if pool is not None:
-            z = pool(z)  # per channel: the same on E·C channels as on one env's C
-        outs, pend = {}, {}
-        for e in plan.active[i]:
-            k = local.get(e)
-            if k is None:
-                continue
-            slot_id = plan.slot_ids[e][i]
-            alpha = 1.0 if seed_pass and slot_id in plan.training[e] else None
-            tap = _env_part(h, k, G) if plan.width[i][e] else None
-            out_k, p = models[e].apply_slot(i, _env_part(z, k, G), tap, alpha)
-            outs[k] = out_k
-            if p is not None:
-                pend[k] = p
-        h = _join(z, outs, G)
-    feats = h.mean(dim=(-2, -1)).view(h.shape[0], G, -1)
-    logits = torch.einsum("bec,ekc->bek", feats, layers.head_w) + layers.head_b
-    if pend:
-        zero = logits.new_zeros(logits[:, 0].shape)
-        logits = logits + torch.stack([pend.get(k, zero) for k in range(G)], 1)
-    return logits
+            record(i, h, z)
+        h, pend = _apply_slots(models, plan, i, envs, h, z, seed_pass)
+    return output_head(layers, h, pend, G)
 
 
 class Detached:
     """Envs ``envs`` of the stacked host as constants (the own seed pass's host): no
-    gradient, BatchNorm on batch statistics without touching the running ones."""
+    gradient, BatchNorm on batch statistics without touching the running ones. Layers
+    are picked when first asked for (a block's envs are known when it runs)."""
 
-    def __init__(self, stacked: Stacked, envs: list[int]) -> None:
+    def __init__(
+        self, stacked: Stacked, envs: list[int], blocks: range | None = None, head: bool = True
+    ) -> None:
         E, index = stacked.num_envs, torch.tensor(envs, device=stacked.head_w.device)
+        picked = range(len(stacked.convs)) if blocks is None else blocks
 
         def pick(t: Tensor) -> Tensor:
             return t.detach().view(E, -1, *t.shape[1:]).index_select(0, index).flatten(0, 1)
 
         self.convs, self.pools = stacked.convs, stacked.pools
-        self.weights = [pick(w) for w in stacked.weights]
-        self.bns = [(pick(g), pick(b), None, None, eps, m) for g, b, _, _, eps, m in stacked.bns]
-        self.head_w = stacked.head_w.detach().index_select(0, index)
-        self.head_b = stacked.head_b.detach().index_select(0, index)
+        # Only ``blocks`` (default all) and, with ``head``, the head are picked.
+        self.weights = [pick(w) if i in picked else None for i, w in enumerate(stacked.weights)]
+        self.bns = [
+            (pick(g), pick(b), None, None, eps, m) if i in picked else None
+            for i, (g, b, _, _, eps, m) in enumerate(stacked.bns)
+        ]
+        if head:
+            self.head_w = stacked.head_w.detach().index_select(0, index)
+            self.head_b = stacked.head_b.detach().index_select(0, index)
 
 
 def _gather(t: Tensor, envs: list[int], E: int) -> Tensor:
     """Channel groups ``envs`` of a grouped activation, detached, in that order."""
     return torch.cat([_slice(t, e, E) for e in envs], 1).detach().contiguous(memory_format=CL)
+
+
+def _own_pass(stacked: Stacked, models, plan: Plan, seen: dict) -> tuple[list[int], Tensor]:
+    """The grouped envs' own seed pass: (their order, logits ``[B, G, K]``).
+
+    Env e joins at the block of its first TRAINING seed with the main forward's output
+    of that block (``seen[i] = (h entering, z before the slots)``, detached): the per-env
+    `seed_forward` recomputes that block from the same input, with the same values. From
+    there it runs with the host as constants (`Detached`), its TRAINING seeds at alpha 1.
+    So a seed at the last slot costs no host block at all."""
+    E = stacked.num_envs
+    envs: list[int] = []
+    h = z = None
+    pend: dict = {}
+    for i in range(plan.start, len(stacked.convs)):
+        joining = plan.joins.get(i, [])
+        if envs:
+            layers = Detached(stacked, envs, range(i, i + 1), head=False)
+            z = host_block(layers, i, h, pend, len(envs), True)
+        if joining:
+            h_in, z_in = seen[i]
+            fresh = _gather(z_in, joining, E)
+            z = fresh if not envs else torch.cat([z, fresh], 1).contiguous(memory_format=CL)
+            if any(plan.width[i].get(e, False) for e in (*envs, *joining)):
+                entered = _gather(h_in, joining, E)  # a width seed's input
+                h = entered if not envs else torch.cat([h, entered], 1)
+            envs = envs + joining
+        h, pend = _apply_slots(models, plan, i, envs, h if h is not None else z, z, True)
+    return envs, output_head(Detached(stacked, envs, range(0)), h, pend, len(envs))
 
 
 def train_forward(
@@ -358,11 +497,11 @@ def train_forward(
     """Train-mode forward of all envs: (logits ``[B, E, K]``, the summed loss of the
     TRAINING seeds' own passes or None)."""
     E = stacked.num_envs
-    entering: dict = {}
+    seen: dict = {}
 
-    def record(i: int, h: Tensor, pend: dict) -> None:
-        if i == plan.start:
-            entering["h"], entering["pend"] = h, pend
+    def record(i: int, h: Tensor, z: Tensor) -> None:
+        if i in plan.joins:
+            seen[i] = (h, z)
 
     logits = grouped_pass(
         stacked,
@@ -376,14 +515,8 @@ def train_forward(
     )
     seed_loss = None
     if plan.grouped:
-        envs = plan.grouped
-        h = _gather(entering["h"], envs, E)
-        pend = {
-            k: entering["pend"][e].detach() for k, e in enumerate(envs) if e in entering["pend"]
-        }
-        own = grouped_pass(
-            Detached(stacked, envs), models, plan, envs, h, pend, plan.start, seed_pass=True
-        ).float()
+        envs, own = _own_pass(stacked, models, plan, seen)
+        own = own.float()
         # One loss per env on a dense [B, K] as `seed_forward`'s caller computes it: the
         # float32 cross-entropy of a strided [B, K, G] view rounds differently (1e-10
         # apart after a step, in float64 runs).
@@ -395,3 +528,65 @@ def train_forward(
         term = task_loss(own.float(), ys[e])
         seed_loss = term if seed_loss is None else seed_loss + term
     return logits, seed_loss
+
+
+class Picked:
+    """The layers of block ``i`` (or, with ``i`` None, the head) of a `Stacked` host
+    for lanes owned by envs ``owners`` (an env may own several lanes: its live model
+    and its counterfactual variants), running statistics included (an eval pass)."""
+
+    def __init__(self, stacked: Stacked, owners: list[int], i: int | None) -> None:
+        E = stacked.num_envs
+        index = torch.tensor(owners, device=stacked.head_w.device)
+
+        def pick(t: Tensor) -> Tensor:
+            return t.view(E, -1, *t.shape[1:]).index_select(0, index).flatten(0, 1)
+
+        n = len(stacked.convs)
+        self.convs, self.pools = stacked.convs, stacked.pools
+        self.weights: list = [None] * n
+        self.bns: list = [None] * n
+        if i is None:
+            self.head_w = stacked.head_w.index_select(0, index)
+            self.head_b = stacked.head_b.index_select(0, index)
+            return
+        g, b, rm, rv, eps, momentum = stacked.bns[i]
+        self.weights[i] = pick(stacked.weights[i])
+        self.bns[i] = (pick(g), pick(b), pick(rm), pick(rv), eps, momentum)
+
+
+def take_groups(t: Tensor, groups: list[int], G: int) -> Tensor:
+    """Channel groups ``groups`` of a tensor of ``G`` groups, in that order."""
+    return torch.cat([_slice(t, k, G) for k in groups], 1)
+
+
+def lane_slots(
+    models, plan: Plan, i: int, owners: list[int], alphas: list, h: Tensor, z: Tensor
+) -> tuple[Tensor, dict]:
+    """Block i's slots for lanes (group k of ``z`` belongs to env ``owners[k]``;
+    ``alphas[k]``: its variant's alpha override, or None for the seeds' own alphas):
+    as `_apply_slots`, in eval mode, convolution seeds grouped."""
+    G = len(owners)
+    outs, pend = {}, {}
+    convs: dict[tuple, list] = {}
+    for k, e in enumerate(owners):
+        if e not in plan.width[i]:
+            continue  # no seed module at this block
+        slot_id = plan.slot_ids[e][i]
+        override = alphas[k]
+        alpha = None if override is None else override.get(slot_id)
+        slot = models[e].slots[slot_id]
+        if alpha == 0.0 or _hidden(slot, alpha):
+            continue  # the identity (a seed switched off adds no width term either)
+        conv = _conv_seed(slot, alpha)
+        if conv is not None:
+            convs.setdefault(conv[0], []).append((k, slot, conv[1]))
+            continue
+        tap = _env_part(h, k, G) if plan.width[i][e] else None
+        out_k, p = models[e].apply_slot(i, _env_part(z, k, G), tap, alpha)
+        outs[k] = out_k
+        if p is not None:
+            pend[k] = p
+    for members in convs.values():
+        outs.update(_grouped_conv_seeds(members, z, G))
+    return _join(z, outs, G), pend

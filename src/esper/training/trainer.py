@@ -28,11 +28,10 @@ from esper.training.counterfactual import (
     CounterfactualResult,
     fast_counterfactuals,
     sample_variants,
-    sampled_pass_flops,
     variants_to_measure,
 )
 from esper.training.data import BatchStream, TaskData
-from esper.training.flops import FlopMeter, structure_key
+from esper.training.flops import FlopMeter
 from esper.training.governor import ROLLBACK_VERDICTS, Governor, GovernorEvent
 from esper.training.objective import EvalTotals, bits_per_char, task_loss
 from esper.training.signals import TrainingSignals
@@ -99,9 +98,6 @@ class Trainer:
         self.flops = FlopMeter()  # cumulative compute of this trainer (one episode)
         # Draws of sampled credit: this env's own stream, so other envs do not move it.
         self.credit_generator = torch.Generator().manual_seed(0x5EED_C4ED + self.seed)
-        # sampled_pass_flops' per-row FLOPs, for the current structure only.
-        self._credit_structure: tuple | None = None
-        self._credit_row_flops: dict = {}
         self.epoch = 0
         self.host_optimizer = self._new_host_optimizer()
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.amp)
@@ -190,8 +186,7 @@ class Trainer:
     ) -> CounterfactualResult:
         """Validation of the current model (and seed contributions), in eval mode.
         ``precomputed``: this very pass already run elsewhere (a batched validation of
-        E envs); it is used once this structure's FLOPs are known (else the pass runs
-        here, under the FLOP counter)."""
+        E envs, with the same variants)."""
         self.model.eval()
         variants = (
             variants_to_measure(self.model, self.config.measure_fossils)
@@ -214,30 +209,10 @@ class Trainer:
                 self.config.eval_batch_size,
             )
 
-        if prob < 1.0:
-            # A new random subset most steps: its FLOPs are summed from per-variant
-            # counts rather than counted under FlopCounterMode every step.
-            result = pass_()
-            structure = structure_key(self.model)
-            if structure != self._credit_structure:  # old counts can never be used again
-                self._credit_structure, self._credit_row_flops = structure, {}
-            self.flops.eval += sampled_pass_flops(
-                self.model,
-                self.data.val_x,
-                self.data.val_y,
-                self.kind,
-                variants,
-                self._credit_row_flops,
-                structure,
-            )
-        else:
-            key = (structure_key(self.model), tuple(sorted(variants.items())))
-            result, _ = self.flops.measure_eval(
-                key,
-                (lambda: precomputed)
-                if precomputed is not None and self.flops.has_eval(key)
-                else pass_,
-            )
+        # FLOPs composed from per-block counts (`esper.training.flops.BlockFlops`): no
+        # pass runs under the counter, so a pass run elsewhere is always usable.
+        result = precomputed if precomputed is not None else pass_()
+        self.flops.add_counterfactuals(self.model, self.data.val_x, variants)
         self.model.train()
         if prob < 1.0:
             result = dataclasses.replace(
