@@ -121,7 +121,7 @@ def test_help_shows_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     out = capsys.readouterr().out
-    for text in ("(default: 16)", "(default: 192)", "(default: cpu)", "(default: digits)"):
+    for text in ("(default: 4)", "(default: 96)", "(default: cpu)", "(default: digits)"):
         assert text in out
 
 

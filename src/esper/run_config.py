@@ -47,11 +47,12 @@ class RunSection:
     controller: Controller = "ppo"
     task: str = "digits"
     slots: tuple[str, ...] | None = None  # None: the task's default slots
-    # envs stepped in lockstep; one PPO update = one episode of each. 16 (with 12 rounds)
-    # rather than 4 (with 24): a round's mean return is the learning curve's point, and
-    # with 4 envs its noise (host seeds) hid the improvement (issue 22, BENCHMARKS.md).
-    envs: int = 16
-    episodes: int = 192  # total episodes over all envs (rounded up to whole updates)
+    # envs stepped in lockstep; one PPO update = one episode of each. 16 envs x 12 rounds
+    # was tried as the main job (less round noise) and measured worse on this 2-core
+    # machine: 7 min of rounds, +0.9 SE of learning, ending below the static host; 4 x 24
+    # took 2.6 min, +1.0 SE, ending above it (BENCHMARKS.md, "A main job that learns").
+    envs: int = 4
+    episodes: int = 96  # total episodes over all envs (rounded up to whole updates)
     seed: int = 0
     device: str = "cpu"  # the policy's device (and the envs', unless env_devices is set)
     env_devices: tuple[str, ...] | None = None  # envs placed round-robin, e.g. cuda:0 cuda:1
@@ -185,10 +186,10 @@ _SECTIONS: dict[str, type] = {
 
 
 # `esper train`'s PPO settings where they differ from PPOConfig's (CleanRL's) defaults;
-# a [ppo] table or --set ppo.KEY overrides them key by key. With 16 envs a round holds
-# 16 episodes: 8 minibatches keep 2 episodes per gradient step (32 steps per update, not
-# 16), and at 3e-4 the policy moved ~0.003 nats per update (approx KL), too slowly for
-# 12 updates to show (issue 22; BENCHMARKS.md "A main job that learns").
+# a [ppo] table or --set ppo.KEY overrides them key by key. At 3e-4 the policy moved
+# ~0.003 nats per update (approx KL), too slowly for a short run's updates to show; 8
+# minibatches give more gradient steps per update (issue 22; BENCHMARKS.md "A main job
+# that learns").
 MAIN_JOB_PPO: dict[str, Any] = {"learning_rate": 1e-3, "num_minibatches": 8}
 
 
