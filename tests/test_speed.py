@@ -4,6 +4,7 @@ obeyed, that a run records every choice, and that bad values are refused."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -11,7 +12,13 @@ import torch
 from esper.config_io import ConfigError
 from esper.run import evaluate, train
 from esper.run_config import EnvSection, RunConfig, RunSection, config_from_dict
-from esper.speed import THREAD_MIN_FLOATS, channels_last_choice, threads_choice
+from esper.speed import (
+    THREAD_MIN_FLOATS,
+    channels_last_choice,
+    cpu_busy,
+    idle_cores,
+    threads_choice,
+)
 
 SMALL = {"shape": [3, 32, 32], "n_train": 64, "n_val": 32, "batch_size": 32}
 
@@ -32,7 +39,7 @@ def test_channels_last_auto_follows_the_image_size_and_a_setting_forces_it():
 
 def test_auto_threads_use_idle_cores_only_for_big_batches(monkeypatch):
     monkeypatch.setattr("os.cpu_count", lambda: 8)
-    monkeypatch.setattr("os.getloadavg", lambda: (1.2, 0.0, 0.0))
+    monkeypatch.setattr("esper.speed.cpu_busy", lambda window: 0.2)  # 1.6 of 8 cores busy
     assert threads_choice(3, None).value == 3 and threads_choice(3, None).mode == "forced"
     big = threads_choice(0, THREAD_MIN_FLOATS)
     assert (big.value, big.mode) == (4, "auto") and "6 idle of 8 cores" in big.why  # at most 4
@@ -40,8 +47,23 @@ def test_auto_threads_use_idle_cores_only_for_big_batches(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun: 4 ranks share the 6 idle cores
     assert threads_choice(0, THREAD_MIN_FLOATS).value == 1
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
-    monkeypatch.setattr("os.getloadavg", lambda: (7.5, 0.0, 0.0))
+    monkeypatch.setattr("esper.speed.cpu_busy", lambda window: 0.94)
     assert threads_choice(0, THREAD_MIN_FLOATS).value == 1  # busy: a second thread costs ~10x
+
+
+def test_idle_cores_fall_back_to_the_load_average_without_proc_stat(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    monkeypatch.setattr("esper.speed.cpu_busy", lambda window: None)
+    monkeypatch.setattr("os.getloadavg", lambda: (0.9, 0.0, 0.0))
+    assert idle_cores() == (1, 2, "1-min load 0.90")  # load rounds up: no CPU figures
+
+
+def test_cpu_busy_reads_a_share_of_this_machine():
+    busy = cpu_busy(0.05)
+    if os.path.exists("/proc/stat"):  # Linux: measured, a share of all CPUs' time
+        assert busy is not None and 0.0 <= busy <= 1.0
+    else:
+        assert busy is None
 
 
 def test_bad_batched_envs_values_are_refused_with_the_allowed_ones():

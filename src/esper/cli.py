@@ -56,7 +56,7 @@ def _add_env_flags(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument(
         "--threads", type=int,
-        help="torch threads of this process; 0 = auto: the idle cores (1-min load; up to "
+        help="torch threads of this process; 0 = auto: the idle cores (measured; up to "
         "4) when a training batch is big enough to gain from them, else 1 "
         f"(default: {d.threads})",
     )  # fmt: skip

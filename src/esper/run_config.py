@@ -64,7 +64,7 @@ class RunSection:
     checkpoint_every: int = 10  # rounds between kept copies (last.pt is written every round)
     tensorboard: bool = False
     # torch intra-op threads of this process (set by the CLI); 0 = auto (`esper.speed`):
-    # the idle cores by load average (up to 4) when one training batch is big enough for a
+    # the idle cores (CPU time over 0.2 s; up to 4) when one training batch is big enough for a
     # second thread to pay, else 1. Idle cores, because a second thread costs 10-16x when
     # the cores are busy (measured on 2 cores at load 6: static digits, 1 env 3.2 -> 0.34
     # env steps/s, 4 envs 5.1 -> 0.31).

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -129,14 +130,47 @@ def channels_last_choice(task: str, options: dict[str, Any]) -> Choice | None:
     return Choice(value, "auto", why)
 
 
-def idle_cores() -> tuple[int, int, float]:
-    """(idle cores, cores, 1-minute load average) of this machine now."""
+def idle_cores(window: float = 0.2) -> tuple[int, int, str]:
+    """(idle cores, cores, what was measured) of this machine now.
+
+    Busy cores come from what the CPUs did over ``window`` seconds (``/proc/stat``),
+    rounded to whole cores; where that file is missing, from the 1-minute load average,
+    rounded up. The load average alone misleads on small VMs: an idle 2-core machine
+    here sits at load 0.8-1.1 (a kernel thread counted as runnable) while its CPUs
+    are 99 % idle, which read as one idle core."""
     cores = os.cpu_count() or 1
+    busy = cpu_busy(window)
+    if busy is not None:
+        return max(0, cores - math.floor(busy * cores + 0.5)), cores, f"CPU {busy:.0%} busy"
     try:
         load = os.getloadavg()[0]
     except (OSError, AttributeError):  # not on this platform
         load = 0.0
-    return max(0, cores - math.ceil(load)), cores, load
+    return max(0, cores - math.ceil(load)), cores, f"1-min load {load:.2f}"
+
+
+def cpu_busy(window: float) -> float | None:
+    """Share of all CPUs' time spent busy over ``window`` seconds (None: no /proc/stat)."""
+
+    def sample() -> tuple[int, int] | None:
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        if len(fields) < 5:
+            return None
+        return sum(fields[:8]), fields[3] + fields[4]  # total, idle + iowait
+
+    first = sample()
+    if first is None:
+        return None
+    time.sleep(window)
+    second = sample()
+    if second is None or second[0] <= first[0]:
+        return None
+    total, idle = second[0] - first[0], second[1] - first[1]
+    return min(1.0, max(0.0, 1.0 - idle / total))
 
 
 def threads_choice(setting: int, batch_floats: int | None) -> Choice:
@@ -144,7 +178,6 @@ def threads_choice(setting: int, batch_floats: int | None) -> Choice:
     this process's hosts holds ``batch_floats`` activation floats (None: unknown)."""
     if setting > 0:
         return Choice(setting, "forced", "run.threads set")
-    idle, cores, load = idle_cores()
     if batch_floats is not None and batch_floats < THREAD_MIN_FLOATS:
         return Choice(
             1,
@@ -152,11 +185,12 @@ def threads_choice(setting: int, batch_floats: int | None) -> Choice:
             f"one training batch is {batch_floats / 1e6:.1f} M activation floats "
             f"(< {THREAD_MIN_FLOATS / 1e6:.0f} M: a second thread gains little)",
         )
+    idle, cores, measured = idle_cores()
     # Under torchrun every local rank resolves this at once: they share the idle cores.
     ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
     n = max(1, min(MAX_AUTO_THREADS, idle // ranks))
     shared = f", shared by {ranks} local ranks" if ranks > 1 else ""
-    return Choice(n, "auto", f"{idle} idle of {cores} cores (1-min load {load:.2f}){shared}")
+    return Choice(n, "auto", f"{idle} idle of {cores} cores ({measured}){shared}")
 
 
 # glibc's mallopt parameters and the values `keep_freed_memory` sets: blocks up to 256 MB
