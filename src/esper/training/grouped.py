@@ -370,17 +370,29 @@ def _apply_slots(
     run as one grouped convolution (`_conv_seed`); any other slot on its env's part."""
     G = len(envs)
     local = {e: k for k, e in enumerate(envs)}
-    outs, pend = {}, {}
-    convs: dict[tuple, list] = {}
+    members = []
     for e in plan.active[i]:
         k = local.get(e)
         if k is None:
             continue
         slot_id = plan.slot_ids[e][i]
         alpha = 1.0 if seed_pass and slot_id in plan.training[e] else None
-        slot = models[e].slots[slot_id]
+        members.append((k, e, models[e].slots[slot_id], alpha))
+    return _slot_outputs(models, plan, i, members, h, z, G)
+
+
+def _slot_outputs(
+    models, plan: Plan, i: int, members: list, h: Tensor, z: Tensor, G: int
+) -> tuple[Tensor, dict]:
+    """Block i's slots ``members`` (group k, env e, slot, alpha override) on ``z``: (the
+    activation after them, the width terms pending for block i+1 by group). A hidden
+    seed is the identity (no copy of its channels, no gradient path); convolution seeds
+    of the same shape run as one grouped convolution; any other slot on its group."""
+    outs, pend = {}, {}
+    convs: dict[tuple, list] = {}
+    for k, e, slot, alpha in members:
         if _hidden(slot, alpha):
-            continue  # the identity: no copy of its channels, no gradient path
+            continue
         conv = _conv_seed(slot, alpha)
         if conv is not None:
             convs.setdefault(conv[0], []).append((k, slot, conv[1]))
@@ -390,8 +402,8 @@ def _apply_slots(
         outs[k] = out_k
         if p is not None:
             pend[k] = p
-    for members in convs.values():
-        outs.update(_grouped_conv_seeds(members, z, G))
+    for group in convs.values():
+        outs.update(_grouped_conv_seeds(group, z, G))
     return _join(z, outs, G), pend
 
 
@@ -566,27 +578,13 @@ def lane_slots(
     """Block i's slots for lanes (group k of ``z`` belongs to env ``owners[k]``;
     ``alphas[k]``: its variant's alpha override, or None for the seeds' own alphas):
     as `_apply_slots`, in eval mode, convolution seeds grouped."""
-    G = len(owners)
-    outs, pend = {}, {}
-    convs: dict[tuple, list] = {}
+    members = []
     for k, e in enumerate(owners):
         if e not in plan.width[i]:
             continue  # no seed module at this block
         slot_id = plan.slot_ids[e][i]
         override = alphas[k]
         alpha = None if override is None else override.get(slot_id)
-        slot = models[e].slots[slot_id]
-        if alpha == 0.0 or _hidden(slot, alpha):
-            continue  # the identity (a seed switched off adds no width term either)
-        conv = _conv_seed(slot, alpha)
-        if conv is not None:
-            convs.setdefault(conv[0], []).append((k, slot, conv[1]))
-            continue
-        tap = _env_part(h, k, G) if plan.width[i][e] else None
-        out_k, p = models[e].apply_slot(i, _env_part(z, k, G), tap, alpha)
-        outs[k] = out_k
-        if p is not None:
-            pend[k] = p
-    for members in convs.values():
-        outs.update(_grouped_conv_seeds(members, z, G))
-    return _join(z, outs, G), pend
+        if alpha != 0.0:  # a seed switched off is the identity and adds no width term
+            members.append((k, e, models[e].slots[slot_id], alpha))
+    return _slot_outputs(models, plan, i, members, h, z, len(owners))
