@@ -50,7 +50,7 @@ class RunSection:
     # envs stepped in lockstep; one PPO update = one episode of each. 16 envs x 12 rounds
     # was tried as the main job (less round noise) and measured worse on this 2-core
     # machine: 7 min of rounds, +0.9 SE of learning, ending below the static host; 4 x 24
-    # took 2.6 min, +1.0 SE, ending above it (BENCHMARKS.md, "A main job that learns").
+    # took 2.3 min, +1.0 SE, ending above it (BENCHMARKS.md, "A main job that learns").
     envs: int = 4
     episodes: int = 96  # total episodes over all envs (rounded up to whole updates)
     seed: int = 0
