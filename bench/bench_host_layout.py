@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
@@ -81,17 +80,7 @@ def layout_step(shape, width: int, batch: int, pool_at, channels_last: bool):
     data = task.make_data(seed=0)
     torch.manual_seed(0)
     host = task.make_host(data)
-    optimizer = torch.optim.SGD(host.parameters(), lr=0.05, momentum=0.9)
-    x, y = data.train_x[:batch], data.train_y[:batch]
-
-    def step() -> float:
-        start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        task_loss(host(x), y).backward()
-        optimizer.step()
-        return time.perf_counter() - start
-
-    return step
+    return benchlib.sgd_step_timer(host, data.train_x[:batch], data.train_y[:batch])
 
 
 def rule_rows(rounds: int) -> list[dict]:

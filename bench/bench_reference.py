@@ -51,7 +51,6 @@ from torch import nn
 
 import benchlib
 from esper.env import EnvConfig, MorphogenesisEnv
-from esper.training.objective import task_loss
 
 # -- the reference's figures, from issue 24 (ratios of ours to the reference's) ------------
 # Env steps/s of ours relative to the reference's (4 loader workers), issue 24's table.
@@ -221,16 +220,9 @@ def host_step_seconds(name: str, task: dict[str, Any], calls: int) -> float:
         torch.manual_seed(0)
         shape = task["shape"]
         ref = ReferenceShapedCNN(shape[0], task["width"], task["depth"], task["num_classes"])
-        opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
         x = torch.randn(task["batch_size"], *shape)
         y = torch.randint(0, task["num_classes"], (task["batch_size"],))
-
-        def step() -> float:
-            start = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            task_loss(ref(x), y).backward()
-            opt.step()
-            return time.perf_counter() - start
+        step = benchlib.sgd_step_timer(ref, x, y)
 
     else:
         channels_last, keep = setting

@@ -140,6 +140,23 @@ def save_figure(fig, name: str) -> Path:
     return path
 
 
+def sgd_step_timer(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], float]:
+    """A timed training batch of ``model`` on (x, y): zero_grad, task loss, backward and a
+    momentum-SGD step (lr 0.05, momentum 0.9); each call returns its seconds."""
+    from esper.training.objective import task_loss
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+
+    def step() -> float:
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        task_loss(model(x), y).backward()
+        optimizer.step()
+        return time.perf_counter() - start
+
+    return step
+
+
 def best_of(fn: Callable[[], object], repeats: int) -> float:
     """Fastest of ``repeats`` calls after one warm-up call (seconds)."""
     fn()
